@@ -1,0 +1,742 @@
+"""Evaluation of (super-resolution) VAEs written as Pyro model/guide pairs.
+
+This module turns a Pyro ``model``/``guide`` pair into the numbers reported
+in the srVAE paper (Gatopoulos, Stol & Tomczak, 2020) and in the VAE
+literature in general:
+
+* per-image importance-weighted log-likelihood estimates
+  (:func:`iw_log_likelihood`, Burda et al. 2016) and the ELBO estimated from
+  the same samples (:func:`iw_and_elbo`);
+* bits per dimension for 8-bit images that were dequantized to ``[0, 1]``
+  (:func:`bits_per_dim`);
+* image-quality metrics for super-resolution (:func:`psnr`, :func:`ssim`,
+  :func:`interval_coverage`) and the bicubic baseline
+  (:func:`bicubic_upsample`), bundled in :func:`super_resolution_metrics`;
+* :func:`evaluate_model`, which runs all of the above over a uint8 test set
+  reproducibly.
+
+Everything here is generic over model/guide pairs that follow the package's
+conventions: every sample site sits inside ``pyro.plate("data", B, dim=-1)``
+(or, more generally, a vectorized plate named ``"data"`` whose size is the
+number of images), event dimensions are declared with ``.to_event(...)``,
+and networks broadcast over extra leading batch dimensions so that the whole
+model can be run under an outer, vectorized "particle" plate.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Callable, Dict, Iterator, NamedTuple, Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+import pyro
+import pyro.poutine as poutine
+from pyro.distributions.util import scale_and_mask
+from pyro.poutine.util import site_is_factor, site_is_subsample
+
+__all__ = [
+    "DATA_PLATE",
+    "PARTICLE_PLATE",
+    "DEFAULT_PARTICLE_BUDGET",
+    "LikelihoodEstimates",
+    "log_importance_weights",
+    "iw_log_likelihood",
+    "iw_and_elbo",
+    "bits_per_dim",
+    "psnr",
+    "ssim",
+    "ssim_kernel_size",
+    "bicubic_upsample",
+    "interval_coverage",
+    "expected_interval_coverage",
+    "super_resolution_metrics",
+    "evaluate_model",
+]
+
+#: Name of the plate over images that every model/guide in the package uses.
+#: Log-weights are reported per element of this plate.
+DATA_PLATE = "data"
+
+#: Name of the vectorized plate over importance samples that this module
+#: wraps around model and guide.  Models must not use this name themselves.
+PARTICLE_PLATE = "iw_particles"
+
+#: Default bound on ``chunk_size * batch_size``: the number of
+#: (particle, image) pairs pushed through the networks at once when
+#: ``chunk_size`` is not given.  Activations of the decoder scale with this
+#: number, so it is what bounds memory; 1024 keeps a 28x28 conv decoder with
+#: a few dozen channels at a few hundred MB per layer.
+DEFAULT_PARTICLE_BUDGET = 1024
+
+
+class LikelihoodEstimates(NamedTuple):
+    """Per-image estimates computed from one set of importance samples.
+
+    ``iw``: importance-weighted bound ``log (1/K sum_k w_k)`` (shape ``(B,)``);
+    ``elbo``: ``1/K sum_k log w_k`` (shape ``(B,)``).  ``elbo <= iw`` holds
+    exactly for every image because both use the same ``K`` weights
+    (Jensen's inequality).
+    """
+
+    iw: torch.Tensor
+    elbo: torch.Tensor
+
+
+# ---------------------------------------------------------------------------
+# Importance weights
+# ---------------------------------------------------------------------------
+
+
+def _default_chunk_size(num_samples: int, batch_size: int) -> int:
+    return max(1, min(num_samples, DEFAULT_PARTICLE_BUDGET // max(batch_size, 1)))
+
+
+def _vectorize(fn: Callable, size: int, dim: int) -> Callable:
+    def vectorized(*args, **kwargs):
+        with pyro.plate(PARTICLE_PLATE, size, dim=dim):
+            return fn(*args, **kwargs)
+
+    return vectorized
+
+
+def _site_log_prob(site, num_particles: int, batch_size: int, max_plate_nesting: int) -> torch.Tensor:
+    """Unscaled (but masked) ``log_prob`` of one site, reduced to ``(k, B)``.
+
+    ``site["scale"]`` is deliberately ignored: training code may wrap the
+    model in ``poutine.scale`` for KL annealing or mini-batch rescaling, and
+    an evaluation of ``log p(x)`` must not inherit that.  Masks (from
+    ``poutine.mask``) are respected because they encode which terms are part
+    of the model at all; masks built into the distribution via
+    ``Distribution.mask`` are applied by ``log_prob`` itself.
+    """
+    name = site["name"]
+    log_p = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+    log_p = scale_and_mask(log_p, 1.0, site["mask"])
+    if not torch.is_tensor(log_p):  # e.g. the number 0 from a fully masked site
+        log_p = torch.as_tensor(log_p, dtype=torch.get_default_dtype())
+    nesting = max_plate_nesting + 1
+    if log_p.dim() > nesting:
+        raise ValueError(
+            f"log_prob at site '{name}' has shape {tuple(log_p.shape)}, i.e. more than "
+            f"max_plate_nesting + 1 = {nesting} batch dimensions. Declare event dimensions "
+            f"with .to_event(...) or increase max_plate_nesting."
+        )
+    data_frames = [f for f in site["cond_indep_stack"] if f.name == DATA_PLATE]
+    if not data_frames:
+        raise ValueError(
+            f"Site '{name}' is not inside a plate named '{DATA_PLATE}'. Per-image importance "
+            f"weights are only defined when every sample site is conditionally independent "
+            f"across images (global latent variables couple the images)."
+        )
+    frame = data_frames[0]
+    if frame.dim is None or not frame.vectorized:
+        raise ValueError(f"The '{DATA_PLATE}' plate at site '{name}' must be vectorized (have a dim).")
+    if frame.size != batch_size:
+        raise ValueError(
+            f"The '{DATA_PLATE}' plate at site '{name}' has size {frame.size}, expected the "
+            f"batch size {batch_size} of x."
+        )
+    particle_dim = -nesting
+    data_dim = frame.dim
+    if not particle_dim < data_dim < 0:
+        raise ValueError(
+            f"The '{DATA_PLATE}' plate has dim {data_dim}; with max_plate_nesting="
+            f"{max_plate_nesting} it must lie in [{particle_dim + 1}, -1]."
+        )
+    log_p = log_p.reshape((1,) * (nesting - log_p.dim()) + tuple(log_p.shape))
+    other = [d for d in range(-nesting, 0) if d not in (particle_dim, data_dim)]
+    if other:
+        # remaining plates (e.g. a plate over pixels) are part of one image
+        log_p = log_p.sum(other, keepdim=True)
+    log_p = log_p.reshape(log_p.shape[particle_dim], log_p.shape[data_dim])
+    return log_p.expand(num_particles, batch_size)
+
+
+def _chunk_log_weights(model, guide, x, num_particles: int, max_plate_nesting: int) -> torch.Tensor:
+    """``log p(x, z_k) - log q(z_k | x)`` for ``num_particles`` vectorized draws."""
+    batch_size = x.shape[0]
+    dim = -(max_plate_nesting + 1)
+    with torch.no_grad(), poutine.block():
+        guide_trace = poutine.trace(_vectorize(guide, num_particles, dim)).get_trace(x)
+        model_trace = poutine.trace(
+            poutine.replay(_vectorize(model, num_particles, dim), trace=guide_trace)
+        ).get_trace(x)
+
+        log_w = x.new_zeros(num_particles, batch_size)
+        model_latents = set()
+        for name, site in model_trace.nodes.items():
+            if site["type"] != "sample" or site_is_subsample(site):
+                continue
+            if site["is_observed"]:
+                if name in guide_trace.nodes and not site_is_subsample(guide_trace.nodes[name]):
+                    raise ValueError(f"Site '{name}' is observed in the model but also appears in the guide.")
+                log_w = log_w + _site_log_prob(site, num_particles, batch_size, max_plate_nesting)
+            elif name in guide_trace.nodes:
+                model_latents.add(name)
+                log_w = log_w + _site_log_prob(site, num_particles, batch_size, max_plate_nesting)
+            # else: a latent the guide does not sample.  The model then drew it
+            # from its own (conditional) prior, i.e. the proposal *is* the
+            # prior for that site and the p/q terms cancel exactly: skip it.
+
+        for name, site in guide_trace.nodes.items():
+            if site["type"] != "sample" or site_is_subsample(site):
+                continue
+            if name in model_latents:
+                pass
+            elif site_is_factor(site):
+                pass  # pyro.factor in the guide adjusts log q (Pyro's ELBO convention)
+            elif site["is_observed"]:
+                raise ValueError(f"Guide site '{name}' is observed; guides must not observe data.")
+            elif site["infer"].get("is_auxiliary", False):
+                # Pyro convention (e.g. AutoContinuous): the guide samples an
+                # auxiliary variable and maps it *bijectively* to the model's
+                # latents with Delta sites whose log_density carries the
+                # Jacobian, so log q of the auxiliary plus the Delta terms is
+                # the density of the latents.  A non-bijective auxiliary would
+                # need a reverse model r(aux | z) and is not supported.
+                pass
+            elif name in model_trace.nodes:
+                raise ValueError(f"Site '{name}' is latent in the guide but not a latent sample site in the model.")
+            else:
+                raise ValueError(
+                    f"Guide site '{name}' does not appear in the model. Importance weights need "
+                    f"q(latents | x) of the model's latents only; mark deliberate auxiliary "
+                    f"variables with infer={{'is_auxiliary': True}} (only valid when they are a "
+                    f"bijective reparametrisation of model latents) or remove them."
+                )
+            log_w = log_w - _site_log_prob(site, num_particles, batch_size, max_plate_nesting)
+    return log_w
+
+
+def _iter_log_weight_chunks(
+    model, guide, x, num_samples: int, chunk_size: Optional[int], max_plate_nesting: int
+) -> Iterator[torch.Tensor]:
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if chunk_size is None:
+        chunk_size = _default_chunk_size(num_samples, x.shape[0])
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    done = 0
+    while done < num_samples:
+        k = min(chunk_size, num_samples - done)
+        yield _chunk_log_weights(model, guide, x, k, max_plate_nesting)
+        done += k
+
+
+def log_importance_weights(
+    model,
+    guide,
+    x: torch.Tensor,
+    num_samples: int,
+    chunk_size: Optional[int] = None,
+    max_plate_nesting: int = 1,
+) -> torch.Tensor:
+    """Per-image log importance weights ``log p(x, z_k) - log q(z_k | x)``.
+
+    Works for any model/guide pair called as ``model(x)``/``guide(x)`` whose
+    sample sites all live in a vectorized plate named ``"data"`` over the
+    ``B = x.shape[0]`` images.  The ``k`` samples of a chunk are drawn at
+    once by wrapping both programs in ``pyro.plate("iw_particles", k,
+    dim=-(max_plate_nesting + 1))``: the guide is traced, the model is
+    replayed against the guide trace, and each site's ``fn.log_prob(value)``
+    is summed over all dimensions except the particle and data dimensions.
+
+    Accounting, site by site:
+
+    * observed model sites (e.g. ``x`` and, for the SRVAE, ``y``) count in
+      ``log p``;
+    * latent model sites sampled by the guide count in ``log p`` and ``log q``;
+    * latent model sites *not* in the guide are drawn from the model's prior,
+      which is then their proposal, so their ``p`` and ``q`` terms cancel and
+      are skipped;
+    * guide-only sites must be marked ``infer={"is_auxiliary": True}`` (a
+      bijective reparametrisation of model latents, as in Pyro's
+      ``AutoContinuous``) and then count in ``log q``; anything else raises
+      ``ValueError`` rather than silently biasing the estimate.
+
+    Scales from ``poutine.scale`` (KL annealing, mini-batch rescaling) are
+    ignored on purpose: evaluation must measure the actual model.  Masks are
+    respected.  Everything runs under ``torch.no_grad()``.
+
+    Args:
+        model, guide: Pyro callables taking the batch ``x``.
+        x: batch of images ``(B, ...)`` (already dequantized to ``[0, 1]``).
+        num_samples: ``K``, number of importance samples per image.
+        chunk_size: particles per vectorized forward pass.  Default:
+            ``DEFAULT_PARTICLE_BUDGET // B`` (at least 1), so that the number
+            of decoded images per pass, hence memory, stays bounded
+            independently of ``K`` (``K = 1000`` is fine).
+        max_plate_nesting: number of plate dims the model uses (1 for the
+            package's models); the particle plate goes one dim further left.
+
+    Returns:
+        Tensor ``(K, B)``.  Holding it is cheap (``K * B`` numbers); the
+        expensive part, the decoder outputs, is freed chunk by chunk.
+    """
+    return torch.cat(list(_iter_log_weight_chunks(model, guide, x, num_samples, chunk_size, max_plate_nesting)))
+
+
+def iw_and_elbo(
+    model,
+    guide,
+    x: torch.Tensor,
+    num_samples: int,
+    chunk_size: Optional[int] = None,
+    max_plate_nesting: int = 1,
+) -> LikelihoodEstimates:
+    """IW log-likelihood and ELBO per image from the same ``K`` samples.
+
+    ``iw = log(1/K sum_k w_k)`` (streaming logsumexp over chunks) and
+    ``elbo = 1/K sum_k log w_k``.  Sharing the samples halves the cost and
+    guarantees ``elbo <= iw`` image by image.  Accumulation is done in
+    float64 (sums of ~1000 terms of size ~1e3 nats lose precision in
+    float32) and the result is returned in the dtype of the weights.
+
+    See :func:`log_importance_weights` for the arguments and
+    :func:`iw_log_likelihood` for why the reduction is per image.
+    """
+    running_lse = None
+    running_sum = None
+    dtype = None
+    for log_w in _iter_log_weight_chunks(model, guide, x, num_samples, chunk_size, max_plate_nesting):
+        dtype = log_w.dtype
+        lw = log_w.double()
+        lse = torch.logsumexp(lw, dim=0)
+        s = lw.sum(dim=0)
+        if running_lse is None:
+            running_lse, running_sum = lse, s
+        else:
+            running_lse = torch.logaddexp(running_lse, lse)
+            running_sum = running_sum + s
+    iw = running_lse - math.log(num_samples)
+    elbo = running_sum / num_samples
+    return LikelihoodEstimates(iw=iw.to(dtype), elbo=elbo.to(dtype))
+
+
+def iw_log_likelihood(
+    model,
+    guide,
+    x: torch.Tensor,
+    num_samples: int,
+    chunk_size: Optional[int] = None,
+    max_plate_nesting: int = 1,
+) -> torch.Tensor:
+    """Importance-weighted estimate of ``log p(x_i)`` for every image (shape ``(B,)``).
+
+    ``log p(x_i) ~= logsumexp_k(log w_{k,i}) - log K`` (Burda et al., 2016):
+    a lower bound in expectation that tightens as ``K`` grows and equals
+    ``log p(x_i)`` for every ``K`` when the guide is the exact posterior.
+
+    The reduction is done *per image*.  The original srVAE code averaged the
+    log-weights over the batch first and then took the logsumexp over
+    samples, i.e. ``logsumexp_k(mean_i log w_{k,i}) - log K``.  That is not
+    an estimate of ``mean_i log p(x_i)``: the images are independent, so the
+    weight of the whole batch is the *product* of per-image weights, and
+    averaging log-weights across images before the logsumexp mixes samples
+    of different images (and, for large batches, collapses towards the ELBO).
+    Average the per-image values returned here instead.
+
+    For the SRVAE, ``x`` is the high-resolution image and the model also
+    observes ``y = downscale(x)``, so the quantity is the joint
+    ``log p(x, y)`` (see :func:`evaluate_model`).
+    """
+    return iw_and_elbo(model, guide, x, num_samples, chunk_size, max_plate_nesting).iw
+
+
+# ---------------------------------------------------------------------------
+# Bits per dimension
+# ---------------------------------------------------------------------------
+
+
+def bits_per_dim(log_likelihood, num_dims: int):
+    """Convert a log-likelihood (nats) of dequantized 8-bit data to bits/dim.
+
+    ``bpd = -log p(x) / (D ln 2) + 8``.
+
+    Why the ``+ 8``: the models are densities over ``x = (k + u) / 256`` in
+    ``[0, 1)^D`` (``k`` the 8-bit value, ``u ~ U(0, 1)``), while bits/dim is
+    conventionally reported for the density over ``k + u`` in ``[0, 256)^D``,
+    whose log-likelihood is a discrete-data lower bound.  The change of
+    variables ``x = v / 256`` gives ``log p_v(v) = log p_x(x) - D log 256``,
+    i.e. ``log2(256) = 8`` extra bits per dimension.  Sanity check: the
+    uniform density on ``[0, 1]^D`` (``log p = 0``) gives exactly 8 bits/dim,
+    the cost of storing 8-bit pixels with no model.
+
+    Works elementwise on tensors and on Python floats (returns the same kind).
+    """
+    return -log_likelihood / (num_dims * math.log(2.0)) + 8.0
+
+
+# ---------------------------------------------------------------------------
+# Image-quality metrics
+# ---------------------------------------------------------------------------
+
+
+def psnr(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """Peak signal-to-noise ratio per image, ``10 log10(data_range^2 / MSE)`` (shape ``(B,)``).
+
+    The MSE is taken over all of ``C*H*W`` for each image separately (the
+    per-image average is what SR papers report; a PSNR of the pooled MSE is
+    a different, smaller-variance number).  ``pred`` is used as given: clamp
+    it to ``[0, data_range]`` first if predictions can leave the valid range
+    (:func:`super_resolution_metrics` clamps the SR mean, and
+    :func:`bicubic_upsample` clamps its output).  Identical images give
+    ``+inf`` (the MSE is 0); no epsilon is added so that a perfect
+    reconstruction is recognisable, but averaging over such images gives inf.
+    """
+    if pred.shape != target.shape:
+        raise ValueError(f"shape mismatch: {tuple(pred.shape)} vs {tuple(target.shape)}")
+    mse = (pred - target).pow(2).flatten(1).mean(1)
+    return 10.0 * torch.log10(data_range**2 / mse)
+
+
+def ssim_kernel_size(height: int, width: int) -> int:
+    """Gaussian window size used by :func:`ssim` for an image of this size.
+
+    The standard SSIM window is 11x11 with ``sigma = 1.5`` (Wang et al.,
+    2004).  torchmetrics reflect-pads by half a window and averages the SSIM
+    map over the whole image, so on small images an 11x11 window covers most
+    of the image (on 14x14 it reaches 5 pixels into reflected padding on
+    each side) and SSIM degenerates towards a global statistic.  We keep 11
+    whenever the window is at most half the image (e.g. 28x28 MNIST) and
+    otherwise use the largest odd size ``<= min(H, W) // 2`` (14x14 -> 7,
+    8x8 -> 3), never below 3.
+    """
+    side = min(height, width)
+    if side < 3:
+        raise ValueError(f"SSIM needs images of at least 3x3 pixels, got {height}x{width}")
+    k = min(11, side // 2)
+    if k % 2 == 0:
+        k -= 1
+    return max(k, 3)
+
+
+def ssim(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    data_range: float = 1.0,
+    kernel_size: Optional[int] = None,
+) -> torch.Tensor:
+    """Structural similarity per image (shape ``(B,)``), via torchmetrics.
+
+    Uses ``torchmetrics.functional.structural_similarity_index_measure``
+    with ``reduction="none"`` and an explicit ``data_range`` (torchmetrics
+    would otherwise infer the range from the data, which makes the constants
+    ``C1, C2`` depend on image content).  With a gaussian window torchmetrics
+    derives the window size from ``sigma`` (``2*int(3.5*sigma+0.5)+1``) and
+    ignores ``kernel_size``, so we set ``sigma = 1.5 * kernel_size / 11``,
+    which reproduces the standard 11x11/1.5 window for ``kernel_size=11``
+    and gives exactly a ``kernel_size`` window otherwise.  ``kernel_size``
+    defaults to :func:`ssim_kernel_size` of the image (11 for 28x28, 7 for
+    14x14).  Identical images give exactly 1.
+    """
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    if pred.shape != target.shape:
+        raise ValueError(f"shape mismatch: {tuple(pred.shape)} vs {tuple(target.shape)}")
+    if kernel_size is None:
+        kernel_size = ssim_kernel_size(pred.shape[-2], pred.shape[-1])
+    if kernel_size % 2 == 0 or kernel_size < 3:
+        raise ValueError(f"kernel_size must be odd and >= 3, got {kernel_size}")
+    sigma = 1.5 * kernel_size / 11.0
+    return structural_similarity_index_measure(
+        pred,
+        target,
+        gaussian_kernel=True,
+        sigma=sigma,
+        kernel_size=kernel_size,
+        reduction="none",
+        data_range=data_range,
+    )
+
+
+def bicubic_upsample(y: torch.Tensor, factor: int) -> torch.Tensor:
+    """Bicubic upsampling of ``y`` by ``factor``, clamped to ``[0, 1]``: the SR baseline.
+
+    Bicubic interpolation overshoots near edges, hence the clamp (the
+    targets live in ``[0, 1]``).
+    """
+    return F.interpolate(y, scale_factor=factor, mode="bicubic", align_corners=False).clamp(0.0, 1.0)
+
+
+def _order_statistic_ranks(num_samples: int, level: float):
+    """0-based ranks of the order statistics bounding the central ``level`` interval.
+
+    The ``alpha = (1 - level) / 2`` and ``1 - alpha`` quantiles sit at
+    positions ``alpha (S - 1)`` and ``(1 - alpha)(S - 1)`` of the sorted
+    samples; rounding outwards (``floor`` / ``ceil``, torch.quantile's
+    ``"lower"`` / ``"higher"`` interpolation) picks the order statistics that
+    enclose the nominal interval.
+    """
+    alpha = (1.0 - level) / 2.0
+    lo = math.floor(alpha * (num_samples - 1) + 1e-9)
+    hi = math.ceil((1.0 - alpha) * (num_samples - 1) - 1e-9)
+    return lo, hi
+
+
+def interval_coverage(samples: torch.Tensor, target: torch.Tensor, level: float = 0.9) -> torch.Tensor:
+    """Fraction of pixels of each target image inside the central ``level`` interval.
+
+    ``samples``: ``(S, B, ...)`` draws from the predictive distribution;
+    ``target``: ``(B, ...)``.  Per pixel, the interval runs from the
+    empirical ``(1 - level)/2`` quantile to the ``(1 + level)/2`` quantile of
+    the ``S`` samples, endpoints included.  Returns ``(B,)``.
+
+    This measures calibration: a target drawn from the predictive
+    distribution should land inside about ``level`` of the time.  With few
+    samples the *interpolated* empirical quantiles give an interval that is
+    too narrow (linear interpolation: ~0.80 instead of 0.9 for ``S = 16``,
+    and the shortfall depends on the distribution).  We therefore round the
+    quantile positions outwards to the enclosing order statistics (what
+    ``torch.quantile`` calls ``interpolation="lower"`` / ``"higher"``).  Then,
+    for continuous distributions and a target exchangeable with the samples,
+    a new draw falls below the ``i``-th smallest of ``S`` samples with
+    probability ``i / (S + 1)`` whatever the distribution, so the expected coverage is
+    exactly :func:`expected_interval_coverage` ``(S, level)`` (0.882 for
+    ``S = 16``, 0.901 for ``S = 100``), which tends to ``level``.  Ties
+    (e.g. samples clamped at 0 or 1) make the closed interval cover more.
+    """
+    if samples.shape[1:] != target.shape:
+        raise ValueError(f"samples {tuple(samples.shape)} do not match target {tuple(target.shape)}")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    s = samples if samples.dtype in (torch.float32, torch.float64) else samples.float()
+    # Sorting instead of torch.quantile: same order statistics, and no limit
+    # on the input size (torch.quantile refuses tensors above 2**24 elements).
+    i, j = _order_statistic_ranks(s.shape[0], level)
+    ordered = s.sort(dim=0).values
+    lo, hi = ordered[i], ordered[j]
+    t = target.to(s.dtype)
+    inside = (t >= lo) & (t <= hi)
+    return inside.flatten(1).to(s.dtype).mean(1)
+
+
+def expected_interval_coverage(num_samples: int, level: float = 0.9) -> float:
+    """Coverage of :func:`interval_coverage` expected from a perfectly calibrated model.
+
+    With ``S`` exchangeable continuous samples plus the target, the target's
+    rank is uniform on ``1..S+1``; the interval between the ``(i+1)``-th and
+    ``(j+1)``-th order statistics (0-based ranks ``i, j`` from outward
+    rounding of the quantile positions) therefore contains it with
+    probability ``(j - i) / (S + 1)``.  Distribution-free; use it to read
+    ``sr_coverage90`` computed from a handful of samples.
+    """
+    lo, hi = _order_statistic_ranks(num_samples, level)
+    return (hi - lo) / (num_samples + 1)
+
+
+def _accepts_keyword(fn: Callable, name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def super_resolution_metrics(model, x: torch.Tensor, num_samples: int = 16) -> Dict[str, float]:
+    """Super-resolution quality of an SRVAE on one batch of HR images ``x``.
+
+    ``y = model.downscale(x)`` is super-resolved by the model
+    (``model.super_resolve(y, num_samples)``) and by bicubic interpolation;
+    both are compared with ``x``.  The SR point estimate is the mean of the
+    draws, ``sr.mean``, clamped to ``[0, 1]`` (the predictive mean minimises
+    the expected MSE, i.e. maximises expected PSNR, which is why it rather
+    than a single sample is scored).
+
+    ``sr_coverage90`` checks the spread of the predictive distribution: the
+    fraction of HR pixels inside their per-pixel central 90% interval of
+    ``sr.samples`` (:func:`interval_coverage`).  If ``super_resolve``
+    accepts ``observation_noise`` (the package's SRVAE does), the samples
+    for the coverage are drawn in a second call with
+    ``observation_noise=True``: ``x`` is a draw from ``p(x | y, z, u)``
+    including its pixel noise, so an interval built from decoder means
+    alone would be too narrow by construction and coverage would say little
+    about calibration.  The point estimate still comes from the noise-free
+    draws (adding noise would only blur the mean).  A calibrated model
+    scores about ``sr_coverage90_expected`` (:func:`expected_interval_coverage`),
+    not 0.9, because of the finite number of samples.
+
+    Returns batch *means* as Python floats under ``sr_psnr``,
+    ``bicubic_psnr``, ``sr_ssim``, ``bicubic_ssim``, ``sr_coverage90`` and
+    ``sr_coverage90_expected``, plus ``num_images`` so that batches can be
+    combined with weights.  Runs under ``torch.no_grad()``.
+    """
+    with torch.no_grad():
+        y = model.downscale(x)
+        sr = model.super_resolve(y, num_samples)
+        sr_mean = sr.mean.clamp(0.0, 1.0)
+        if _accepts_keyword(model.super_resolve, "observation_noise"):
+            coverage_samples = model.super_resolve(y, num_samples, observation_noise=True).samples
+        else:
+            coverage_samples = sr.samples
+        bicubic = bicubic_upsample(y, model.factor)
+        if bicubic.shape != x.shape:
+            raise ValueError(f"bicubic upsampling gave {tuple(bicubic.shape)}, expected {tuple(x.shape)}")
+        return {
+            "sr_psnr": psnr(sr_mean, x).mean().item(),
+            "bicubic_psnr": psnr(bicubic, x).mean().item(),
+            "sr_ssim": ssim(sr_mean, x).mean().item(),
+            "bicubic_ssim": ssim(bicubic, x).mean().item(),
+            "sr_coverage90": interval_coverage(coverage_samples, x, 0.9).mean().item(),
+            "sr_coverage90_expected": expected_interval_coverage(coverage_samples.shape[0], 0.9),
+            "num_images": int(x.shape[0]),
+        }
+
+
+# ---------------------------------------------------------------------------
+# Full test-set evaluation
+# ---------------------------------------------------------------------------
+
+
+def _model_device(model) -> torch.device:
+    if isinstance(model, torch.nn.Module):
+        for p in model.parameters():
+            return p.device
+        for b in model.buffers():
+            return b.device
+    return torch.device("cpu")
+
+
+def evaluate_model(
+    model,
+    images: torch.Tensor,
+    *,
+    elbo_samples: int,
+    iw_samples: int,
+    batch_size: int = 64,
+    sr_samples: int = 16,
+    device: Optional[Union[str, torch.device]] = None,
+    seed: int = 0,
+    progress: bool = False,
+    chunk_size: Optional[int] = None,
+) -> Dict[str, float]:
+    """Evaluate a VAE or SRVAE on a uint8 test set ``images`` ``(N, C, H, W)``.
+
+    Each batch is dequantized as ``x = (k + u) / 256``
+    (:func:`pyro_srvae.data.dequantize`, the same map as in training) with
+    ``u`` drawn from a private CPU ``torch.Generator`` seeded with ``seed``, then
+    ``max(elbo_samples, iw_samples)`` log-weights are drawn per image; the
+    ELBO uses the first ``elbo_samples`` (mean of log-weights) and the IW
+    estimate the first ``iw_samples`` (logmeanexp).  With equal counts,
+    ``iw_bpd <= elbo_bpd`` holds exactly.  Both are converted with
+    :func:`bits_per_dim` using ``D = C*H*W`` of ``x``.
+
+    For the SRVAE the model observes both ``x`` and ``y = downscale(x)``, so
+    the estimate is of the joint ``log p(x, y)``, and dividing by the
+    dimension of ``x`` follows the srVAE paper's convention.  Since ``y`` is
+    a deterministic function of ``x``, this is *not* a normalised density
+    over ``x`` alone and is not strictly comparable with a VAE's bpd.
+
+    For an SRVAE (detected by ``hasattr(model, "super_resolve")``) also
+    reports ``sr_psnr``, ``bicubic_psnr``, ``sr_ssim``, ``bicubic_ssim``,
+    ``sr_coverage90`` and ``sr_coverage90_expected`` (see
+    :func:`super_resolution_metrics`), computed on the same dequantized ``x``.
+
+    Reproducibility: latent samples are drawn through Pyro, i.e. torch's
+    global RNG.  It is seeded with ``seed`` inside ``torch.random.fork_rng``,
+    so the caller's RNG state (CPU and the CUDA device used) is restored on
+    exit and evaluating in the middle of training does not change the
+    training run.  An ``nn.Module`` model is put in ``eval()`` mode for the
+    duration (batch-norm/dropout must not use batch statistics) and its
+    previous mode is restored.
+
+    Args:
+        model: a VAE/SRVAE-like object with ``.model(x)`` and ``.guide(x)``.
+        images: uint8 tensor ``(N, C, H, W)`` of raw pixel values.
+        elbo_samples, iw_samples: ``K`` for the ELBO and the IW estimate.
+        batch_size: images per batch; memory is bounded independently of
+            ``K`` by chunking the particles (see ``chunk_size``).
+        sr_samples: draws per image for the SR metrics (SRVAE only).
+        device: where to evaluate; default: the model's parameters' device.
+        seed: seeds both the dequantization noise and the latent samples.
+        progress: show a tqdm bar over batches (if tqdm is installed).
+        chunk_size: particles per vectorized pass, passed on to
+            :func:`log_importance_weights` (default chosen from the batch size).
+
+    Returns a dict of Python floats averaged over all images: ``elbo_bpd``,
+    ``iw_bpd``, ``elbo``, ``iw_log_likelihood`` (nats per image) and the SR
+    metrics, plus the ints ``iw_samples``, ``elbo_samples`` and
+    ``num_images``.
+    """
+    if elbo_samples < 1 or iw_samples < 1:
+        raise ValueError("elbo_samples and iw_samples must be >= 1")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    images = torch.as_tensor(images)
+    if images.dtype != torch.uint8:
+        raise TypeError(f"images must be uint8 (N, C, H, W), got dtype {images.dtype}")
+    if images.dim() != 4:
+        raise ValueError(f"images must have shape (N, C, H, W), got {tuple(images.shape)}")
+    n = images.shape[0]
+    if n == 0:
+        raise ValueError("images is empty")
+    device = torch.device(device) if device is not None else _model_device(model)
+    is_sr = hasattr(model, "super_resolve")
+    num_dims = images[0].numel()
+    k_total = max(elbo_samples, iw_samples)
+
+    from .data import dequantize  # lazy: keeps this module importable on its own
+
+    gen = torch.Generator().manual_seed(seed)
+    starts = range(0, n, batch_size)
+    if progress:
+        try:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, total=math.ceil(n / batch_size), desc="evaluate", leave=False)
+        except ImportError:  # pragma: no cover - tqdm is optional
+            pass
+
+    cuda_devices = []
+    if device.type == "cuda":
+        cuda_devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    was_training = model.training if isinstance(model, torch.nn.Module) else None
+    sums: Dict[str, float] = {"elbo": 0.0, "iw": 0.0}
+    sr_keys = ("sr_psnr", "bicubic_psnr", "sr_ssim", "bicubic_ssim", "sr_coverage90")
+    for key in sr_keys:
+        sums[key] = 0.0
+    sr_expected = None
+    try:
+        if was_training is not None:
+            model.eval()
+        with torch.random.fork_rng(devices=cuda_devices), torch.no_grad():
+            torch.default_generator.manual_seed(seed)
+            if cuda_devices:
+                with torch.cuda.device(cuda_devices[0]):
+                    torch.cuda.manual_seed(seed)
+            for start in starts:
+                batch = images[start : start + batch_size]
+                x = dequantize(batch, generator=gen).to(device)
+                log_w = log_importance_weights(model.model, model.guide, x, k_total, chunk_size=chunk_size)
+                lw = log_w.double()
+                sums["elbo"] += lw[:elbo_samples].mean(0).sum().item()
+                sums["iw"] += (torch.logsumexp(lw[:iw_samples], 0) - math.log(iw_samples)).sum().item()
+                if is_sr:
+                    m = super_resolution_metrics(model, x, sr_samples)
+                    for key in sr_keys:
+                        sums[key] += m[key] * m["num_images"]
+                    sr_expected = m["sr_coverage90_expected"]
+    finally:
+        if was_training is not None:
+            model.train(was_training)
+
+    elbo = sums["elbo"] / n
+    iw = sums["iw"] / n
+    result: Dict[str, float] = {
+        "elbo_bpd": float(bits_per_dim(elbo, num_dims)),
+        "iw_bpd": float(bits_per_dim(iw, num_dims)),
+        "elbo": elbo,
+        "iw_log_likelihood": iw,
+        "iw_samples": int(iw_samples),
+        "elbo_samples": int(elbo_samples),
+        "num_images": int(n),
+    }
+    if is_sr:
+        for key in sr_keys:
+            result[key] = sums[key] / n
+        result["sr_coverage90_expected"] = float(sr_expected)
+    return result

@@ -1,0 +1,385 @@
+"""The model/guide pairs of the spec, as Pyro programs.
+
+* :class:`VAE` -- section 2: p(z) p(x|z), guide q(z|x); -ELBO of eq. (4).
+* :class:`SRVAE` -- sections 3-4: p(u) p(y|u) p(z|y,u) p(x|y,z[,u]), y = downscale(x);
+  guide q(u|y) q(z|x) ("simple", ELBO (17)) or q(u|y) q(z|x,y,u) ("full", eq. (20)-(21)).
+
+Sample sites carry the spec's names (``u``, ``y``, ``z``, ``x``) and all live inside
+``pyro.plate("data", B, dim=-1)``, so any Pyro ELBO, vectorized particles included,
+and :func:`pyro_srvae.evaluation.iw_log_likelihood` apply unchanged.
+
+Unlike the spec, which drops constants "par proportionnalité", Pyro's ``Normal``
+keeps the ``-(k/2) log 2 pi`` term of eq. (3)/(13): the losses are true negative
+ELBOs, so they convert to honest bits per dimension.
+"""
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pyro
+import pyro.distributions as dist
+
+from .networks import GaussianEncoder, ImageDecoder, SuperResolutionDecoder
+from .priors import PRIORS, make_prior
+
+GUIDES = ("simple", "full")
+DOWNSCALE_MODES = ("area", "bilinear")
+DOWNSCALE_FACTORS = (2, 4)
+
+
+class SRSample(NamedTuple):
+    """An unconditional draw of the srVAE: the high-resolution x and its low-resolution y."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+
+class SuperResolution(NamedTuple):
+    """x given y: posterior-predictive mean and per-pixel std over ``samples`` (S, B, C, H, W)."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    samples: torch.Tensor
+
+
+def downscale(x, factor=2, mode="area"):
+    """The deterministic y = f(x) of sections 3.1-3.2.
+
+    ``"area"``: the mean of each ``factor x factor`` block. ``"bilinear"``: antialiased
+    bilinear resampling, as in the srVAE paper. Works on ``(*, C, H, W)``.
+    """
+    batch_shape = x.shape[:-3]
+    flat = x.reshape((-1,) + x.shape[-3:])
+    if mode == "area":
+        y = F.avg_pool2d(flat, factor)
+    elif mode == "bilinear":
+        y = F.interpolate(flat, scale_factor=1 / factor, mode="bilinear", antialias=True, align_corners=False)
+    else:
+        raise ValueError(f"unknown downscale mode {mode!r}; expected one of {', '.join(DOWNSCALE_MODES)}")
+    return y.reshape(batch_shape + y.shape[1:])
+
+
+def check_images(images, expected_shape, name="x"):
+    """Raise a ``ValueError`` naming what was expected and what came, for bad image batches.
+
+    Checks the type, the shape ``(B, *expected_shape)``, NaN/inf and the range [0, 1]
+    before any network sees the data, so the user reads one sentence instead of a
+    stack trace from inside a convolution.
+    """
+    expected = "(B, " + ", ".join(str(d) for d in expected_shape) + ")"
+    if not torch.is_tensor(images):
+        raise ValueError(f"{name} must be a torch.Tensor of shape {expected}, got {type(images).__name__}")
+    if not images.is_floating_point():
+        raise ValueError(
+            f"{name} must be a float tensor with values in [0, 1], got dtype {images.dtype}"
+            " (convert 8-bit images with pyro_srvae.data.dequantize)"
+        )
+    if images.dim() != 4:
+        raise ValueError(f"{name} must have shape {expected}, got {tuple(images.shape)}")
+    if images.shape[1] != expected_shape[0]:
+        raise ValueError(
+            f"{name} must have {expected_shape[0]} channel(s), shape {expected}, "
+            f"got {images.shape[1]} channel(s), shape {tuple(images.shape)}"
+        )
+    if tuple(images.shape[2:]) != tuple(expected_shape[1:]):
+        raise ValueError(f"{name} must have shape {expected}, got {tuple(images.shape)}")
+    if images.numel() == 0:
+        raise ValueError(f"{name} is an empty batch of shape {tuple(images.shape)}")
+    low, high = (v.item() for v in torch.aminmax(images.detach()))
+    if math.isnan(low) or math.isnan(high):
+        raise ValueError(f"{name} contains NaN pixel values")
+    if math.isinf(low) or math.isinf(high):
+        raise ValueError(f"{name} contains infinite pixel values")
+    if low < 0.0 or high > 1.0:
+        raise ValueError(f"{name} must have values in [0, 1], got values in [{low:.4g}, {high:.4g}]")
+    return images
+
+
+def _check_image_shape(image_shape):
+    if len(image_shape) != 3 or any(int(d) != d or d < 1 for d in image_shape):
+        raise ValueError(f"image_shape must be (C, H, W) with positive integers, got {image_shape!r}")
+    return tuple(int(d) for d in image_shape)
+
+
+def _check_choice(what, value, choices):
+    if value not in choices:
+        raise ValueError(f"unknown {what} {value!r}; expected one of {', '.join(map(str, choices))}")
+
+
+class _ImageModel(nn.Module):
+    """What the VAE and the srVAE share: input checks, device following, learned scales."""
+
+    def __init__(self, image_shape, name, validate_inputs):
+        super().__init__()
+        self.image_shape = _check_image_shape(image_shape)
+        self.name = name
+        self.validate_inputs = validate_inputs
+        self._registration_checked = False
+
+    @staticmethod
+    def _learned_scale(initial):
+        # gamma = exp(log gamma): positive, and Adam steps act on its order of magnitude.
+        return nn.Parameter(torch.tensor(math.log(initial)))
+
+    @property
+    def device(self):
+        return next(self.parameters()).device
+
+    def _prepare(self, images, expected_shape, name):
+        """Check the input, move the networks to its device, register them with Pyro."""
+        if self.validate_inputs:
+            check_images(images, expected_shape, name)
+        if images.device != self.device:
+            self.to(images.device)
+        pyro.module(self.name, self)
+        if not self._registration_checked:
+            self._check_registration()
+        return images
+
+    def _check_registration(self):
+        # pyro.module keeps the first module registered under a name: a second model
+        # built under the same name would train the first one's parameters silently.
+        store = pyro.get_param_store()
+        for param_name, param in self.named_parameters():
+            full_name = pyro.params.param_with_module_name(self.name, param_name)
+            if store[full_name] is not param:
+                raise ValueError(
+                    f"Pyro's param store already holds another module's parameters under the name "
+                    f"{self.name!r}; call pyro.clear_param_store() or build this model with name=..."
+                )
+        self._registration_checked = True
+
+
+class VAE(_ImageModel):
+    """The VAE of section 2: p(z) p(x|z) with a Gaussian decoder of learned scale gamma.
+
+    eq. (3):  p(x|z) = N(x; mu_theta(z), gamma_x^2 I)
+    eq. (4):  -ELBO = ||x - x_hat||^2 / (2 gamma_x^2) + k log gamma_x + (k/2) log 2 pi
+                      + KL(q(z|x) || p(z))
+
+    Args:
+        image_shape: (C, H, W) of x.
+        prior: "gaussian" (N(0, I)) or "mog" (learned mixture, sec. 5) for p(z).
+        mog_components: number of mixture components when ``prior="mog"``.
+        z_dim: size of the latent vector z.
+        hidden: width of the convolutional networks.
+        name: the name under which ``pyro.module`` registers the networks.
+        validate_inputs: check shapes, NaN/inf and range on every call.
+    """
+
+    def __init__(
+        self,
+        image_shape=(1, 28, 28),
+        prior="gaussian",
+        mog_components=10,
+        z_dim=32,
+        hidden=32,
+        gamma_init=0.1,
+        name="vae",
+        validate_inputs=True,
+    ):
+        super().__init__(image_shape, name, validate_inputs)
+        _check_choice("prior", prior, PRIORS)
+        channels, height, width = self.image_shape
+        self.prior_name = prior
+        self.z_dim = z_dim
+        self.prior_z = make_prior(prior, z_dim, mog_components)
+        self.encoder_z = GaussianEncoder(channels, (height, width), z_dim, hidden)
+        self.decoder_x = ImageDecoder(z_dim, self.image_shape, hidden)
+        self.log_gamma_x = self._learned_scale(gamma_init)
+
+    @property
+    def gamma_x(self):
+        return self.log_gamma_x.exp()
+
+    def model(self, x):
+        """p(z) p(x|z), eq. (3); x is observed."""
+        x = self._prepare(x, self.image_shape, "x")
+        with pyro.plate("data", x.shape[0], dim=-1):
+            z = pyro.sample("z", self.prior_z())
+            pyro.sample("x", dist.Normal(self.decoder_x(z), self.gamma_x).to_event(3), obs=x)
+
+    def guide(self, x):
+        """q(z|x) = N(mu_phi(x), diag sigma_phi(x)^2), section 2.2."""
+        x = self._prepare(x, self.image_shape, "x")
+        with pyro.plate("data", x.shape[0], dim=-1):
+            loc, scale = self.encoder_z(x)
+            pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+
+    @torch.no_grad()
+    def sample(self, n):
+        """n draws z ~ p(z), returned as the decoder means mu_theta(z), shape (n, C, H, W)."""
+        z = self.prior_z().sample((n,))
+        return self.decoder_x(z)
+
+    @torch.no_grad()
+    def reconstruct(self, x):
+        """The decoder mean at the posterior mean of q(z|x)."""
+        x = self._prepare(x, self.image_shape, "x")
+        loc, _ = self.encoder_z(x)
+        return self.decoder_x(loc)
+
+
+class SRVAE(_ImageModel):
+    """The two-stage srVAE of sections 3 and 4: u -> y -> z -> x, with y = downscale(x).
+
+    Model (eq. 7 with ``guide="full"``, eq. 8 with ``guide="simple"``):
+        u ~ p(u)                                 N(0, I) or a mixture, eq. (22)
+        y ~ p(y|u)     = N(mu(u), gamma_y^2 I)    eq. (12), observed: y = downscale(x)
+        z ~ p(z|y,u)   = N(mu(y,u), sigma(y,u)^2) the learned conditional prior, eq. (16)
+        x ~ p(x|y,z)   = N(mu(y,z), gamma_x^2 I)  eq. (15)            (simple)
+            p(x|y,z,u) = N(mu(y,z,u), gamma_x^2 I) section 4.3.1       (full)
+    Guide:
+        u ~ q(u|y);  z ~ q(z|x) (eq. 10, ELBO 17)  or  z ~ q(z|x,y,u) (eq. 19, ELBO 20-21)
+
+    Args:
+        image_shape: (C, H, W) of x; H and W must be divisible by ``factor``.
+        guide: "simple" (section 3) or "full" (section 4).
+        prior: "gaussian" or "mog" for p(u) (section 5).
+        mog_components: number of mixture components when ``prior="mog"``.
+        factor: downscaling factor, 2 or 4.
+        downscale_mode: "area" (block average, default) or "bilinear" (antialiased).
+        u_dim, z_dim: sizes of the latent vectors.
+        hidden: width of the convolutional networks.
+    """
+
+    def __init__(
+        self,
+        image_shape=(1, 28, 28),
+        guide="simple",
+        prior="gaussian",
+        mog_components=10,
+        factor=2,
+        downscale_mode="area",
+        u_dim=16,
+        z_dim=32,
+        hidden=32,
+        gamma_init=0.1,
+        name="srvae",
+        validate_inputs=True,
+    ):
+        super().__init__(image_shape, name, validate_inputs)
+        _check_choice("guide", guide, GUIDES)
+        _check_choice("prior", prior, PRIORS)
+        _check_choice("downscale factor", factor, DOWNSCALE_FACTORS)
+        _check_choice("downscale mode", downscale_mode, DOWNSCALE_MODES)
+        channels, height, width = self.image_shape
+        if height % factor or width % factor:
+            raise ValueError(
+                f"image height and width must be divisible by the downscale factor {factor}, "
+                f"got image_shape {self.image_shape}"
+            )
+        self.guide_name = guide
+        self.prior_name = prior
+        self.factor = factor
+        self.downscale_mode = downscale_mode
+        self.u_dim, self.z_dim = u_dim, z_dim
+        self.lr_shape = (channels, height // factor, width // factor)
+        lr_hw, hr_hw = self.lr_shape[1:], (height, width)
+        full = guide == "full"
+
+        self.prior_u = make_prior(prior, u_dim, mog_components)
+        self.decoder_y = ImageDecoder(u_dim, self.lr_shape, hidden)
+        self.prior_z = GaussianEncoder(channels, lr_hw, z_dim, hidden, condition_dim=u_dim)
+        self.decoder_x = SuperResolutionDecoder(self.image_shape, factor, z_dim, u_dim if full else 0, hidden)
+        self.encoder_u = GaussianEncoder(channels, lr_hw, u_dim, hidden)
+        # The full guide sees x beside the upsampled y, and u: q(z|x,y,u), eq. (19).
+        self.encoder_z = GaussianEncoder(
+            2 * channels if full else channels, hr_hw, z_dim, hidden, condition_dim=u_dim if full else 0
+        )
+        self.log_gamma_x = self._learned_scale(gamma_init)
+        self.log_gamma_y = self._learned_scale(gamma_init)
+
+    @property
+    def full(self):
+        return self.guide_name == "full"
+
+    @property
+    def gamma_x(self):
+        return self.log_gamma_x.exp()
+
+    @property
+    def gamma_y(self):
+        return self.log_gamma_y.exp()
+
+    def downscale(self, x):
+        """y = f(x), deterministic (section 3.1): the low-resolution copy of x."""
+        return downscale(x, self.factor, self.downscale_mode)
+
+    def decode_x(self, y, z, u):
+        """Mean of p(x|y,z) (eq. 15) or p(x|y,z,u) (full guide, section 4.3.1)."""
+        return self.decoder_x(y, z, u if self.full else None)
+
+    def encode_z(self, x, y, u):
+        """loc and scale of q(z|x) (eq. 10) or q(z|x,y,u) (eq. 19)."""
+        if not self.full:
+            return self.encoder_z(x)
+        return self.encoder_z(torch.cat([x, self.decoder_x.upsample(y)], dim=-3), u)
+
+    def model(self, x):
+        """p(u) p(y|u) p(z|y,u) p(x|y,z[,u]): eq. (8) (simple) or eq. (7) (full)."""
+        x = self._prepare(x, self.image_shape, "x")
+        y = self.downscale(x)
+        with pyro.plate("data", x.shape[0], dim=-1):
+            u = pyro.sample("u", self.prior_u())
+            pyro.sample("y", dist.Normal(self.decoder_y(u), self.gamma_y).to_event(3), obs=y)
+            z_loc, z_scale = self.prior_z(y, u)
+            z = pyro.sample("z", dist.Normal(z_loc, z_scale).to_event(1))
+            pyro.sample("x", dist.Normal(self.decode_x(y, z, u), self.gamma_x).to_event(3), obs=x)
+
+    def guide(self, x):
+        """q(u|y) q(z|x) (eq. 10) or q(u|y) q(z|x,y,u) (eq. 19); q(y|x) is the point mass y = f(x)."""
+        x = self._prepare(x, self.image_shape, "x")
+        y = self.downscale(x)
+        with pyro.plate("data", x.shape[0], dim=-1):
+            u_loc, u_scale = self.encoder_u(y)
+            u = pyro.sample("u", dist.Normal(u_loc, u_scale).to_event(1))
+            z_loc, z_scale = self.encode_z(x, y, u)
+            pyro.sample("z", dist.Normal(z_loc, z_scale).to_event(1))
+
+    @torch.no_grad()
+    def sample(self, n):
+        """Ancestral sampling u ~ p(u), y = mu(u), z ~ p(z|y,u), x = mu(y,z[,u]).
+
+        Returns ``SRSample(x, y)`` of decoder means, (n, C, H, W) and (n, C, H/f, W/f).
+        """
+        u = self.prior_u().sample((n,))
+        y = self.decoder_y(u)
+        z_loc, z_scale = self.prior_z(y, u)
+        z = dist.Normal(z_loc, z_scale).sample()
+        return SRSample(x=self.decode_x(y, z, u), y=y)
+
+    @torch.no_grad()
+    def super_resolve(self, y, num_samples=16, observation_noise=False):
+        """x given a low-resolution y: u ~ q(u|y), z ~ p(z|y,u), x ~ p(x|y,z[,u]).
+
+        x itself is never seen, so z comes from the conditional prior, not from q(z|.).
+        Each of the ``num_samples`` draws is a decoder mean (add N(0, gamma_x^2) pixel
+        noise with ``observation_noise=True``); ``mean`` and ``std`` are taken over the
+        draws, so ``std`` is the uncertainty the latents carry about the missing detail.
+        """
+        y = self._prepare(y, self.lr_shape, "y")
+        if int(num_samples) != num_samples or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+        u_loc, u_scale = self.encoder_u(y)
+        u = dist.Normal(u_loc, u_scale).sample((int(num_samples),))
+        z_loc, z_scale = self.prior_z(y, u)
+        z = dist.Normal(z_loc, z_scale).sample()
+        samples = self.decode_x(y, z, u)
+        if observation_noise:
+            samples = samples + self.gamma_x * torch.randn_like(samples)
+        std = samples.std(dim=0, correction=0) if num_samples > 1 else torch.zeros_like(samples[0])
+        return SuperResolution(mean=samples.mean(dim=0), std=std, samples=samples)
+
+    @torch.no_grad()
+    def reconstruct(self, x):
+        """The decoder mean at the posterior means of q(u|y) and q(z|.)."""
+        x = self._prepare(x, self.image_shape, "x")
+        y = self.downscale(x)
+        u, _ = self.encoder_u(y)
+        z, _ = self.encode_z(x, y, u)
+        return self.decode_x(y, z, u)
