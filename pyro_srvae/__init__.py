@@ -7,10 +7,23 @@ The derivation this package implements is ``../shared/seeds/000_73dd18991a948ff9
 from .elbo import ELBO_NAMES, MixtureKLBound_ELBO, make_elbo, mixture_kl_upper_bound
 from .models import SRVAE, VAE, SRSample, SuperResolution, check_images, downscale
 from .priors import MixtureOfGaussiansPrior, StandardNormalPrior
+from .evaluation import bits_per_dim, evaluate_model, iw_log_likelihood
+from .training import ConfigError, TrainConfig, TrainResult, build_model, train
+
+evaluate = evaluate_model
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ConfigError",
+    "TrainConfig",
+    "TrainResult",
+    "bits_per_dim",
+    "build_model",
+    "evaluate",
+    "evaluate_model",
+    "iw_log_likelihood",
+    "train",
     "ELBO_NAMES",
     "MixtureKLBound_ELBO",
     "MixtureOfGaussiansPrior",

@@ -613,6 +613,7 @@ def evaluate_model(
     seed: int = 0,
     progress: bool = False,
     chunk_size: Optional[int] = None,
+    super_resolution: bool = True,
 ) -> Dict[str, float]:
     """Evaluate a VAE or SRVAE on a uint8 test set ``images`` ``(N, C, H, W)``.
 
@@ -654,6 +655,7 @@ def evaluate_model(
         device: where to evaluate; default: the model's parameters' device.
         seed: seeds both the dequantization noise and the latent samples.
         progress: show a tqdm bar over batches (if tqdm is installed).
+        super_resolution: set False to skip the SR metrics (e.g. a quick per-epoch ELBO).
         chunk_size: particles per vectorized pass, passed on to
             :func:`log_importance_weights` (default chosen from the batch size).
 
@@ -675,7 +677,7 @@ def evaluate_model(
     if n == 0:
         raise ValueError("images is empty")
     device = torch.device(device) if device is not None else _model_device(model)
-    is_sr = hasattr(model, "super_resolve")
+    is_sr = super_resolution and hasattr(model, "super_resolve")
     num_dims = images[0].numel()
     k_total = max(elbo_samples, iw_samples)
 

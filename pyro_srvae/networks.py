@@ -155,7 +155,10 @@ class SuperResolutionDecoder(nn.Module):
     The network predicts a residual on top of the bilinear upsampling of y: the
     low-resolution image already fixes the coarse content of x, so z (and u) only
     have to explain the detail y lacks -- the division of labour of section 3.1.
-    The latents enter as a low-resolution feature map, upsampled to the size of x.
+    Its inputs (y and the latents) carry no information at the high resolution, so
+    the convolutions run on the low-resolution grid and a final pixel shuffle
+    (Shi et al. 2016) rearranges ``C * factor^2`` channels into the high-resolution
+    residual: ``factor^2`` times cheaper than convolving at the size of x.
     """
 
     def __init__(self, out_shape, factor, z_dim, u_dim=0, hidden=32, latent_channels=8):
@@ -163,19 +166,20 @@ class SuperResolutionDecoder(nn.Module):
         channels, height, width = out_shape
         self.out_shape = tuple(out_shape)
         self.lr_hw = (height // factor, width // factor)
-        self.u_dim = u_dim
         self.latent_channels = latent_channels
         self.project = nn.Sequential(
             nn.Linear(z_dim + u_dim, latent_channels * self.lr_hw[0] * self.lr_hw[1]), nn.SiLU()
         )
+        width_lr = 2 * hidden
         self.net = nn.Sequential(
-            nn.Conv2d(channels + latent_channels, 2 * hidden, 3, padding=1),
+            nn.Conv2d(channels + latent_channels, width_lr, 3, padding=1),
             nn.SiLU(),
-            nn.Conv2d(2 * hidden, 2 * hidden, 3, padding=1),
+            nn.Conv2d(width_lr, width_lr, 3, padding=1),
             nn.SiLU(),
-            nn.Conv2d(2 * hidden, hidden, 3, padding=1),
+            nn.Conv2d(width_lr, width_lr, 3, padding=1),
             nn.SiLU(),
-            nn.Conv2d(hidden, channels, 3, padding=1),
+            nn.Conv2d(width_lr, channels * factor**2, 3, padding=1),
+            nn.PixelShuffle(factor),
         )
 
     def upsample(self, y):
@@ -187,11 +191,10 @@ class SuperResolutionDecoder(nn.Module):
         latents = z if u is None else _concat_vectors(z, u)
         latent_map = self.project(latents)
         latent_map = latent_map.view(latent_map.shape[:-1] + (self.latent_channels,) + self.lr_hw)
-        base = self.upsample(y)
-        batch_shape = torch.broadcast_shapes(base.shape[:-3], latent_map.shape[:-3])
-        base = _expand_leading(base, batch_shape, 3)
-        latent_map, _ = _merge_leading(_expand_leading(latent_map, batch_shape, 3), 3)
-        latent_map = F.interpolate(latent_map, size=self.out_shape[1:], mode="nearest")
-        flat_base, _ = _merge_leading(base, 3)
-        residual = self.net(torch.cat([flat_base, latent_map], dim=1))
-        return base + _split_leading(residual, batch_shape)
+        batch_shape = torch.broadcast_shapes(y.shape[:-3], latent_map.shape[:-3])
+        inputs = torch.cat(
+            [_expand_leading(y, batch_shape, 3), _expand_leading(latent_map, batch_shape, 3)], dim=-3
+        )
+        flat, _ = _merge_leading(inputs, 3)
+        residual = _split_leading(self.net(flat), batch_shape)
+        return self.upsample(y) + residual

@@ -2,6 +2,10 @@ import pyro
 import pytest
 import torch
 
+# The networks in the tests are tiny: threads buy nothing, and on a 2-core machine
+# shared with another busy process, OpenMP's spinning threads slow torch down ~30x.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def fresh_pyro_state():

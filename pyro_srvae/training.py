@@ -1,0 +1,571 @@
+"""Training: one function, :func:`train`, behind ``examples/train_srvae.py``.
+
+Pyro builds the objective: each step asks a Pyro ELBO (:func:`pyro_srvae.make_elbo`)
+for the loss of ``model.model`` against ``model.guide`` and its gradients -- what
+``pyro.infer.SVI.step`` does inside. The step then goes to a plain ``torch.optim.Adam``
+over the module's parameters, which gives global-norm clipping and an optimizer
+state that checkpoints and resumes exactly.
+
+A run writes into its output directory: ``checkpoint.pt`` (atomic), ``metrics.json``,
+``metrics.csv`` and PNG figures (:mod:`pyro_srvae.plots`).
+"""
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import signal
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+import pyro
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import site_is_subsample
+
+from . import plots
+from .checkpoint import (
+    CheckpointError,
+    atomic_write_text,
+    get_rng_state,
+    load_checkpoint,
+    save_checkpoint,
+    set_rng_state,
+)
+from .data import DATASETS, dequantize, iterate_batches, load_dataset, num_batches
+from .elbo import ELBO_NAMES, make_elbo
+from .evaluation import bicubic_upsample, bits_per_dim, evaluate_model
+from .models import DOWNSCALE_FACTORS, DOWNSCALE_MODES, GUIDES, SRVAE, VAE
+from .priors import PRIORS
+
+MODELS = ("vae", "srvae")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A configuration that makes no sense; the message is one line saying why."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGINT or SIGTERM arrived; a checkpoint was written before stopping."""
+
+    def __init__(self, message, signal_number):
+        super().__init__(message)
+        self.signal_number = signal_number
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run; stored in every checkpoint and in metrics.json."""
+
+    model: str = "srvae"
+    guide: str = "simple"
+    prior: str = "gaussian"
+    mog_components: int = 10
+    elbo: str = "meanfield"
+    num_particles: int = 1
+    dataset: str = "fashion-mnist-mini"
+    data_dir: Optional[str] = None
+    download: bool = False
+    epochs: int = 10
+    max_steps: Optional[int] = None
+    batch_size: int = 64
+    lr: float = 2e-3
+    kl_warmup: float = 0.0
+    clip_norm: Optional[float] = None
+    device: str = "auto"
+    seed: int = 0
+    eval_samples: int = 32
+    sr_samples: int = 16
+    eval_limit: Optional[int] = None
+    train_limit: Optional[int] = None
+    out: Optional[str] = None
+    checkpoint_every: Optional[int] = None
+    factor: int = 2
+    downscale_mode: str = "area"
+    u_dim: int = 16
+    z_dim: int = 32
+    hidden: int = 16
+    figures: bool = True
+
+    # Fields that may change when a run is resumed; every other field is the run's identity.
+    RESUMABLE = ("epochs", "max_steps", "device", "out", "checkpoint_every", "eval_samples", "eval_limit", "figures")
+
+    def validate(self):
+        """Raise :class:`ConfigError` with one line for an impossible combination."""
+        choices = {
+            "model": MODELS,
+            "guide": GUIDES,
+            "prior": PRIORS,
+            "elbo": ELBO_NAMES,
+            "dataset": DATASETS,
+            "device": DEVICES,
+            "factor": DOWNSCALE_FACTORS,
+            "downscale_mode": DOWNSCALE_MODES,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(map(str, allowed))}")
+        if self.model == "vae" and self.guide != "simple":
+            raise ConfigError("--guide full is an srVAE guide (section 4); the VAE has only q(z|x)")
+        if self.elbo == "meanfield-mog-bound" and self.prior != "mog":
+            raise ConfigError("--elbo meanfield-mog-bound bounds a mixture KL (eq. 23): it needs --prior mog")
+        if self.elbo == "renyi" and self.num_particles < 2:
+            raise ConfigError("--elbo renyi (alpha=0, the IWAE bound) needs --num-particles >= 2")
+        positive = ["mog_components", "num_particles", "epochs", "batch_size", "eval_samples", "sr_samples"]
+        positive += ["u_dim", "z_dim", "hidden"]
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
+        for name in ("max_steps", "checkpoint_every", "eval_limit", "train_limit"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"--lr must be a positive number, got {self.lr}")
+        if self.kl_warmup < 0:
+            raise ConfigError(f"--kl-warmup must be >= 0 epochs, got {self.kl_warmup}")
+        if self.clip_norm is not None and not self.clip_norm > 0:
+            raise ConfigError(f"--clip-norm must be positive, got {self.clip_norm}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("--device cuda: no CUDA GPU is available (use --device auto or cpu)")
+        return self
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ConfigError(f"unknown configuration keys: {', '.join(sorted(unknown))}")
+        return cls(**values)
+
+
+@dataclass
+class TrainResult:
+    model: torch.nn.Module
+    metrics: dict
+    out_dir: Path
+    checkpoint: Path
+    figures: list = field(default_factory=list)
+
+
+def build_model(config, image_shape):
+    """The VAE or SRVAE a configuration describes, for images of ``image_shape``."""
+    common = dict(prior=config.prior, mog_components=config.mog_components, hidden=config.hidden)
+    if config.model == "vae":
+        return VAE(image_shape, z_dim=config.z_dim, **common)
+    _, height, width = image_shape
+    if height % config.factor or width % config.factor:
+        raise ConfigError(
+            f"--factor {config.factor} does not divide the {height}x{width} images of {config.dataset}"
+        )
+    return SRVAE(
+        image_shape,
+        guide=config.guide,
+        factor=config.factor,
+        downscale_mode=config.downscale_mode,
+        u_dim=config.u_dim,
+        z_dim=config.z_dim,
+        **common,
+    )
+
+
+def resolve_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class _LatentScaleMessenger(Messenger):
+    def __init__(self, scale):
+        super().__init__()
+        self.scale = scale
+
+    def _process_message(self, msg):
+        if msg["type"] == "sample" and not msg["is_observed"] and not site_is_subsample(msg):
+            msg["scale"] = self.scale * msg["scale"]
+
+
+def scale_latents(fn, scale):
+    """``poutine.scale`` restricted to latent sites: multiplies log p and log q of u and z.
+
+    Used on both model and guide for KL warm-up: every KL term of eq. (4)/(17)/(21)/(23)
+    is multiplied by ``scale`` while the data terms keep weight one. Returns a plain
+    function (Pyro treats Messenger-instance guides specially).
+    """
+    if scale == 1.0:
+        return fn
+
+    def scaled(*args, **kwargs):
+        with _LatentScaleMessenger(scale):
+            return fn(*args, **kwargs)
+
+    return scaled
+
+
+def kl_scale(config, epoch, batch, batches_per_epoch):
+    """Linear KL warm-up over ``config.kl_warmup`` epochs (fractional epochs count)."""
+    if config.kl_warmup <= 0:
+        return 1.0
+    return min(1.0, (epoch + batch / batches_per_epoch) / config.kl_warmup)
+
+
+def _loss_and_backward(elbo, model_fn, guide_fn, x):
+    """Pyro's loss and gradients; a tensor without a host sync where Pyro allows it."""
+    if hasattr(elbo, "differentiable_loss"):
+        loss = elbo.differentiable_loss(model_fn, guide_fn, x)
+        loss.backward()
+        return loss.detach()
+    return torch.tensor(elbo.loss_and_grads(model_fn, guide_fn, x))
+
+
+@contextmanager
+def _stop_on_signals(state):
+    """Turn SIGINT/SIGTERM into a flag the loop checks between steps (main thread only)."""
+
+    def handler(signal_number, frame):
+        state["signal"] = signal_number
+
+    previous = {}
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        pass
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def default_out_dir(config):
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    name = "vae" if config.model == "vae" else f"srvae-{config.guide}"
+    return Path("runs") / f"{stamp}-{name}"
+
+
+def _config_from_checkpoint(payload, overrides):
+    try:
+        config = TrainConfig.from_dict(dict(payload["config"]))
+    except (TypeError, ConfigError) as error:
+        raise CheckpointError(f"checkpoint has an unusable configuration: {error}") from None
+    for name, value in overrides.items():
+        if name in TrainConfig.RESUMABLE and value is not None:
+            setattr(config, name, value)
+    # A step limit stops one invocation (a smoke run, a time slice); it is not part of
+    # the run's identity, so a resumed run has only the limit it is given now.
+    config.max_steps = overrides.get("max_steps")
+    return config
+
+
+def train(config=None, *, resume=None, progress=True, log=print, **overrides):
+    """Train (or resume), evaluate and draw figures; returns a :class:`TrainResult`.
+
+    ``config`` is a :class:`TrainConfig` (or ``None`` for the defaults) and keyword
+    ``overrides`` replace its fields. With ``resume=CHECKPOINT`` the configuration comes
+    from the checkpoint and only the fields in ``TrainConfig.RESUMABLE`` (``epochs``,
+    ``max_steps``, ``device``, ...) may be overridden; training continues from the
+    exact step, with the optimizer, the RNGs and the data order restored.
+
+    Raises :class:`ConfigError`, :class:`CheckpointError`, :class:`TrainingDiverged`
+    or :class:`TrainingInterrupted` (after writing a checkpoint).
+    """
+    started = time.time()
+    payload = None
+    if resume is not None:
+        payload = load_checkpoint(resume)
+        config = _config_from_checkpoint(payload, overrides)
+        if config.out is None:
+            config.out = str(Path(resume).parent)
+    else:
+        config = dataclasses.replace(config or TrainConfig(), **overrides)
+    config.validate()
+    device = resolve_device(config.device)
+    out_dir = Path(config.out) if config.out else default_out_dir(config)
+    config.out = str(out_dir)
+    checkpoint_path = out_dir / "checkpoint.pt"
+
+    train_set = load_dataset(config.dataset, "train", config.data_dir, config.download)
+    test_set = load_dataset(config.dataset, "test", config.data_dir, config.download)
+    train_set = _first(train_set, config.train_limit)
+    test_set = _first(test_set, config.eval_limit)
+    if len(train_set) < config.batch_size:
+        raise ConfigError(f"--batch-size {config.batch_size} exceeds the {len(train_set)} training images")
+
+    pyro.clear_param_store()
+    torch.manual_seed(config.seed)
+    pyro.set_rng_seed(config.seed)
+    model = build_model(config, train_set.image_shape).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    history = {"epochs": [], "steps": [], "wall_seconds": 0.0}
+    epoch, batch_start, step = 0, 0, 0
+    partial_epoch = {"loss_sum": 0.0, "images": 0}  # the loss so far of an epoch cut by a checkpoint
+    if payload is not None:
+        try:
+            model.load_state_dict(payload["model_state"])
+            optimizer.load_state_dict(payload["optimizer_state"])
+        except (RuntimeError, ValueError, KeyError) as error:
+            first_line = str(error).strip().splitlines()[0]
+            raise CheckpointError(f"{resume} does not match its own configuration: {first_line}") from None
+        history = payload.get("history", history)
+        epoch, batch_start, step = payload["epoch"], payload.get("batch_in_epoch", 0), payload["step"]
+        partial_epoch = payload.get("partial_epoch", partial_epoch)
+        if "rng" in payload:
+            set_rng_state(payload["rng"])
+        log(f"resuming {resume} at epoch {epoch + 1}, step {step}")
+
+    # Pixels are uint8 on the device, validated once here; each batch is dequantized
+    # on the device, so the per-call checks inside the model can be skipped.
+    train_images = train_set.images.to(device)
+    model.validate_inputs = False
+    elbo = make_elbo(config.elbo, num_particles=config.num_particles, vectorize_particles=config.num_particles > 1)
+    batches_per_epoch = num_batches(len(train_set), config.batch_size, drop_last=True)
+    num_dims = train_set.images[0].numel()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    prior_wall = history.get("wall_seconds", 0.0)
+
+    def checkpoint(epoch_index, batch_index, loss_sum=0.0, images=0):
+        history["wall_seconds"] = prior_wall + time.time() - started
+        save_checkpoint(
+            checkpoint_path,
+            {
+                "config": config.to_dict(),
+                "model_state": model.state_dict(),
+                "optimizer_state": optimizer.state_dict(),
+                "param_store": {k: v.detach().cpu() for k, v in pyro.get_param_store().items()},
+                "epoch": epoch_index,
+                "batch_in_epoch": batch_index,
+                "partial_epoch": {"loss_sum": float(loss_sum), "images": images},
+                "step": step,
+                "rng": get_rng_state(),
+                "history": history,
+            },
+        )
+
+    signal_state = {}
+    reached_max_steps = config.max_steps is not None and step >= config.max_steps
+    bar = _progress_bar(progress, total=config.epochs * batches_per_epoch, initial=epoch * batches_per_epoch + batch_start)
+    try:
+        # Data were validated once when loaded; per-call argument checks inside the
+        # distributions would turn a diverged network into a ValueError deep in torch
+        # instead of the NaN loss the loop reports (and they cost time every step).
+        with _stop_on_signals(signal_state), pyro.validation_enabled(False):
+            while epoch < config.epochs and not reached_max_steps:
+                model.train()
+                loss_sum = torch.tensor(partial_epoch["loss_sum"], device=device)
+                epoch_images = partial_epoch["images"]
+                unchecked = 0
+                batch = batch_start
+                for indices in iterate_batches(
+                    len(train_set), config.batch_size, config.seed, epoch, start_batch=batch_start, drop_last=True
+                ):
+                    x = dequantize(train_images[indices.to(device)])
+                    beta = kl_scale(config, epoch, batch, batches_per_epoch)
+                    model_fn, guide_fn = scale_latents(model.model, beta), scale_latents(model.guide, beta)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss = _loss_and_backward(elbo, model_fn, guide_fn, x)
+                    if config.clip_norm is not None:
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm)
+                    optimizer.step()
+                    loss_sum = loss_sum + loss
+                    epoch_images += x.shape[0]
+                    unchecked += 1
+                    step += 1
+                    batch += 1
+                    bar.update(1)
+                    stop_now = signal_state or (config.max_steps is not None and step >= config.max_steps)
+                    checkpoint_due = config.checkpoint_every and step % config.checkpoint_every == 0
+                    if unchecked >= 10 or stop_now or checkpoint_due or batch == batches_per_epoch:
+                        # One host sync every few steps: checks for divergence and feeds the bar.
+                        mean_bpd = bits_per_dim(-loss_sum.item() / epoch_images, num_dims)
+                        if not math.isfinite(mean_bpd):
+                            raise TrainingDiverged(
+                                f"the loss became {mean_bpd} at step {step} (epoch {epoch + 1}); "
+                                f"stopped without saving, the last good checkpoint is {checkpoint_path}"
+                            )
+                        history["steps"].append([step, mean_bpd])
+                        bar.set_postfix_str(f"epoch {epoch + 1} loss {mean_bpd:.3f} bpd")
+                        unchecked = 0
+                    if batch == batches_per_epoch:
+                        break  # the epoch record and checkpoint are written below
+                    if checkpoint_due:
+                        checkpoint(epoch, batch, loss_sum.item(), epoch_images)
+                    if signal_state:
+                        checkpoint(epoch, batch, loss_sum.item(), epoch_images)
+                        raise TrainingInterrupted(
+                            f"interrupted by signal {signal_state['signal']} at step {step}; "
+                            f"resume with --resume {checkpoint_path}",
+                            signal_state["signal"],
+                        )
+                    if stop_now:
+                        break
+                complete = batch == batches_per_epoch
+                record = {
+                    "epoch": epoch + 1,
+                    "train_elbo_bpd": bits_per_dim(-loss_sum.item() / max(epoch_images, 1), num_dims),
+                    "test_elbo_bpd": _test_elbo_bpd(model, test_set.images, config),
+                    "step": step,
+                    "kl_scale": kl_scale(config, epoch, batch, batches_per_epoch),
+                    "complete": complete,
+                }
+                if history["epochs"] and history["epochs"][-1]["epoch"] == epoch + 1:
+                    history["epochs"][-1] = record  # a partial epoch, now extended
+                else:
+                    history["epochs"].append(record)
+                if complete:
+                    epoch, batch_start = epoch + 1, 0
+                    partial_epoch = {"loss_sum": 0.0, "images": 0}
+                else:
+                    batch_start = batch
+                    partial_epoch = {"loss_sum": loss_sum.item(), "images": epoch_images}
+                reached_max_steps = config.max_steps is not None and step >= config.max_steps
+                checkpoint(epoch, batch_start, **partial_epoch)
+                if signal_state:
+                    raise TrainingInterrupted(
+                        f"interrupted by signal {signal_state['signal']} at step {step}; "
+                        f"resume with --resume {checkpoint_path}",
+                        signal_state["signal"],
+                    )
+    finally:
+        bar.close()
+        model.validate_inputs = True
+
+    log(f"training done: {step} steps; evaluating on {len(test_set)} test images")
+    test = evaluate_model(
+        model,
+        test_set.images,
+        elbo_samples=config.eval_samples,
+        iw_samples=config.eval_samples,
+        sr_samples=config.sr_samples,
+        batch_size=max(1, 2048 // config.eval_samples),
+        device=device,
+        seed=config.seed,
+        progress=progress,
+    )
+    history["wall_seconds"] = prior_wall + time.time() - started
+    metrics = _metrics(config, model, history, test)
+    _write_metrics(out_dir, metrics)
+    figures = _draw_figures(model, test_set.images, history, out_dir, config) if config.figures else []
+    metrics["wall_seconds"] = prior_wall + time.time() - started
+    _write_metrics(out_dir, metrics)
+    checkpoint(epoch, batch_start, **partial_epoch)  # the final wall time and history, same weights
+    log(summary_table(metrics))
+    return TrainResult(model=model, metrics=metrics, out_dir=out_dir, checkpoint=checkpoint_path, figures=figures)
+
+
+def _first(dataset, limit):
+    if limit is None:
+        return dataset
+    return dataclasses.replace(dataset, images=dataset.images[:limit], labels=dataset.labels[:limit])
+
+
+def _progress_bar(enabled, total, initial):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+
+def _test_elbo_bpd(model, images, config):
+    """A one-sample ELBO on the test set each epoch: cheap, unbiased, no RNG side effects."""
+    result = evaluate_model(
+        model, images, elbo_samples=1, iw_samples=1, batch_size=256, seed=config.seed, super_resolution=False
+    )
+    return result["elbo_bpd"]
+
+
+def _metrics(config, model, history, test):
+    test_keys = ["elbo_bpd", "iw_bpd", "iw_samples", "sr_psnr", "bicubic_psnr", "sr_ssim", "bicubic_ssim"]
+    test_keys += ["sr_coverage90", "sr_coverage90_expected", "num_images"]
+    return {
+        "config": config.to_dict(),
+        "epochs": history["epochs"],
+        "test": {key: test.get(key) for key in test_keys},
+        "gamma_x": model.gamma_x.item(),
+        "gamma_y": model.gamma_y.item() if hasattr(model, "gamma_y") else None,
+        "world_size": 1,
+        "wall_seconds": history["wall_seconds"],
+        "steps": history["steps"],
+    }
+
+
+def _write_metrics(out_dir, metrics):
+    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=["epoch", "train_elbo_bpd", "test_elbo_bpd", "step", "kl_scale"])
+    writer.writeheader()
+    for record in metrics["epochs"]:
+        writer.writerow({key: record.get(key) for key in writer.fieldnames})
+    atomic_write_text(out_dir / "metrics.csv", buffer.getvalue())
+
+
+def _draw_figures(model, test_images, history, out_dir, config, num_images=8):
+    """The run's PNGs, drawn under a private RNG so they are reproducible."""
+    device = model.device
+    paths = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+        torch.manual_seed(config.seed)
+        model.eval()
+        x = dequantize(test_images[:num_images].to(device))
+        paths.append(plots.plot_loss_curves(history["epochs"], out_dir / "loss_curves.png", steps=history["steps"]))
+        paths.append(plots.plot_reconstructions(x, model.reconstruct(x), out_dir / "reconstructions.png"))
+        if isinstance(model, SRVAE):
+            generated = model.sample(16)
+            paths.append(plots.plot_samples(generated.x, out_dir / "samples.png", y=generated.y))
+            y = model.downscale(x)
+            sr = model.super_resolve(y, num_samples=config.sr_samples)
+            paths.append(
+                plots.plot_super_resolution(
+                    y, bicubic_upsample(y, model.factor), sr.mean, sr.samples, sr.std, x, out_dir / "super_resolution.png"
+                )
+            )
+            decoder, prior = model.decoder_y, model.prior_u
+        else:
+            paths.append(plots.plot_samples(model.sample(16), out_dir / "samples.png"))
+            decoder, prior = model.decoder_x, model.prior_z
+        if config.prior == "mog":
+            paths.append(plots.plot_mog_components(decoder(prior.means), prior.weights, out_dir / "mog_components.png"))
+    return paths
+
+
+def summary_table(metrics):
+    """A short plain-text table of the final test metrics."""
+    test = metrics["test"]
+    config = metrics["config"]
+    name = "vae" if config["model"] == "vae" else f"srvae ({config['guide']} guide)"
+    rows = [
+        ("model", f"{name}, {config['prior']} prior, {config['elbo']} ELBO"),
+        ("epochs / steps", f"{len(metrics['epochs'])} / {metrics['epochs'][-1]['step'] if metrics['epochs'] else 0}"),
+        ("test ELBO", f"{test['elbo_bpd']:.4f} bits/dim"),
+        (f"test IW (K={test['iw_samples']})", f"{test['iw_bpd']:.4f} bits/dim"),
+    ]
+    if test.get("sr_psnr") is not None:
+        rows += [
+            ("SR PSNR", f"{test['sr_psnr']:.2f} dB (bicubic {test['bicubic_psnr']:.2f} dB)"),
+            ("SR SSIM", f"{test['sr_ssim']:.4f} (bicubic {test['bicubic_ssim']:.4f})"),
+            ("SR 90% coverage", f"{test['sr_coverage90']:.3f}"),
+        ]
+    rows.append(("gamma_x" + (" / gamma_y" if metrics["gamma_y"] is not None else ""), _gammas(metrics)))
+    rows.append(("wall time", f"{metrics['wall_seconds']:.0f} s"))
+    width = max(len(label) for label, _ in rows)
+    return "\n".join(f"  {label.ljust(width)}  {value}" for label, value in rows)
+
+
+def _gammas(metrics):
+    if metrics["gamma_y"] is None:
+        return f"{metrics['gamma_x']:.4f}"
+    return f"{metrics['gamma_x']:.4f} / {metrics['gamma_y']:.4f}"

@@ -1,0 +1,208 @@
+"""The training path: CLI smoke run, resume equivalence, checkpoints, signals, bad flags."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import pyro.poutine as poutine
+
+from pyro_srvae import SRVAE, TrainConfig, make_elbo, train
+from pyro_srvae.checkpoint import CheckpointError, load_checkpoint
+from pyro_srvae.cli import main
+from pyro_srvae.training import TrainingDiverged, kl_scale, scale_latents
+from conftest import tiny_images
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "examples" / "train_srvae.py"
+# Small and fast: 128 training images, 4 steps an epoch, narrow networks.
+FAST = dict(train_limit=128, eval_limit=16, batch_size=32, hidden=4, eval_samples=4, sr_samples=4)
+FAST_FLAGS = [
+    "--train-limit", "128", "--eval-limit", "16", "--batch-size", "32", "--hidden", "4",
+    "--eval-samples", "4", "--sr-samples", "4", "--quiet",
+]  # fmt: skip
+TEST_KEYS = {"elbo_bpd", "iw_bpd", "iw_samples", "sr_psnr", "bicubic_psnr", "sr_ssim", "bicubic_ssim"}
+
+
+def run_cli(*args, **kwargs):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=300, **kwargs
+    )
+
+
+def test_cli_smoke_run_writes_every_output(tmp_path):
+    out = tmp_path / "run"
+    result = run_cli("--guide", "full", "--max-steps", "3", "--out", str(out), *FAST_FLAGS)
+    assert result.returncode == 0, result.stderr
+    assert "test IW (K=4)" in result.stdout and "SR PSNR" in result.stdout  # the summary table
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) >= {"config", "epochs", "test", "gamma_x", "gamma_y", "world_size", "wall_seconds"}
+    assert metrics["config"]["guide"] == "full" and metrics["world_size"] == 1
+    assert set(metrics["test"]) >= TEST_KEYS
+    assert all(math.isfinite(metrics["test"][key]) for key in TEST_KEYS)
+    assert metrics["test"]["iw_bpd"] <= metrics["test"]["elbo_bpd"] + 1e-9
+    assert metrics["gamma_x"] > 0 and metrics["gamma_y"] > 0
+    [record] = metrics["epochs"]
+    assert set(record) >= {"epoch", "train_elbo_bpd", "test_elbo_bpd"} and record["step"] == 3
+    csv_lines = (out / "metrics.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("epoch,train_elbo_bpd,test_elbo_bpd") and len(csv_lines) == 2
+    for figure in ("loss_curves", "reconstructions", "samples", "super_resolution"):
+        assert (out / f"{figure}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    checkpoint = load_checkpoint(out / "checkpoint.pt")
+    assert checkpoint["step"] == 3 and checkpoint["config"]["guide"] == "full"
+    assert {"model_state", "optimizer_state", "param_store", "rng", "history"} <= set(checkpoint)
+    assert not list(out.glob(".*.tmp"))  # no temporary file left behind
+
+
+def test_mog_vae_run_draws_its_components(tmp_path):
+    result = train(
+        TrainConfig(model="vae", prior="mog", mog_components=3, elbo="meanfield-mog-bound", max_steps=2, **FAST),
+        out=str(tmp_path), progress=False, log=lambda *_: None,
+    )  # fmt: skip
+    assert (tmp_path / "mog_components.png").exists()
+    assert result.metrics["gamma_y"] is None and result.metrics["test"]["sr_psnr"] is None
+
+
+def test_loss_falls_over_a_short_run(tmp_path):
+    result = train(TrainConfig(epochs=4, **FAST), out=str(tmp_path), progress=False, log=lambda *_: None)
+    epochs = result.metrics["epochs"]
+    assert [r["epoch"] for r in epochs] == [1, 2, 3, 4]
+    assert epochs[-1]["train_elbo_bpd"] < epochs[0]["train_elbo_bpd"] - 0.2
+    assert epochs[-1]["test_elbo_bpd"] < epochs[0]["test_elbo_bpd"]
+
+
+def _state(result):
+    return {k: v.clone() for k, v in result.model.state_dict().items()}
+
+
+@pytest.mark.parametrize("interrupt", [dict(epochs=1), dict(max_steps=6)], ids=["epoch-boundary", "mid-epoch"])
+def test_resumed_run_matches_an_uninterrupted_one(tmp_path, interrupt):
+    quiet = dict(progress=False, log=lambda *_: None)
+    config = TrainConfig(epochs=3, guide="full", kl_warmup=1.5, **FAST)
+    whole = train(config, out=str(tmp_path / "whole"), **quiet)
+    first = train(config, out=str(tmp_path / "split"), **interrupt, **quiet)
+    resumed = train(resume=first.checkpoint, epochs=3, max_steps=None, **quiet)
+    assert resumed.out_dir == tmp_path / "split"
+    whole_state, resumed_state = _state(whole), _state(resumed)
+    for name, value in whole_state.items():
+        assert torch.allclose(value, resumed_state[name], atol=1e-6), name
+    assert [r["epoch"] for r in resumed.metrics["epochs"]] == [1, 2, 3]
+    for a, b in zip(whole.metrics["epochs"], resumed.metrics["epochs"]):
+        assert a["train_elbo_bpd"] == pytest.approx(b["train_elbo_bpd"], abs=1e-5)
+    assert resumed.metrics["test"]["iw_bpd"] == pytest.approx(whole.metrics["test"]["iw_bpd"], abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"this is not a checkpoint", b"", "foreign"],
+    ids=["garbage", "empty", "foreign-torch-file"],
+)
+def test_corrupt_or_foreign_checkpoint_is_refused_and_changes_nothing(tmp_path, content):
+    path = tmp_path / "checkpoint.pt"
+    if content == "foreign":
+        torch.save({"state_dict": {"w": torch.zeros(2)}}, path)
+    else:
+        path.write_bytes(content)
+    before = sorted(p.name for p in tmp_path.iterdir()), path.read_bytes()
+    with pytest.raises(CheckpointError, match="not a (readable )?pyro-srvae checkpoint"):
+        train(resume=path, progress=False)
+    assert (sorted(p.name for p in tmp_path.iterdir()), path.read_bytes()) == before
+    result = run_cli("--resume", str(path))
+    assert result.returncode == 1
+    assert result.stderr.strip().startswith("error:") and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    import pyro_srvae.training as training
+
+    calls = {"n": 0}
+    real_dequantize = training.dequantize
+
+    def poisoned(images, *args, **kwargs):
+        calls["n"] += 1
+        x = real_dequantize(images, *args, **kwargs)
+        return torch.full_like(x, float("nan")) if calls["n"] >= 5 else x
+
+    monkeypatch.setattr(training, "dequantize", poisoned)
+    with pytest.raises(TrainingDiverged, match="last good checkpoint"):
+        train(TrainConfig(epochs=3, checkpoint_every=2, **FAST), out=str(tmp_path), progress=False)
+    checkpoint = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert checkpoint["step"] == 4  # saved at step 4; the NaN came at step 5
+    assert all(torch.isfinite(v).all() for v in checkpoint["model_state"].values())
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    args = [sys.executable, str(SCRIPT), "--epochs", "200", "--checkpoint-every", "2", "--out", str(out), *FAST_FLAGS]
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while not (out / "checkpoint.pt").exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "resume with --resume" in stderr and "Traceback" not in stderr
+    checkpoint = load_checkpoint(out / "checkpoint.pt")
+    assert 0 < checkpoint["step"] < 800
+    resumed = run_cli("--resume", str(out / "checkpoint.pt"), "--epochs", str(checkpoint["epoch"] + 1), "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((out / "metrics.json").read_text())["epochs"][-1]["epoch"] == checkpoint["epoch"] + 1
+
+
+@pytest.mark.parametrize(
+    "flags, reason",
+    [
+        (["--model", "vae", "--guide", "full"], "the VAE has only q(z|x)"),
+        (["--elbo", "meanfield-mog-bound"], "needs --prior mog"),
+        (["--elbo", "renyi"], "--num-particles >= 2"),
+        (["--epochs", "0"], "--epochs must be a positive integer"),
+        (["--lr", "-1"], "--lr must be a positive number"),
+        (["--batch-size", "0"], "--batch-size must be a positive integer"),
+    ],
+)
+def test_impossible_flag_combinations_exit_2_with_one_line(capsys, flags, reason):
+    with pytest.raises(SystemExit) as exit_info:
+        main(flags)
+    assert exit_info.value.code == 2
+    error_lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(error_lines) == 1 and reason in error_lines[0]
+
+
+def test_missing_dataset_is_one_clear_line(tmp_path):
+    result = run_cli("--dataset", "mnist", "--data-dir", str(tmp_path), "--max-steps", "1", "--quiet")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr and str(tmp_path) in result.stderr
+    assert "train-images-idx3-ubyte" in result.stderr
+
+
+def test_kl_warmup_scales_only_the_latent_sites():
+    model = SRVAE((1, 8, 8), hidden=4)
+    x = tiny_images()
+    guide_trace = poutine.trace(scale_latents(model.guide, 0.25)).get_trace(x)
+    model_trace = poutine.trace(poutine.replay(scale_latents(model.model, 0.25), trace=guide_trace)).get_trace(x)
+    assert [model_trace.nodes[s]["scale"] for s in ("u", "y", "z", "x")] == [0.25, 1.0, 0.25, 1.0]
+    assert [guide_trace.nodes[s]["scale"] for s in ("u", "z")] == [0.25, 0.25]
+    # with scale 0 the mean-field loss is the two data terms alone
+    replay = [poutine.replay(scale_latents(f, 0.0), trace=guide_trace) for f in (model.model, model.guide)]
+    loss = make_elbo("meanfield").loss(*replay, x)
+    data_terms = sum(model_trace.nodes[s]["fn"].log_prob(model_trace.nodes[s]["value"]).sum() for s in ("y", "x"))
+    assert loss == pytest.approx(-data_terms.item(), rel=1e-5)
+
+
+def test_kl_warmup_schedule_is_linear_in_epochs():
+    config = TrainConfig(kl_warmup=2.0)
+    assert kl_scale(config, 0, 0, 10) == 0.0
+    assert kl_scale(config, 0, 5, 10) == pytest.approx(0.25)
+    assert kl_scale(config, 1, 5, 10) == pytest.approx(0.75)
+    assert kl_scale(config, 3, 0, 10) == 1.0
+    assert kl_scale(TrainConfig(kl_warmup=0), 0, 0, 10) == 1.0
