@@ -9,6 +9,7 @@ from .models import SRVAE, VAE, SRSample, SuperResolution, check_images, downsca
 from .priors import MixtureOfGaussiansPrior, StandardNormalPrior
 from .evaluation import bits_per_dim, evaluate_model, iw_log_likelihood
 from .training import ConfigError, TrainConfig, TrainResult, build_model, train
+from .superresolve import SuperResolvedImage, SuperResolveError, load_model, superresolve, superresolve_image
 
 evaluate = evaluate_model
 
@@ -24,6 +25,11 @@ __all__ = [
     "evaluate_model",
     "iw_log_likelihood",
     "train",
+    "SuperResolveError",
+    "SuperResolvedImage",
+    "load_model",
+    "superresolve",
+    "superresolve_image",
     "ELBO_NAMES",
     "MixtureKLBound_ELBO",
     "MixtureOfGaussiansPrior",

@@ -4,9 +4,12 @@ A checkpoint is a ``torch.save`` dict that ``torch.load(weights_only=True)`` can
 tensors, numbers, strings, lists and dicts only, so loading a file never runs code
 from it. It is written to a temporary file in the same directory, flushed, fsynced
 and renamed over the final name: a crash at any moment leaves either the previous
-checkpoint or the new one under that name, never a partial file.
+checkpoint or the new one under that name, never a partial file. A process killed
+mid-write leaves its temporary file behind (``.checkpoint.pt.<random>.tmp``, never the
+final name); :func:`remove_stale_temporaries` clears those when a run starts again.
 """
 
+import hashlib
 import os
 import random
 import tempfile
@@ -48,6 +51,24 @@ def atomic_write_text(path, text):
     return atomic_write_bytes(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
+def remove_stale_temporaries(directory, names):
+    """Delete the temporary files that killed writers of ``names`` left in ``directory``.
+
+    Only call this when no other process is writing there (the run that owns the
+    directory, at start-up): a live writer's temporary file would vanish under it.
+    Returns the paths removed.
+    """
+    removed = []
+    for name in names:
+        for stale in Path(directory).glob(f".{name}.*.tmp"):
+            try:
+                stale.unlink()
+                removed.append(stale)
+            except FileNotFoundError:  # pragma: no cover - raced with another cleaner
+                pass
+    return removed
+
+
 def _fsync_directory(directory):
     # The rename itself must reach the disk, or a power cut can undo it.
     try:
@@ -73,6 +94,17 @@ def get_rng_state():
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def derive_seed(*parts):
+    """A seed in ``[0, 2**32)`` mixed from ``parts`` (numbers, strings), e.g. ``(seed, "rank", 3)``.
+
+    Hashing makes every bit of every part count (torch's CPU generator keeps only the
+    low 32 bits of a seed, and ``seed + rank`` would make run 0 / rank 1 and run 1 /
+    rank 0 share a stream); 32 bits because ``pyro.set_rng_seed`` also seeds NumPy.
+    """
+    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little")
 
 
 def set_rng_state(state):

@@ -1,4 +1,13 @@
-"""Command-line front end shared by ``examples/train_srvae.py``: flags -> :func:`pyro_srvae.train`."""
+"""Command-line front ends.
+
+* :func:`main` -- ``examples/train_srvae.py`` and ``pyro-srvae train``: flags -> :func:`pyro_srvae.train`.
+* :func:`console_main` -- the ``pyro-srvae`` console command, with the subcommands
+  ``train``, ``evaluate`` (:func:`pyro_srvae.superresolve.evaluate_checkpoint`) and
+  ``superresolve`` (:func:`pyro_srvae.superresolve.superresolve`).
+
+Exit codes: 0 done, 1 a bad input, checkpoint or dataset (one line on stderr, no
+traceback), 2 bad flags, 130 / 143 interrupted.
+"""
 
 import argparse
 import sys
@@ -114,3 +123,251 @@ def main(argv=None, prog=None):
         return EXIT_INTERRUPTED.get(error.signal_number, 1)
     print(f"outputs in {result.out_dir}")
     return 0
+
+
+# --------------------------------------------------------------------------- #
+# pyro-srvae: the console command
+# --------------------------------------------------------------------------- #
+COMMANDS = {
+    "train": "train and evaluate a VAE or srVAE (the flags of examples/train_srvae.py)",
+    "evaluate": "re-run the test-set evaluation of a checkpoint, write evaluation.json",
+    "superresolve": "super-resolve your own images with a trained srVAE, with per-pixel uncertainty",
+}
+
+
+def _error(message):
+    print(f"error: {message}", file=sys.stderr)
+    return 1
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _limit(text):
+    return text if text == "all" else _positive_int(text)
+
+
+def _check_device(parser, name):
+    import torch
+
+    if name == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU is available (use --device auto or cpu)")
+    return name
+
+
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" only where there is a default worth showing."""
+
+    def _get_help_string(self, action):
+        if action.required or action.default in (None, False) or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_superresolve_parser(prog=None):
+    from .superresolve import DEFAULT_OUT_DIR, DEFAULT_SAMPLES
+
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=(
+            "Super-resolve low-resolution images with a trained srVAE, in overlapping tiles of the "
+            "training size, and write for each INPUT NAME.EXT into DIR: NAME_sr_mean.png/.npy (posterior "
+            "mean), NAME_sr_std.npy and NAME_uncertainty.png (per-pixel std over the samples), "
+            "NAME_sr_samples.npy/.png (the samples). The output is factor x the input size."
+        ),
+        formatter_class=_DefaultsFormatter,
+    )
+    add = parser.add_argument
+    add("inputs", nargs="+", metavar="INPUT", help="PNG/JPEG/TIFF images or .npy arrays (H, W) or (C, H, W)")
+    add("--checkpoint", required=True, metavar="CKPT", help="checkpoint.pt of a trained srVAE")
+    add("--samples", type=_positive_int, default=DEFAULT_SAMPLES, metavar="N", help="SR samples per image")
+    add("--out", default=DEFAULT_OUT_DIR, metavar="DIR", help="output folder")
+    add("--overlap", type=_non_negative_int, default=None, metavar="PIXELS",
+        help="tile overlap in low-resolution pixels; 0 for plain tiles [half a tile]")
+    add("--tile-batch", type=_positive_int, default=None, metavar="N", help="tiles per network call [256 // samples on a CPU, 8192 // samples on a GPU]")
+    add("--seed", type=int, default=0, help="seed of the latent draws")
+    add("--device", choices=DEVICES, default="auto", help="where to compute (auto: a GPU if there is one)")
+    add("--quiet", action="store_true", help="no progress bar, no per-image lines")
+    return parser
+
+
+def superresolve_main(argv=None, prog=None):
+    """``pyro-srvae superresolve``: returns the exit code."""
+    from .superresolve import SuperResolveError, load_model, superresolve
+
+    parser = build_superresolve_parser(prog)
+    args = parser.parse_args(argv)
+    _check_device(parser, args.device)
+    try:
+        model = load_model(args.checkpoint, device=args.device)
+        tile_h, tile_w = model.lr_shape[1:]
+        if args.overlap is not None and args.overlap >= min(tile_h, tile_w):
+            parser.error(f"--overlap must be smaller than the model's {tile_h}x{tile_w} tiles, got {args.overlap}")
+        results = superresolve(
+            model,
+            args.inputs,
+            args.samples,
+            out_dir=args.out,
+            overlap=args.overlap,
+            seed=args.seed,
+            device=args.device,
+            tile_batch=args.tile_batch,
+            progress=not args.quiet and len(args.inputs) > 1,
+            log=(lambda *_: None) if args.quiet else print,
+            return_arrays=False,
+        )
+    except CheckpointError as error:
+        return _error(error)
+    except SuperResolveError as error:
+        for message in error.messages:
+            _error(message)
+        return 1
+    except MemoryError:
+        return _error("out of memory; use fewer --samples or a smaller --tile-batch")
+    except KeyboardInterrupt:
+        print("interrupted; the outputs of the image in progress were not written", file=sys.stderr)
+        return 130
+    except RuntimeError as error:
+        if "out of memory" not in str(error):
+            raise
+        return _error("out of memory; use fewer --samples or a smaller --tile-batch")
+    if not args.quiet:
+        print(f"{len(results)} image(s) super-resolved into {args.out}")
+    return 0
+
+
+def build_evaluate_parser(prog=None):
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=(
+            "Evaluate a checkpoint on its dataset's test split as at the end of training (ELBO and IW "
+            "bits/dim; for an srVAE SR PSNR/SSIM and the 90% interval coverage sr_coverage90), print a "
+            "summary and write evaluation.json. Settings default to the checkpoint's run."
+        ),
+        formatter_class=_DefaultsFormatter,
+    )
+    add = parser.add_argument
+    add("--checkpoint", required=True, metavar="CKPT", help="checkpoint.pt of a run")
+    add("--eval-samples", type=_positive_int, default=None, metavar="K", help="importance samples per test image [the run's]")
+    add("--sr-samples", type=_positive_int, default=None, metavar="S", help="SR draws per image [the run's]")
+    add("--eval-limit", type=_limit, default=None, metavar="N", help="first N test images, or 'all' [the run's]")
+    add("--data-dir", default=None, metavar="DIR", help="dataset folder [the run's]")
+    add("--seed", type=int, default=None, help="[the run's]")
+    add("--device", choices=DEVICES, default="auto", help="where to compute (auto: a GPU if there is one)")
+    add("--out", default=None, metavar="DIR", help="where to write evaluation.json [the checkpoint's folder]")
+    add("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def evaluation_summary(report):
+    """A few lines: the model, the data and the test metrics of :func:`evaluate_checkpoint`."""
+    config, test, settings = report["config"], report["test"], report["evaluation"]
+    name = "vae" if config["model"] == "vae" else f"srvae ({config['guide']} guide)"
+    rows = [
+        ("model", f"{name}, {config['prior']} prior, step {report['step']}"),
+        ("test images", f"{settings['num_images']} of {settings['dataset']}"),
+        ("test ELBO", f"{test['elbo_bpd']:.4f} bits/dim"),
+        (f"test IW (K={test['iw_samples']})", f"{test['iw_bpd']:.4f} bits/dim"),
+    ]
+    if test.get("sr_psnr") is not None:
+        rows += [
+            ("SR PSNR", f"{test['sr_psnr']:.2f} dB (bicubic {test['bicubic_psnr']:.2f} dB)"),
+            ("SR SSIM", f"{test['sr_ssim']:.4f} (bicubic {test['bicubic_ssim']:.4f})"),
+            (
+                "SR 90% coverage",
+                f"{test['sr_coverage90']:.3f} (expected {test['sr_coverage90_expected']:.3f} "
+                f"for {settings['sr_samples']} samples)",
+            ),
+        ]
+    width = max(len(label) for label, _ in rows)
+    return "\n".join(f"  {label.ljust(width)}  {value}" for label, value in rows)
+
+
+def evaluate_main(argv=None, prog=None):
+    """``pyro-srvae evaluate``: returns the exit code."""
+    from .superresolve import evaluate_checkpoint
+
+    parser = build_evaluate_parser(prog)
+    args = parser.parse_args(argv)
+    _check_device(parser, args.device)
+    try:
+        report = evaluate_checkpoint(
+            args.checkpoint,
+            eval_samples=args.eval_samples,
+            sr_samples=args.sr_samples,
+            eval_limit=args.eval_limit,
+            data_dir=args.data_dir,
+            device=args.device,
+            seed=args.seed,
+            out_dir=args.out,
+            progress=not args.quiet,
+        )
+    except (CheckpointError, DatasetNotFoundError) as error:
+        return _error(error)
+    except OSError as error:
+        return _error(f"cannot write evaluation.json: {error.strerror or error}")
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    print(evaluation_summary(report))
+    print(f"wrote {report['path']}")
+    return 0
+
+
+def build_console_parser():
+    parser = argparse.ArgumentParser(
+        prog="pyro-srvae",
+        description="Super-Resolution VAEs in Pyro: train, evaluate, super-resolve.",
+        epilog="'pyro-srvae COMMAND --help' lists the flags of a command.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    for name, text in COMMANDS.items():
+        commands.add_parser(name, help=text, add_help=False)
+    return parser
+
+
+def _version():
+    from . import __version__
+
+    return __version__
+
+
+def console_main(argv=None):
+    """The ``pyro-srvae`` console command; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_console_parser()
+    if not argv or argv[0] not in COMMANDS:
+        parser.parse_args(argv)  # --help, --version, or an unknown command: argparse answers and exits
+        parser.print_usage(sys.stderr)
+        print("pyro-srvae: error: a command is required", file=sys.stderr)
+        return 2
+    command, rest = argv[0], argv[1:]
+    prog = f"pyro-srvae {command}"
+    if command == "train":
+        return main(rest, prog=prog)
+    if command == "evaluate":
+        return evaluate_main(rest, prog=prog)
+    return superresolve_main(rest, prog=prog)
+
+
+if __name__ == "__main__":
+    sys.exit(console_main())

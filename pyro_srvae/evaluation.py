@@ -614,6 +614,8 @@ def evaluate_model(
     progress: bool = False,
     chunk_size: Optional[int] = None,
     super_resolution: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Dict[str, float]:
     """Evaluate a VAE or SRVAE on a uint8 test set ``images`` ``(N, C, H, W)``.
 
@@ -638,12 +640,19 @@ def evaluate_model(
     :func:`super_resolution_metrics`), computed on the same dequantized ``x``.
 
     Reproducibility: latent samples are drawn through Pyro, i.e. torch's
-    global RNG.  It is seeded with ``seed`` inside ``torch.random.fork_rng``,
-    so the caller's RNG state (CPU and the CUDA device used) is restored on
-    exit and evaluating in the middle of training does not change the
-    training run.  An ``nn.Module`` model is put in ``eval()`` mode for the
-    duration (batch-norm/dropout must not use batch statistics) and its
-    previous mode is restored.
+    global RNG.  It is seeded for every batch from ``(seed, batch index)``
+    inside ``torch.random.fork_rng``, so the caller's RNG state (CPU and the
+    CUDA device used) is restored on exit and evaluating in the middle of
+    training does not change the training run.  An ``nn.Module`` model is
+    put in ``eval()`` mode for the duration (batch-norm/dropout must not use
+    batch statistics) and its previous mode is restored.
+
+    Sharding: with ``world_size > 1`` (an initialised ``torch.distributed``
+    process group; every rank must call this with the same arguments) rank
+    ``r`` evaluates batches ``r, r + world_size, ...`` and the sums are
+    all-reduced, so every rank returns the numbers one process would have
+    computed, up to the order of floating-point additions: each batch gets
+    the same dequantization and latent noise whichever rank evaluates it.
 
     Args:
         model: a VAE/SRVAE-like object with ``.model(x)`` and ``.guide(x)``.
@@ -658,6 +667,7 @@ def evaluate_model(
         super_resolution: set False to skip the SR metrics (e.g. a quick per-epoch ELBO).
         chunk_size: particles per vectorized pass, passed on to
             :func:`log_importance_weights` (default chosen from the batch size).
+        rank, world_size: this process's share of a sharded evaluation.
 
     Returns a dict of Python floats averaged over all images: ``elbo_bpd``,
     ``iw_bpd``, ``elbo``, ``iw_log_likelihood`` (nats per image) and the SR
@@ -668,6 +678,10 @@ def evaluate_model(
         raise ValueError("elbo_samples and iw_samples must be >= 1")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must lie in [0, world_size), got rank {rank} of {world_size}")
+    if world_size > 1 and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise ValueError(f"world_size {world_size} needs an initialised torch.distributed process group")
     images = torch.as_tensor(images)
     if images.dtype != torch.uint8:
         raise TypeError(f"images must be uint8 (N, C, H, W), got dtype {images.dtype}")
@@ -684,12 +698,12 @@ def evaluate_model(
     from .data import dequantize  # lazy: keeps this module importable on its own
 
     gen = torch.Generator().manual_seed(seed)
-    starts = range(0, n, batch_size)
+    batch_indices = range(math.ceil(n / batch_size))
     if progress:
         try:
             from tqdm.auto import tqdm
 
-            starts = tqdm(starts, total=math.ceil(n / batch_size), desc="evaluate", leave=False)
+            batch_indices = tqdm(batch_indices, desc="evaluate", leave=False)
         except ImportError:  # pragma: no cover - tqdm is optional
             pass
 
@@ -701,18 +715,23 @@ def evaluate_model(
     sr_keys = ("sr_psnr", "bicubic_psnr", "sr_ssim", "bicubic_ssim", "sr_coverage90")
     for key in sr_keys:
         sums[key] = 0.0
-    sr_expected = None
     try:
         if was_training is not None:
             model.eval()
         with torch.random.fork_rng(devices=cuda_devices), torch.no_grad():
-            torch.default_generator.manual_seed(seed)
-            if cuda_devices:
-                with torch.cuda.device(cuda_devices[0]):
-                    torch.cuda.manual_seed(seed)
-            for start in starts:
-                batch = images[start : start + batch_size]
-                x = dequantize(batch, generator=gen).to(device)
+            for index in batch_indices:
+                batch = images[index * batch_size : (index + 1) * batch_size]
+                # Every rank draws the dequantization noise of every batch (cheap next to
+                # the model), so each batch's noise is the one a single process would draw.
+                x = dequantize(batch, generator=gen)
+                if index % world_size != rank:
+                    continue  # another rank's batch
+                x = x.to(device)
+                batch_seed = _batch_seed(seed, index)
+                torch.default_generator.manual_seed(batch_seed)
+                if cuda_devices:
+                    with torch.cuda.device(cuda_devices[0]):
+                        torch.cuda.manual_seed(batch_seed)
                 log_w = log_importance_weights(model.model, model.guide, x, k_total, chunk_size=chunk_size)
                 lw = log_w.double()
                 sums["elbo"] += lw[:elbo_samples].mean(0).sum().item()
@@ -721,10 +740,14 @@ def evaluate_model(
                     m = super_resolution_metrics(model, x, sr_samples)
                     for key in sr_keys:
                         sums[key] += m[key] * m["num_images"]
-                    sr_expected = m["sr_coverage90_expected"]
     finally:
         if was_training is not None:
             model.train(was_training)
+    if world_size > 1:
+        # One all-reduce of every sum, on the evaluation device (nccl reduces GPU tensors).
+        totals = torch.tensor(list(sums.values()), dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(totals, op=torch.distributed.ReduceOp.SUM)
+        sums = dict(zip(sums, totals.tolist()))
 
     elbo = sums["elbo"] / n
     iw = sums["iw"] / n
@@ -740,5 +763,12 @@ def evaluate_model(
     if is_sr:
         for key in sr_keys:
             result[key] = sums[key] / n
-        result["sr_coverage90_expected"] = float(sr_expected)
+        result["sr_coverage90_expected"] = float(expected_interval_coverage(sr_samples, 0.9))
     return result
+
+
+def _batch_seed(seed: int, batch_index: int) -> int:
+    """The seed of one evaluation batch: a hash, so that nearby seeds share no stream."""
+    from .checkpoint import derive_seed  # lazy: keeps this module importable on its own
+
+    return derive_seed(seed, "evaluation batch", batch_index)

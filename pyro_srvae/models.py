@@ -11,6 +11,11 @@ and :func:`pyro_srvae.evaluation.iw_log_likelihood` apply unchanged.
 Unlike the spec, which drops constants "par proportionnalité", Pyro's ``Normal``
 keeps the ``-(k/2) log 2 pi`` term of eq. (3)/(13): the losses are true negative
 ELBOs, so they convert to honest bits per dimension.
+
+Beyond the spec, both models take ``likelihood=`` (:data:`~pyro_srvae.likelihoods.LIKELIHOODS`:
+the spec's ``"gaussian"``, the default, or ``"gaussian-pixel"`` / ``"dlogistic-mix"``, used for
+every observed image site, x and y) and ``arch=`` (:data:`~pyro_srvae.networks.ARCHS`:
+``"small"``, the default, or ``"densenet"``). The defaults build exactly the spec's model.
 """
 
 import math
@@ -23,7 +28,8 @@ from torch import nn
 import pyro
 import pyro.distributions as dist
 
-from .networks import GaussianEncoder, ImageDecoder, SuperResolutionDecoder
+from .likelihoods import LIKELIHOODS, make_likelihood
+from .networks import ARCHS, GaussianEncoder, make_image_decoder, make_sr_decoder
 from .priors import PRIORS, make_prior
 
 GUIDES = ("simple", "full")
@@ -113,17 +119,36 @@ def _check_choice(what, value, choices):
 class _ImageModel(nn.Module):
     """What the VAE and the srVAE share: input checks, device following, learned scales."""
 
-    def __init__(self, image_shape, name, validate_inputs):
+    def __init__(self, image_shape, name, validate_inputs, likelihood="gaussian", likelihood_components=10,
+                 arch="small", gamma_init=0.1):
         super().__init__()
+        _check_choice("likelihood", likelihood, LIKELIHOODS)
+        _check_choice("arch", arch, ARCHS)
         self.image_shape = _check_image_shape(image_shape)
         self.name = name
         self.validate_inputs = validate_inputs
+        self.likelihood_name = likelihood
+        self.arch = arch
+        self.likelihood = make_likelihood(likelihood, likelihood_components, scale_init=gamma_init)
+        # pyro.module on every call is what lets pyro.infer.SVI find the parameters. A loop
+        # that steps its own torch optimizer (pyro_srvae.training) registers once and
+        # turns this off: re-registering ~50 parameters costs ~1 ms per model/guide call.
+        self.pyro_registration = True
         self._registration_checked = False
 
-    @staticmethod
-    def _learned_scale(initial):
-        # gamma = exp(log gamma): positive, and Adam steps act on its order of magnitude.
+    def _learned_scale(self, initial):
+        """A learned scalar gamma = exp(log gamma) for the spec's Gaussian; None otherwise.
+
+        (exp: positive, and Adam steps act on its order of magnitude.) Other likelihoods
+        predict their scales with the decoder, so the parameter would be unused.
+        """
+        if not self.likelihood.uses_global_scale:
+            return None
         return nn.Parameter(torch.tensor(math.log(initial)))
+
+    @staticmethod
+    def _scale(log_gamma):
+        return None if log_gamma is None else log_gamma.exp()
 
     @property
     def device(self):
@@ -135,7 +160,8 @@ class _ImageModel(nn.Module):
             check_images(images, expected_shape, name)
         if images.device != self.device:
             self.to(images.device)
-        pyro.module(self.name, self)
+        if self.pyro_registration or not self._registration_checked:
+            pyro.module(self.name, self)
         if not self._registration_checked:
             self._check_registration()
         return images
@@ -161,14 +187,24 @@ class VAE(_ImageModel):
     eq. (4):  -ELBO = ||x - x_hat||^2 / (2 gamma_x^2) + k log gamma_x + (k/2) log 2 pi
                       + KL(q(z|x) || p(z))
 
+    With ``likelihood="gaussian-pixel"`` or ``"dlogistic-mix"`` (extensions beyond the
+    spec) p(x|z) is that likelihood of the decoder's output instead; eq. (4) keeps its
+    form with the data term replaced by log p(x|z).
+
     Args:
         image_shape: (C, H, W) of x.
         prior: "gaussian" (N(0, I)) or "mog" (learned mixture, sec. 5) for p(z).
         mog_components: number of mixture components when ``prior="mog"``.
         z_dim: size of the latent vector z.
-        hidden: width of the convolutional networks.
+        hidden: width of the convolutional networks (growth rate for ``arch="densenet"``).
+        gamma_init: initial gamma_x (``"gaussian"``); initial per-pixel standard deviation
+            for the other likelihoods.
         name: the name under which ``pyro.module`` registers the networks.
         validate_inputs: check shapes, NaN/inf and range on every call.
+        likelihood: "gaussian" (the spec, eq. 3), "gaussian-pixel" or "dlogistic-mix"
+            (:mod:`pyro_srvae.likelihoods`).
+        likelihood_components: mixture components K of ``"dlogistic-mix"``.
+        arch: "small" (CPU-sized conv nets) or "densenet" (:mod:`pyro_srvae.networks`).
     """
 
     def __init__(
@@ -181,27 +217,40 @@ class VAE(_ImageModel):
         gamma_init=0.1,
         name="vae",
         validate_inputs=True,
+        likelihood="gaussian",
+        likelihood_components=10,
+        arch="small",
     ):
-        super().__init__(image_shape, name, validate_inputs)
+        super().__init__(image_shape, name, validate_inputs, likelihood, likelihood_components, arch, gamma_init)
         _check_choice("prior", prior, PRIORS)
         channels, height, width = self.image_shape
         self.prior_name = prior
         self.z_dim = z_dim
         self.prior_z = make_prior(prior, z_dim, mog_components)
-        self.encoder_z = GaussianEncoder(channels, (height, width), z_dim, hidden)
-        self.decoder_x = ImageDecoder(z_dim, self.image_shape, hidden)
+        self.encoder_z = GaussianEncoder(channels, (height, width), z_dim, hidden, arch=arch)
+        out_channels = self.likelihood.out_channels(channels)
+        self.decoder_x = make_image_decoder(arch, z_dim, self.image_shape, hidden, out_channels)
         self.log_gamma_x = self._learned_scale(gamma_init)
 
     @property
     def gamma_x(self):
-        return self.log_gamma_x.exp()
+        """The learned scale of eq. (3); None for likelihoods with predicted scales."""
+        return self._scale(self.log_gamma_x)
+
+    def x_distribution(self, z):
+        """p(x|z): eq. (3) N(mu_theta(z), gamma_x^2 I), or the chosen likelihood; event (C, H, W)."""
+        return self.likelihood.distribution(self.decoder_x(z), scale=self.gamma_x)
+
+    def decode(self, z):
+        """The mean of p(x|z), ``(*, C, H, W)`` (mu_theta(z) for the spec's Gaussian)."""
+        return self.likelihood.mean(self.decoder_x(z))
 
     def model(self, x):
         """p(z) p(x|z), eq. (3); x is observed."""
         x = self._prepare(x, self.image_shape, "x")
         with pyro.plate("data", x.shape[0], dim=-1):
             z = pyro.sample("z", self.prior_z())
-            pyro.sample("x", dist.Normal(self.decoder_x(z), self.gamma_x).to_event(3), obs=x)
+            pyro.sample("x", self.x_distribution(z), obs=x)
 
     def guide(self, x):
         """q(z|x) = N(mu_phi(x), diag sigma_phi(x)^2), section 2.2."""
@@ -214,14 +263,14 @@ class VAE(_ImageModel):
     def sample(self, n):
         """n draws z ~ p(z), returned as the decoder means mu_theta(z), shape (n, C, H, W)."""
         z = self.prior_z().sample((n,))
-        return self.decoder_x(z)
+        return self.decode(z)
 
     @torch.no_grad()
     def reconstruct(self, x):
         """The decoder mean at the posterior mean of q(z|x)."""
         x = self._prepare(x, self.image_shape, "x")
         loc, _ = self.encoder_z(x)
-        return self.decoder_x(loc)
+        return self.decode(loc)
 
 
 class SRVAE(_ImageModel):
@@ -236,6 +285,10 @@ class SRVAE(_ImageModel):
     Guide:
         u ~ q(u|y);  z ~ q(z|x) (eq. 10, ELBO 17)  or  z ~ q(z|x,y,u) (eq. 19, ELBO 20-21)
 
+    With ``likelihood="gaussian-pixel"`` or ``"dlogistic-mix"`` (extensions beyond the spec)
+    both p(y|u) and p(x|y,z[,u]) use that likelihood; the x decoder's location parameters
+    stay a residual over the bilinear upsampling of y.
+
     Args:
         image_shape: (C, H, W) of x; H and W must be divisible by ``factor``.
         guide: "simple" (section 3) or "full" (section 4).
@@ -244,7 +297,13 @@ class SRVAE(_ImageModel):
         factor: downscaling factor, 2 or 4.
         downscale_mode: "area" (block average, default) or "bilinear" (antialiased).
         u_dim, z_dim: sizes of the latent vectors.
-        hidden: width of the convolutional networks.
+        hidden: width of the convolutional networks (growth rate for ``arch="densenet"``).
+        gamma_init: initial gamma_x and gamma_y (``"gaussian"``); initial per-pixel standard
+            deviation for the other likelihoods.
+        name, validate_inputs: as for :class:`VAE`.
+        likelihood: "gaussian" (the spec, eq. 12 and 15), "gaussian-pixel" or "dlogistic-mix".
+        likelihood_components: mixture components K of ``"dlogistic-mix"``.
+        arch: "small" (CPU-sized conv nets) or "densenet".
     """
 
     def __init__(
@@ -261,8 +320,11 @@ class SRVAE(_ImageModel):
         gamma_init=0.1,
         name="srvae",
         validate_inputs=True,
+        likelihood="gaussian",
+        likelihood_components=10,
+        arch="small",
     ):
-        super().__init__(image_shape, name, validate_inputs)
+        super().__init__(image_shape, name, validate_inputs, likelihood, likelihood_components, arch, gamma_init)
         _check_choice("guide", guide, GUIDES)
         _check_choice("prior", prior, PRIORS)
         _check_choice("downscale factor", factor, DOWNSCALE_FACTORS)
@@ -282,14 +344,17 @@ class SRVAE(_ImageModel):
         lr_hw, hr_hw = self.lr_shape[1:], (height, width)
         full = guide == "full"
 
+        params = self.likelihood.params_per_channel
         self.prior_u = make_prior(prior, u_dim, mog_components)
-        self.decoder_y = ImageDecoder(u_dim, self.lr_shape, hidden)
-        self.prior_z = GaussianEncoder(channels, lr_hw, z_dim, hidden, condition_dim=u_dim)
-        self.decoder_x = SuperResolutionDecoder(self.image_shape, factor, z_dim, u_dim if full else 0, hidden)
-        self.encoder_u = GaussianEncoder(channels, lr_hw, u_dim, hidden)
+        self.decoder_y = make_image_decoder(arch, u_dim, self.lr_shape, hidden, self.likelihood.out_channels(channels))
+        self.prior_z = GaussianEncoder(channels, lr_hw, z_dim, hidden, condition_dim=u_dim, arch=arch)
+        self.decoder_x = make_sr_decoder(
+            arch, self.image_shape, factor, z_dim, u_dim if full else 0, hidden, params_per_channel=params
+        )
+        self.encoder_u = GaussianEncoder(channels, lr_hw, u_dim, hidden, arch=arch)
         # The full guide sees x beside the upsampled y, and u: q(z|x,y,u), eq. (19).
         self.encoder_z = GaussianEncoder(
-            2 * channels if full else channels, hr_hw, z_dim, hidden, condition_dim=u_dim if full else 0
+            2 * channels if full else channels, hr_hw, z_dim, hidden, condition_dim=u_dim if full else 0, arch=arch
         )
         self.log_gamma_x = self._learned_scale(gamma_init)
         self.log_gamma_y = self._learned_scale(gamma_init)
@@ -300,19 +365,39 @@ class SRVAE(_ImageModel):
 
     @property
     def gamma_x(self):
-        return self.log_gamma_x.exp()
+        """The learned scale of eq. (15); None for likelihoods with predicted scales."""
+        return self._scale(self.log_gamma_x)
 
     @property
     def gamma_y(self):
-        return self.log_gamma_y.exp()
+        """The learned scale of eq. (12); None for likelihoods with predicted scales."""
+        return self._scale(self.log_gamma_y)
 
     def downscale(self, x):
         """y = f(x), deterministic (section 3.1): the low-resolution copy of x."""
         return downscale(x, self.factor, self.downscale_mode)
 
+    def y_distribution(self, u):
+        """p(y|u): eq. (12) N(mu_theta(u), gamma_y^2 I), or the chosen likelihood; event (C, H/f, W/f)."""
+        return self.likelihood.distribution(self.decoder_y(u), scale=self.gamma_y)
+
+    def decode_y(self, u):
+        """The mean of p(y|u), ``(*, C, H/f, W/f)``."""
+        return self.likelihood.mean(self.decoder_y(u))
+
+    def _x_parameters(self, y, z, u):
+        """The SR decoder's raw output and the offset ``upsample(y)`` its locations are relative to."""
+        return self.decoder_x.residual(y, z, u if self.full else None), self.decoder_x.upsample(y)
+
+    def x_distribution(self, y, z, u):
+        """p(x|y,z) (eq. 15) or p(x|y,z,u) (sec. 4.3.1): N(upsample(y) + residual, gamma_x^2 I),
+        or the chosen likelihood with locations upsample(y) + raw; event (C, H, W)."""
+        raw, offset = self._x_parameters(y, z, u)
+        return self.likelihood.distribution(raw, offset, scale=self.gamma_x)
+
     def decode_x(self, y, z, u):
         """Mean of p(x|y,z) (eq. 15) or p(x|y,z,u) (full guide, section 4.3.1)."""
-        return self.decoder_x(y, z, u if self.full else None)
+        return self.likelihood.mean(*self._x_parameters(y, z, u))
 
     def encode_z(self, x, y, u):
         """loc and scale of q(z|x) (eq. 10) or q(z|x,y,u) (eq. 19)."""
@@ -326,10 +411,10 @@ class SRVAE(_ImageModel):
         y = self.downscale(x)
         with pyro.plate("data", x.shape[0], dim=-1):
             u = pyro.sample("u", self.prior_u())
-            pyro.sample("y", dist.Normal(self.decoder_y(u), self.gamma_y).to_event(3), obs=y)
+            pyro.sample("y", self.y_distribution(u), obs=y)
             z_loc, z_scale = self.prior_z(y, u)
             z = pyro.sample("z", dist.Normal(z_loc, z_scale).to_event(1))
-            pyro.sample("x", dist.Normal(self.decode_x(y, z, u), self.gamma_x).to_event(3), obs=x)
+            pyro.sample("x", self.x_distribution(y, z, u), obs=x)
 
     def guide(self, x):
         """q(u|y) q(z|x) (eq. 10) or q(u|y) q(z|x,y,u) (eq. 19); q(y|x) is the point mass y = f(x)."""
@@ -345,10 +430,11 @@ class SRVAE(_ImageModel):
     def sample(self, n):
         """Ancestral sampling u ~ p(u), y = mu(u), z ~ p(z|y,u), x = mu(y,z[,u]).
 
-        Returns ``SRSample(x, y)`` of decoder means, (n, C, H, W) and (n, C, H/f, W/f).
+        Returns ``SRSample(x, y)`` of decoder means (means of the likelihood),
+        (n, C, H, W) and (n, C, H/f, W/f).
         """
         u = self.prior_u().sample((n,))
-        y = self.decoder_y(u)
+        y = self.decode_y(u)
         z_loc, z_scale = self.prior_z(y, u)
         z = dist.Normal(z_loc, z_scale).sample()
         return SRSample(x=self.decode_x(y, z, u), y=y)
@@ -358,9 +444,10 @@ class SRVAE(_ImageModel):
         """x given a low-resolution y: u ~ q(u|y), z ~ p(z|y,u), x ~ p(x|y,z[,u]).
 
         x itself is never seen, so z comes from the conditional prior, not from q(z|.).
-        Each of the ``num_samples`` draws is a decoder mean (add N(0, gamma_x^2) pixel
-        noise with ``observation_noise=True``); ``mean`` and ``std`` are taken over the
-        draws, so ``std`` is the uncertainty the latents carry about the missing detail.
+        Each of the ``num_samples`` draws is a decoder mean (with ``observation_noise=True``
+        a draw from the likelihood instead: N(0, gamma_x^2) pixel noise added for the
+        spec's Gaussian); ``mean`` and ``std`` are taken over the draws, so ``std`` is the
+        uncertainty the latents carry about the missing detail.
         """
         y = self._prepare(y, self.lr_shape, "y")
         if int(num_samples) != num_samples or num_samples < 1:
@@ -369,9 +456,11 @@ class SRVAE(_ImageModel):
         u = dist.Normal(u_loc, u_scale).sample((int(num_samples),))
         z_loc, z_scale = self.prior_z(y, u)
         z = dist.Normal(z_loc, z_scale).sample()
-        samples = self.decode_x(y, z, u)
+        raw, offset = self._x_parameters(y, z, u)
         if observation_noise:
-            samples = samples + self.gamma_x * torch.randn_like(samples)
+            samples = self.likelihood.sample(raw, offset, scale=self.gamma_x)
+        else:
+            samples = self.likelihood.mean(raw, offset)
         std = samples.std(dim=0, correction=0) if num_samples > 1 else torch.zeros_like(samples[0])
         return SuperResolution(mean=samples.mean(dim=0), std=std, samples=samples)
 

@@ -11,6 +11,21 @@ network                     distribution                                equation
 ``SuperResolutionDecoder``  mean of p(x|y,z) and of p(x|y,z,u)          (15), sec. 4.3.1
 ==========================  ==========================================  ============
 
+("mean" for the spec's Gaussian likelihood; for the others, the decoders' outputs are the
+likelihood's raw parameters, see below.)
+
+Two architectures, chosen per model with ``arch`` (:data:`ARCHS`):
+
+* ``"small"`` (default): the plain convolutional networks below, sized for a CPU.
+* ``"densenet"``: the same four roles built from DenseNet blocks (Huang et al. 2017) as in
+  the srVAE paper's code -- layers whose outputs are concatenated to their inputs, channel
+  attention at the end of each block, no batch normalisation (its batch statistics would
+  couple the images, and the particles, of a batch). Meant for GPU work on CIFAR-10
+  (32x32 -> 16x16); any image size and channel count works.
+
+The decoders output ``out_channels`` maps, the raw parameters of the chosen likelihood
+(:mod:`pyro_srvae.likelihoods`): C for the spec's Gaussian, where the output is the mean.
+
 Every network accepts extra *leading* batch dimensions in front of the usual
 ``(B, C, H, W)`` image or ``(B, D)`` vector, and broadcasts them between its inputs.
 That is what ``vectorize_particles=True`` and the importance-weighted estimator need:
@@ -24,6 +39,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+ARCHS = ("small", "densenet")
 
 # A floor on predicted standard deviations: keeps the analytic KL finite when an
 # encoder is very confident, far below any scale that matters for 8-bit images.
@@ -93,11 +110,13 @@ class GaussianEncoder(nn.Module):
     convolutions on the B images y, not on P*B copies of them.
     """
 
-    def __init__(self, in_channels, image_hw, latent_dim, hidden=32, condition_dim=0):
+    def __init__(self, in_channels, image_hw, latent_dim, hidden=32, condition_dim=0, arch="small"):
         super().__init__()
+        _check_arch(arch)
         self.latent_dim = latent_dim
         self.condition_dim = condition_dim
-        self.features = ConvFeatures(in_channels, image_hw, hidden)
+        features = ConvFeatures if arch == "small" else DenseFeatures
+        self.features = features(in_channels, image_hw, hidden)
         self.head = nn.Sequential(
             nn.Linear(self.features.out_features + condition_dim, 8 * hidden),
             nn.SiLU(),
@@ -112,23 +131,34 @@ class GaussianEncoder(nn.Module):
         return loc, F.softplus(raw_scale) + MIN_SCALE
 
 
+def _check_arch(arch):
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHS)}")
+
+
+def _decoder_sizes(height, width):
+    return [
+        (math.ceil(height / 4), math.ceil(width / 4)),
+        (math.ceil(height / 2), math.ceil(width / 2)),
+        (height, width),
+    ]
+
+
 class ImageDecoder(nn.Module):
-    """Latent vector to image mean, ``(*, latent_dim) -> (*, C, H, W)``.
+    """Latent vector to image parameters, ``(*, latent_dim) -> (*, out_channels, H, W)``.
 
     A linear layer to a quarter-resolution feature map, then two resize-and-convolve
     stages. Resizing to exact target sizes (rather than transposed convolutions) makes
-    every H, W legal, odd ones included.
+    every H, W legal, odd ones included. ``out_channels`` defaults to C: the mean of the
+    spec's Gaussian p(x|z) (eq. 3) or p(y|u) (eq. 12).
     """
 
-    def __init__(self, latent_dim, out_shape, hidden=32):
+    def __init__(self, latent_dim, out_shape, hidden=32, out_channels=None):
         super().__init__()
         channels, height, width = out_shape
         self.out_shape = tuple(out_shape)
-        self.sizes = [
-            (math.ceil(height / 4), math.ceil(width / 4)),
-            (math.ceil(height / 2), math.ceil(width / 2)),
-            (height, width),
-        ]
+        self.out_channels = channels if out_channels is None else out_channels
+        self.sizes = _decoder_sizes(height, width)
         self.base_channels = 2 * hidden
         h0, w0 = self.sizes[0]
         self.project = nn.Sequential(nn.Linear(latent_dim, self.base_channels * h0 * w0), nn.SiLU())
@@ -136,7 +166,7 @@ class ImageDecoder(nn.Module):
         self.stage2 = nn.Sequential(
             nn.Conv2d(hidden, hidden, 3, padding=1),
             nn.SiLU(),
-            nn.Conv2d(hidden, channels, 3, padding=1),
+            nn.Conv2d(hidden, self.out_channels, 3, padding=1),
         )
 
     def forward(self, latent):
@@ -159,35 +189,50 @@ class SuperResolutionDecoder(nn.Module):
     the convolutions run on the low-resolution grid and a final pixel shuffle
     (Shi et al. 2016) rearranges ``C * factor^2`` channels into the high-resolution
     residual: ``factor^2`` times cheaper than convolving at the size of x.
+
+    With ``params_per_channel = P > 1`` (likelihoods other than the spec's Gaussian)
+    :meth:`residual` returns ``P * C`` raw parameter maps and ``forward`` returns them
+    unchanged; the model's likelihood then adds ``upsample(y)`` to its location
+    parameters. With P = 1, ``forward`` is ``upsample(y) + residual(y, z, u)``.
     """
 
-    def __init__(self, out_shape, factor, z_dim, u_dim=0, hidden=32, latent_channels=8):
+    def __init__(self, out_shape, factor, z_dim, u_dim=0, hidden=32, latent_channels=8, params_per_channel=1):
         super().__init__()
         channels, height, width = out_shape
         self.out_shape = tuple(out_shape)
+        self.factor = factor
         self.lr_hw = (height // factor, width // factor)
         self.latent_channels = latent_channels
+        self.params_per_channel = params_per_channel
         self.project = nn.Sequential(
             nn.Linear(z_dim + u_dim, latent_channels * self.lr_hw[0] * self.lr_hw[1]), nn.SiLU()
         )
+        self._build(channels, hidden)
+
+    def _build(self, channels, hidden):
         width_lr = 2 * hidden
         self.net = nn.Sequential(
-            nn.Conv2d(channels + latent_channels, width_lr, 3, padding=1),
+            nn.Conv2d(channels + self.latent_channels, width_lr, 3, padding=1),
             nn.SiLU(),
             nn.Conv2d(width_lr, width_lr, 3, padding=1),
             nn.SiLU(),
             nn.Conv2d(width_lr, width_lr, 3, padding=1),
             nn.SiLU(),
-            nn.Conv2d(width_lr, channels * factor**2, 3, padding=1),
-            nn.PixelShuffle(factor),
+            nn.Conv2d(width_lr, channels * self.params_per_channel * self.factor**2, 3, padding=1),
+            nn.PixelShuffle(self.factor),
         )
+
+    def _network(self, inputs):
+        """``(N, C + latent_channels, h, w)`` low-resolution inputs -> ``(N, P*C, H, W)``."""
+        return self.net(inputs)
 
     def upsample(self, y):
         flat, batch_shape = _merge_leading(y, 3)
         up = F.interpolate(flat, size=self.out_shape[1:], mode="bilinear", align_corners=False)
         return _split_leading(up, batch_shape)
 
-    def forward(self, y, z, u=None):
+    def residual(self, y, z, u=None):
+        """The raw output ``(*, P * C, H, W)``: the residual over ``upsample(y)`` for P = 1."""
         latents = z if u is None else _concat_vectors(z, u)
         latent_map = self.project(latents)
         latent_map = latent_map.view(latent_map.shape[:-1] + (self.latent_channels,) + self.lr_hw)
@@ -196,5 +241,178 @@ class SuperResolutionDecoder(nn.Module):
             [_expand_leading(y, batch_shape, 3), _expand_leading(latent_map, batch_shape, 3)], dim=-3
         )
         flat, _ = _merge_leading(inputs, 3)
-        residual = _split_leading(self.net(flat), batch_shape)
+        return _split_leading(self._network(flat), batch_shape)
+
+    def forward(self, y, z, u=None):
+        residual = self.residual(y, z, u)
+        if self.params_per_channel != 1:
+            return residual
         return self.upsample(y) + residual
+
+
+# ---------------------------------------------------------------------------
+# DenseNet architecture (arch="densenet")
+# ---------------------------------------------------------------------------
+
+#: Dense layers per block; each adds ``growth`` channels.
+DENSE_STEPS = 3
+
+
+class ChannelAttention(nn.Module):
+    """Squeeze-and-excitation gate on the channels (the srVAE code's ``CALayer``)."""
+
+    def __init__(self, channels, reduction=8):
+        super().__init__()
+        inner = max(1, channels // reduction)
+        self.gate = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1),
+            nn.Conv2d(channels, inner, 1),
+            nn.ELU(),
+            nn.Conv2d(inner, channels, 1),
+            nn.Sigmoid(),
+        )
+
+    def forward(self, h):
+        return h * self.gate(h)
+
+
+class DenseLayer(nn.Module):
+    """ELU, 1x1 conv to ``4 growth`` bottleneck channels, ELU, 3x3 conv to ``growth``; concatenated."""
+
+    def __init__(self, in_channels, growth):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.ELU(),
+            nn.Conv2d(in_channels, 4 * growth, 1),
+            nn.ELU(),
+            nn.Conv2d(4 * growth, growth, 3, padding=1),
+        )
+
+    def forward(self, h):
+        return torch.cat([h, self.net(h)], dim=1)
+
+
+class DenseBlock(nn.Module):
+    """``steps`` dense layers and a channel-attention gate: ``in -> in + steps * growth`` channels."""
+
+    def __init__(self, in_channels, growth, steps=DENSE_STEPS):
+        super().__init__()
+        layers = []
+        for _ in range(steps):
+            layers.append(DenseLayer(in_channels, growth))
+            in_channels += growth
+        layers.append(ChannelAttention(in_channels))
+        self.net = nn.Sequential(*layers)
+        self.out_channels = in_channels
+
+    def forward(self, h):
+        return self.net(h)
+
+
+def _dense_stage(in_channels, out_channels, growth, stride=1):
+    """A dense block, then ELU and a 3x3 convolution (stride 1 or 2) to ``out_channels``."""
+    block = DenseBlock(in_channels, growth)
+    return nn.Sequential(block, nn.ELU(), nn.Conv2d(block.out_channels, out_channels, 3, stride=stride, padding=1))
+
+
+class DenseFeatures(ConvFeatures):
+    """DenseNet feature extractor ``(*, C, H, W) -> (*, F)`` (``arch="densenet"``).
+
+    A 3x3 stem, then dense stages at full, half and quarter resolution (stride-2
+    transitions, like :class:`ConvFeatures`), flattened: ``2 * hidden`` maps at
+    ``ceil(H/4) x ceil(W/4)``. Growth rate ``hidden``.
+    """
+
+    def __init__(self, in_channels, image_hw, hidden=32):
+        nn.Module.__init__(self)
+        self.in_channels = in_channels
+        self.image_hw = tuple(image_hw)
+        self.net = nn.Sequential(
+            nn.Conv2d(in_channels, hidden, 3, padding=1),
+            _dense_stage(hidden, 2 * hidden, hidden, stride=2),
+            _dense_stage(2 * hidden, 2 * hidden, hidden, stride=2),
+            _dense_stage(2 * hidden, 2 * hidden, hidden),
+            nn.ELU(),
+            nn.Flatten(),
+        )
+        with torch.no_grad():
+            probe = torch.zeros(1, in_channels, *self.image_hw)
+            self.out_features = self.net(probe).shape[-1]
+
+
+class DenseImageDecoder(ImageDecoder):
+    """:class:`ImageDecoder` with dense stages (``arch="densenet"``).
+
+    ``project`` (linear to ``2 hidden`` maps at quarter resolution), then a dense stage
+    at each of the quarter, half and full resolutions, with nearest-neighbour resizing in
+    between, and a 3x3 convolution to ``out_channels``.
+    """
+
+    def __init__(self, latent_dim, out_shape, hidden=32, out_channels=None):
+        nn.Module.__init__(self)
+        channels, height, width = out_shape
+        self.out_shape = tuple(out_shape)
+        self.out_channels = channels if out_channels is None else out_channels
+        self.sizes = _decoder_sizes(height, width)
+        self.base_channels = 2 * hidden
+        h0, w0 = self.sizes[0]
+        self.project = nn.Sequential(nn.Linear(latent_dim, self.base_channels * h0 * w0), nn.ELU())
+        self.stage0 = _dense_stage(2 * hidden, 2 * hidden, hidden)
+        self.stage1 = _dense_stage(2 * hidden, hidden, hidden)
+        self.stage2 = nn.Sequential(
+            _dense_stage(hidden, hidden, hidden),
+            nn.ELU(),
+            nn.Conv2d(hidden, self.out_channels, 3, padding=1),
+        )
+
+    def forward(self, latent):
+        flat, batch_shape = _merge_leading(latent, 1)
+        h = self.project(flat).view(-1, self.base_channels, *self.sizes[0])
+        h = self.stage0(h)
+        h = self.stage1(F.interpolate(h, size=self.sizes[1], mode="nearest"))
+        h = self.stage2(F.interpolate(h, size=self.sizes[2], mode="nearest"))
+        return _split_leading(h, batch_shape)
+
+
+class DenseSuperResolutionDecoder(SuperResolutionDecoder):
+    """:class:`SuperResolutionDecoder` with dense stages (``arch="densenet"``).
+
+    Low resolution: y and the projected latents, a 3x3 convolution and two dense stages,
+    then a pixel shuffle to ``hidden`` high-resolution maps. High resolution (as the srVAE
+    paper's p(x|y,z), which works at the size of x): those maps concatenated with the
+    bilinear upsampling of y, one dense stage, and a 3x3 convolution to ``P * C`` raw
+    parameters -- still a residual over ``upsample(y)``.
+    """
+
+    def _build(self, channels, hidden):
+        width_lr = 2 * hidden
+        self.lr_net = nn.Sequential(
+            nn.Conv2d(channels + self.latent_channels, width_lr, 3, padding=1),
+            _dense_stage(width_lr, width_lr, hidden),
+            _dense_stage(width_lr, hidden * self.factor**2, hidden),
+            nn.PixelShuffle(self.factor),
+        )
+        self.hr_net = nn.Sequential(
+            _dense_stage(hidden + channels, hidden, hidden),
+            nn.ELU(),
+            nn.Conv2d(hidden, channels * self.params_per_channel, 3, padding=1),
+        )
+
+    def _network(self, inputs):
+        channels = self.out_shape[0]
+        up = F.interpolate(inputs[:, :channels], size=self.out_shape[1:], mode="bilinear", align_corners=False)
+        return self.hr_net(torch.cat([self.lr_net(inputs), up], dim=1))
+
+
+def make_image_decoder(arch, latent_dim, out_shape, hidden=32, out_channels=None):
+    """The ``arch`` image decoder: :class:`ImageDecoder` or :class:`DenseImageDecoder`."""
+    _check_arch(arch)
+    cls = ImageDecoder if arch == "small" else DenseImageDecoder
+    return cls(latent_dim, out_shape, hidden, out_channels)
+
+
+def make_sr_decoder(arch, out_shape, factor, z_dim, u_dim=0, hidden=32, params_per_channel=1):
+    """The ``arch`` super-resolution decoder (:class:`SuperResolutionDecoder` or the dense one)."""
+    _check_arch(arch)
+    cls = SuperResolutionDecoder if arch == "small" else DenseSuperResolutionDecoder
+    return cls(out_shape, factor, z_dim, u_dim, hidden, params_per_channel=params_per_channel)

@@ -8,6 +8,12 @@ state that checkpoints and resumes exactly.
 
 A run writes into its output directory: ``checkpoint.pt`` (atomic), ``metrics.json``,
 ``metrics.csv`` and PNG figures (:mod:`pyro_srvae.plots`).
+
+Under ``torchrun`` the same loop runs data-parallel, one process per GPU or CPU worker
+(:mod:`pyro_srvae.distributed`): ``--batch-size`` is per process, gradients are summed
+over the global batch (:class:`DataParallelElbo`), evaluation is sharded, and rank 0
+alone writes files. Each rank draws its own noise; checkpoints hold every rank's RNG
+state, so a resumed data-parallel run continues exactly as well.
 """
 
 import csv
@@ -30,12 +36,14 @@ import pyro
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
-from . import plots
+from . import distributed, plots
 from .checkpoint import (
     CheckpointError,
     atomic_write_text,
+    derive_seed,
     get_rng_state,
     load_checkpoint,
+    remove_stale_temporaries,
     save_checkpoint,
     set_rng_state,
 )
@@ -47,6 +55,12 @@ from .priors import PRIORS
 
 MODELS = ("vae", "srvae")
 DEVICES = ("auto", "cpu", "cuda")
+# Steps between host syncs (divergence check, progress bar, and in a data-parallel run the
+# moment all ranks agree to stop on a signal): rare enough not to stall a GPU queue.
+SYNC_EVERY = 10
+# What a run writes into its output directory: the checkpoint, the metrics, _draw_figures's PNGs.
+OUTPUT_FILES = ("checkpoint.pt", "metrics.json", "metrics.csv")
+FIGURE_FILES = ("loss_curves.png", "reconstructions.png", "samples.png", "super_resolution.png", "mog_components.png")
 
 
 class ConfigError(ValueError):
@@ -224,13 +238,96 @@ def kl_scale(config, epoch, batch, batches_per_epoch):
     return min(1.0, (epoch + batch / batches_per_epoch) / config.kl_warmup)
 
 
-def _loss_and_backward(elbo, model_fn, guide_fn, x):
-    """Pyro's loss and gradients; a tensor without a host sync where Pyro allows it."""
-    if hasattr(elbo, "differentiable_loss"):
-        loss = elbo.differentiable_loss(model_fn, guide_fn, x)
-        loss.backward()
-        return loss.detach()
-    return torch.tensor(elbo.loss_and_grads(model_fn, guide_fn, x))
+class ElboObjective(torch.nn.Module):
+    """The training loss as a module: ``forward(x, kl_scale)`` is Pyro's differentiable ELBO loss.
+
+    DistributedDataParallel synchronises the gradients of what its own ``forward`` computed,
+    and Pyro's ``model``/``guide`` call the networks' submodules directly, so wrapping the
+    VAE itself would bypass DDP. This module owns the VAE as a submodule (its parameters
+    are DDP's) and runs the whole ELBO, KL warm-up included, inside ``forward``; inside,
+    ``pyro.module`` still registers the original VAE, the same parameter objects.
+    """
+
+    def __init__(self, vae, elbo):
+        super().__init__()
+        self.vae = vae
+        self.elbo = elbo
+
+    def forward(self, x, kl_scale=1.0):
+        model_fn = scale_latents(self.vae.model, kl_scale)
+        guide_fn = scale_latents(self.vae.guide, kl_scale)
+        return self.elbo.differentiable_loss(model_fn, guide_fn, x)
+
+
+class DataParallelElbo:
+    """Pyro's loss and gradients of one step, summed over the global batch of all ranks.
+
+    :meth:`loss_and_backward` leaves in every parameter's ``.grad`` the gradient of the
+    negative ELBO summed over the images of all ranks -- the gradient one process would get
+    on the whole global batch -- identical on every rank. Two ways, named by ``sync``:
+
+    * ``"ddp"``: ELBOs with ``differentiable_loss`` (trace, meanfield, meanfield-mog-bound)
+      run as :class:`ElboObjective` under DistributedDataParallel, whose bucketed
+      all-reduce overlaps the backward pass. DDP *averages* over ranks while the loss is
+      a *sum* over images, so each rank back-propagates ``world_size * loss``.
+    * ``"all-reduce"``: ELBOs that only offer ``loss_and_grads`` (renyi, graph) do their
+      own backward on the plain VAE; the gradients are then summed over ranks
+      (:meth:`DistributedContext.all_reduce_gradients`).
+
+    In a single process (``sync`` is ``None``) this is exactly the plain Pyro call.
+    """
+
+    def __init__(self, vae, elbo, context):
+        self.vae = vae
+        self.elbo = elbo
+        self.context = context
+        self.objective = None
+        if hasattr(elbo, "differentiable_loss"):
+            self.objective = context.data_parallel(ElboObjective(vae, elbo))
+        self.sync = None if not context.enabled else "ddp" if self.objective is not None else "all-reduce"
+
+    def loss_and_backward(self, x, kl_scale=1.0):
+        """This rank's loss (summed over its images, detached, no host sync where Pyro allows)."""
+        if self.objective is not None:
+            loss = self.objective(x, kl_scale)
+            (loss * self.context.world_size).backward()  # x1 in a single process: exact
+            return loss.detach()
+        model_fn, guide_fn = scale_latents(self.vae.model, kl_scale), scale_latents(self.vae.guide, kl_scale)
+        loss = torch.tensor(self.elbo.loss_and_grads(model_fn, guide_fn, x))
+        self.context.all_reduce_gradients(self.vae.parameters())
+        return loss
+
+
+def training_step(model, optimizer, objective, x, kl_scale=1.0, clip_norm=None):
+    """One optimizer step, as :func:`train` takes it: Pyro's loss and gradients, optional
+    global-norm clipping, then ``optimizer.step()``.
+
+    ``objective`` is a Pyro ELBO (one process) or the :class:`DataParallelElbo` that
+    :func:`train` builds once per run (it holds the DDP wrapper). Returns this rank's loss,
+    detached, without a host sync where Pyro allows.
+    """
+    if not isinstance(objective, DataParallelElbo):
+        objective = DataParallelElbo(model, objective, distributed.DistributedContext())
+    optimizer.zero_grad(set_to_none=True)
+    loss = objective.loss_and_backward(x, kl_scale)
+    if clip_norm is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
+    optimizer.step()
+    return loss
+
+
+def _synchronise(context, loss_sum, epoch_images, signal_state):
+    """The host sync every few steps: the epoch's loss and image count so far over all
+    ranks, and the signal any rank received (SIGTERM before SIGINT; ``None`` if none).
+
+    One all-reduce carries all three, so every rank reaches the same decision to stop.
+    """
+    local_signal = signal_state.get("signal")
+    counts = [epoch_images, local_signal == signal.SIGINT, local_signal == signal.SIGTERM]
+    packed = torch.cat([loss_sum.detach().double().reshape(1), torch.tensor(counts, dtype=torch.float64, device=loss_sum.device)])
+    total_loss, images, sigints, sigterms = context.all_reduce_sum(packed).tolist()
+    stop_signal = int(signal.SIGTERM) if sigterms else int(signal.SIGINT) if sigints else None
+    return total_loss, int(images), stop_signal
 
 
 @contextmanager
@@ -282,8 +379,15 @@ def train(config=None, *, resume=None, progress=True, log=print, **overrides):
     ``max_steps``, ``device``, ...) may be overridden; training continues from the
     exact step, with the optimizer, the RNGs and the data order restored.
 
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) every process calls this with the same
+    arguments and trains data-parallel (:mod:`pyro_srvae.distributed`): each rank takes
+    ``batch_size`` images of every global batch of ``batch_size * world_size``, gradients
+    are summed over ranks (:class:`DataParallelElbo`), evaluation is sharded and reduced,
+    and only rank 0 writes the checkpoint, the metrics and the figures, and logs.
+
     Raises :class:`ConfigError`, :class:`CheckpointError`, :class:`TrainingDiverged`
-    or :class:`TrainingInterrupted` (after writing a checkpoint).
+    or :class:`TrainingInterrupted` (after writing a checkpoint), and in a data-parallel
+    run :class:`pyro_srvae.distributed.ProcessGroupLost` when a peer is lost.
     """
     started = time.time()
     payload = None
@@ -295,26 +399,57 @@ def train(config=None, *, resume=None, progress=True, log=print, **overrides):
     else:
         config = dataclasses.replace(config or TrainConfig(), **overrides)
     config.validate()
-    device = resolve_device(config.device)
-    out_dir = Path(config.out) if config.out else default_out_dir(config)
+    try:
+        context = distributed.connect(resolve_device(config.device))
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    try:
+        with context.lost_contact_on_failure():
+            return _train(
+                config, payload, resume, context, started,
+                progress=progress and context.is_main, log=log if context.is_main else _silent,
+            )  # fmt: skip
+    finally:
+        context.close()
+
+
+def _silent(*args, **kwargs):
+    """The log of ranks other than 0: one copy of every message is enough."""
+
+
+def _train(config, payload, resume, context, started, progress, log):
+    """The body of :func:`train` once the configuration and the process group are settled."""
+    device = context.device
+    # The default directory name holds the time: every rank takes rank 0's.
+    out_dir = Path(context.broadcast_object(config.out or str(default_out_dir(config))))
     config.out = str(out_dir)
     checkpoint_path = out_dir / "checkpoint.pt"
+    context.resume_hint = f"Resume from the last checkpoint with --resume {checkpoint_path}"
 
-    train_set = load_dataset(config.dataset, "train", config.data_dir, config.download)
-    test_set = load_dataset(config.dataset, "test", config.data_dir, config.download)
+    # With --download, rank 0 fetches the files before the other ranks read them.
+    with context.main_first(config.download):
+        train_set = load_dataset(config.dataset, "train", config.data_dir, config.download)
+        test_set = load_dataset(config.dataset, "test", config.data_dir, config.download)
     train_set = _first(train_set, config.train_limit)
     test_set = _first(test_set, config.eval_limit)
-    if len(train_set) < config.batch_size:
-        raise ConfigError(f"--batch-size {config.batch_size} exceeds the {len(train_set)} training images")
+    global_batch = config.batch_size * context.world_size
+    if len(train_set) < global_batch:
+        per_rank = f" x {context.world_size} processes = {global_batch}" if context.enabled else ""
+        raise ConfigError(f"--batch-size {config.batch_size}{per_rank} exceeds the {len(train_set)} training images")
 
     pyro.clear_param_store()
     torch.manual_seed(config.seed)
     pyro.set_rng_seed(config.seed)
     model = build_model(config, train_set.image_shape).to(device)
+    if context.rank > 0:
+        # Same initial weights on every rank (seeded above; DDP broadcasts rank 0's anyway),
+        # but each rank draws its own latent and dequantization noise from here on.
+        pyro.set_rng_seed(derive_seed(config.seed, "rank", context.rank))
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     history = {"epochs": [], "steps": [], "wall_seconds": 0.0}
     epoch, batch_start, step = 0, 0, 0
-    partial_epoch = {"loss_sum": 0.0, "images": 0}  # the loss so far of an epoch cut by a checkpoint
+    # The run's loss so far (all ranks) of an epoch cut by a checkpoint.
+    partial_epoch = {"loss_sum": 0.0, "images": 0}
     if payload is not None:
         try:
             model.load_state_dict(payload["model_state"])
@@ -325,36 +460,63 @@ def train(config=None, *, resume=None, progress=True, log=print, **overrides):
         history = payload.get("history", history)
         epoch, batch_start, step = payload["epoch"], payload.get("batch_in_epoch", 0), payload["step"]
         partial_epoch = payload.get("partial_epoch", partial_epoch)
-        if "rng" in payload:
-            set_rng_state(payload["rng"])
+        saved_world_size = payload.get("world_size", 1)
+        if saved_world_size != context.world_size and batch_start:
+            raise CheckpointError(
+                f"{resume} was saved in the middle of an epoch by {saved_world_size} process(es) and the "
+                f"position in an epoch depends on the global batch: resume it with {saved_world_size} "
+                f"process(es) (or change the process count at an epoch-end checkpoint)"
+            )
+        _restore_rng_state(payload, context, config.seed, step)
         log(f"resuming {resume} at epoch {epoch + 1}, step {step}")
+    if context.is_main:  # what writers killed in an earlier session of this run left behind
+        remove_stale_temporaries(out_dir, OUTPUT_FILES + FIGURE_FILES)
 
     # Pixels are uint8 on the device, validated once here; each batch is dequantized
     # on the device, so the per-call checks inside the model can be skipped.
     train_images = train_set.images.to(device)
     model.validate_inputs = False
     elbo = make_elbo(config.elbo, num_particles=config.num_particles, vectorize_particles=config.num_particles > 1)
-    batches_per_epoch = num_batches(len(train_set), config.batch_size, drop_last=True)
+    objective = DataParallelElbo(model, elbo, context)
+    batches_per_epoch = num_batches(len(train_set), config.batch_size, drop_last=True, world_size=context.world_size)
     num_dims = train_set.images[0].numel()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if context.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     prior_wall = history.get("wall_seconds", 0.0)
+    if context.enabled:
+        log(
+            f"data-parallel on {context.world_size} processes ({context.backend}, gradients by {objective.sync}): "
+            f"{config.batch_size} images per rank, global batch {global_batch}"
+        )
 
-    def checkpoint(epoch_index, batch_index, loss_sum=0.0, images=0):
+    def checkpoint(epoch_index, batch_index, loss_sum=0.0, images=0, rng_states=None):
+        # Every rank calls this, so that its RNG state goes into the file; rank 0 writes it.
+        rng_states = rng_states or context.all_gather_object(get_rng_state())
+        if not context.is_main:
+            return
         history["wall_seconds"] = prior_wall + time.time() - started
-        save_checkpoint(
-            checkpoint_path,
-            {
-                "config": config.to_dict(),
-                "model_state": model.state_dict(),
-                "optimizer_state": optimizer.state_dict(),
-                "param_store": {k: v.detach().cpu() for k, v in pyro.get_param_store().items()},
-                "epoch": epoch_index,
-                "batch_in_epoch": batch_index,
-                "partial_epoch": {"loss_sum": float(loss_sum), "images": images},
-                "step": step,
-                "rng": get_rng_state(),
-                "history": history,
-            },
+        state = {
+            "config": config.to_dict(),
+            "model_state": model.state_dict(),
+            "optimizer_state": optimizer.state_dict(),
+            "param_store": {k: v.detach().cpu() for k, v in pyro.get_param_store().items()},
+            "epoch": epoch_index,
+            "batch_in_epoch": batch_index,
+            "partial_epoch": {"loss_sum": float(loss_sum), "images": images},
+            "step": step,
+            "rng": rng_states[0],
+            "world_size": context.world_size,
+            "history": history,
+        }
+        if context.enabled:
+            state["rng_by_rank"] = rng_states
+        save_checkpoint(checkpoint_path, state)
+
+    def interrupted(signal_number):
+        context.barrier()  # every rank leaves after rank 0 has written the checkpoint
+        return TrainingInterrupted(
+            f"interrupted by signal {signal_number} at step {step}; resume with --resume {checkpoint_path}",
+            signal_number,
         )
 
     signal_state = {}
@@ -367,32 +529,38 @@ def train(config=None, *, resume=None, progress=True, log=print, **overrides):
         with _stop_on_signals(signal_state), pyro.validation_enabled(False):
             while epoch < config.epochs and not reached_max_steps:
                 model.train()
-                loss_sum = torch.tensor(partial_epoch["loss_sum"], device=device)
-                epoch_images = partial_epoch["images"]
+                # Rank 0 carries the sums of an epoch resumed part-way; the others add their shares.
+                carried = partial_epoch if context.is_main else {"loss_sum": 0.0, "images": 0}
+                loss_sum = torch.tensor(carried["loss_sum"], device=device)
+                epoch_images = carried["images"]
+                run_loss, run_images = partial_epoch["loss_sum"], partial_epoch["images"]  # all ranks, last sync
+                stop_signal = None
                 unchecked = 0
                 batch = batch_start
                 for indices in iterate_batches(
-                    len(train_set), config.batch_size, config.seed, epoch, start_batch=batch_start, drop_last=True
-                ):
+                    len(train_set), config.batch_size, config.seed, epoch, start_batch=batch_start, drop_last=True,
+                    rank=context.rank, world_size=context.world_size,
+                ):  # fmt: skip
                     x = dequantize(train_images[indices.to(device)])
                     beta = kl_scale(config, epoch, batch, batches_per_epoch)
-                    model_fn, guide_fn = scale_latents(model.model, beta), scale_latents(model.guide, beta)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss = _loss_and_backward(elbo, model_fn, guide_fn, x)
-                    if config.clip_norm is not None:
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm)
-                    optimizer.step()
+                    loss = training_step(model, optimizer, objective, x, beta, config.clip_norm)
                     loss_sum = loss_sum + loss
                     epoch_images += x.shape[0]
                     unchecked += 1
                     step += 1
                     batch += 1
                     bar.update(1)
-                    stop_now = signal_state or (config.max_steps is not None and step >= config.max_steps)
+                    limit_reached = config.max_steps is not None and step >= config.max_steps
                     checkpoint_due = config.checkpoint_every and step % config.checkpoint_every == 0
-                    if unchecked >= 10 or stop_now or checkpoint_due or batch == batches_per_epoch:
+                    epoch_done = batch == batches_per_epoch
+                    # A single process answers a signal at once. The ranks of a data-parallel run
+                    # must stop at the same step, so they share their signals only at these
+                    # sync points, which every rank reaches at the same steps.
+                    signalled_alone = bool(signal_state) and not context.enabled
+                    if unchecked >= SYNC_EVERY or limit_reached or checkpoint_due or epoch_done or signalled_alone:
                         # One host sync every few steps: checks for divergence and feeds the bar.
-                        mean_bpd = bits_per_dim(-loss_sum.item() / epoch_images, num_dims)
+                        run_loss, run_images, stop_signal = _synchronise(context, loss_sum, epoch_images, signal_state)
+                        mean_bpd = bits_per_dim(-run_loss / run_images, num_dims)
                         if not math.isfinite(mean_bpd):
                             raise TrainingDiverged(
                                 f"the loss became {mean_bpd} at step {step} (epoch {epoch + 1}); "
@@ -401,24 +569,19 @@ def train(config=None, *, resume=None, progress=True, log=print, **overrides):
                         history["steps"].append([step, mean_bpd])
                         bar.set_postfix_str(f"epoch {epoch + 1} loss {mean_bpd:.3f} bpd")
                         unchecked = 0
-                    if batch == batches_per_epoch:
+                    if epoch_done:
                         break  # the epoch record and checkpoint are written below
-                    if checkpoint_due:
-                        checkpoint(epoch, batch, loss_sum.item(), epoch_images)
-                    if signal_state:
-                        checkpoint(epoch, batch, loss_sum.item(), epoch_images)
-                        raise TrainingInterrupted(
-                            f"interrupted by signal {signal_state['signal']} at step {step}; "
-                            f"resume with --resume {checkpoint_path}",
-                            signal_state["signal"],
-                        )
-                    if stop_now:
+                    if checkpoint_due or stop_signal:
+                        checkpoint(epoch, batch, run_loss, run_images)
+                    if stop_signal:
+                        raise interrupted(stop_signal)
+                    if limit_reached:
                         break
                 complete = batch == batches_per_epoch
                 record = {
                     "epoch": epoch + 1,
-                    "train_elbo_bpd": bits_per_dim(-loss_sum.item() / max(epoch_images, 1), num_dims),
-                    "test_elbo_bpd": _test_elbo_bpd(model, test_set.images, config),
+                    "train_elbo_bpd": bits_per_dim(-run_loss / max(run_images, 1), num_dims),
+                    "test_elbo_bpd": _test_elbo_bpd(model, test_set.images, config, context),
                     "step": step,
                     "kl_scale": kl_scale(config, epoch, batch, batches_per_epoch),
                     "complete": complete,
@@ -432,15 +595,13 @@ def train(config=None, *, resume=None, progress=True, log=print, **overrides):
                     partial_epoch = {"loss_sum": 0.0, "images": 0}
                 else:
                     batch_start = batch
-                    partial_epoch = {"loss_sum": loss_sum.item(), "images": epoch_images}
+                    partial_epoch = {"loss_sum": run_loss, "images": run_images}
                 reached_max_steps = config.max_steps is not None and step >= config.max_steps
                 checkpoint(epoch, batch_start, **partial_epoch)
-                if signal_state:
-                    raise TrainingInterrupted(
-                        f"interrupted by signal {signal_state['signal']} at step {step}; "
-                        f"resume with --resume {checkpoint_path}",
-                        signal_state["signal"],
-                    )
+                if not context.enabled:
+                    stop_signal = stop_signal or signal_state.get("signal")
+                if stop_signal:
+                    raise interrupted(stop_signal)
     finally:
         bar.close()
         model.validate_inputs = True
@@ -456,16 +617,40 @@ def train(config=None, *, resume=None, progress=True, log=print, **overrides):
         device=device,
         seed=config.seed,
         progress=progress,
+        rank=context.rank,
+        world_size=context.world_size,
     )
+    # Gathered while every rank is here; rank 0 alone goes on to write files.
+    gathered = context.all_gather_object(
+        (get_rng_state(), distributed.state_digest(model.state_dict()) if context.enabled else None)
+    )
+    rng_states = [rng for rng, _ in gathered]
     history["wall_seconds"] = prior_wall + time.time() - started
-    metrics = _metrics(config, model, history, test)
+    metrics = _metrics(config, model, history, test, context, [digest for _, digest in gathered])
+    if metrics.get("distributed") and not metrics["distributed"]["ranks_identical"]:
+        log("warning: the ranks' weights differ after training (see state_digests in metrics.json)")
+    if not context.is_main:
+        return TrainResult(model=model, metrics=metrics, out_dir=out_dir, checkpoint=checkpoint_path)
     _write_metrics(out_dir, metrics)
     figures = _draw_figures(model, test_set.images, history, out_dir, config) if config.figures else []
     metrics["wall_seconds"] = prior_wall + time.time() - started
     _write_metrics(out_dir, metrics)
-    checkpoint(epoch, batch_start, **partial_epoch)  # the final wall time and history, same weights
+    checkpoint(epoch, batch_start, **partial_epoch, rng_states=rng_states)  # the final wall time and history, same weights
     log(summary_table(metrics))
     return TrainResult(model=model, metrics=metrics, out_dir=out_dir, checkpoint=checkpoint_path, figures=figures)
+
+
+def _restore_rng_state(payload, context, seed, step):
+    """Each rank continues its own RNG streams from the checkpoint: exact when the number
+    of processes is unchanged. Otherwise rank 0 continues its stream and the others
+    start fresh ones seeded by (seed, rank, step)."""
+    states = payload.get("rng_by_rank") or ([payload["rng"]] if "rng" in payload else [])
+    if len(states) == context.world_size:
+        set_rng_state(states[context.rank])
+    elif context.rank == 0 and states:
+        set_rng_state(states[0])
+    elif context.rank > 0:
+        pyro.set_rng_seed(derive_seed(seed, "rank", context.rank, "step", step))
 
 
 def _first(dataset, limit):
@@ -480,27 +665,39 @@ def _progress_bar(enabled, total, initial):
     return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True, file=sys.stderr)
 
 
-def _test_elbo_bpd(model, images, config):
-    """A one-sample ELBO on the test set each epoch: cheap, unbiased, no RNG side effects."""
+def _test_elbo_bpd(model, images, config, context):
+    """A one-sample ELBO on the test set each epoch: cheap, unbiased, no RNG side effects;
+    sharded over the ranks of a data-parallel run."""
     result = evaluate_model(
-        model, images, elbo_samples=1, iw_samples=1, batch_size=256, seed=config.seed, super_resolution=False
-    )
+        model, images, elbo_samples=1, iw_samples=1, batch_size=256, seed=config.seed, super_resolution=False,
+        rank=context.rank, world_size=context.world_size,
+    )  # fmt: skip
     return result["elbo_bpd"]
 
 
-def _metrics(config, model, history, test):
+def _metrics(config, model, history, test, context, state_digests):
     test_keys = ["elbo_bpd", "iw_bpd", "iw_samples", "sr_psnr", "bicubic_psnr", "sr_ssim", "bicubic_ssim"]
     test_keys += ["sr_coverage90", "sr_coverage90_expected", "num_images"]
-    return {
+    metrics = {
         "config": config.to_dict(),
         "epochs": history["epochs"],
         "test": {key: test.get(key) for key in test_keys},
         "gamma_x": model.gamma_x.item(),
         "gamma_y": model.gamma_y.item() if hasattr(model, "gamma_y") else None,
-        "world_size": 1,
+        "world_size": context.world_size,
         "wall_seconds": history["wall_seconds"],
         "steps": history["steps"],
     }
+    if context.enabled:
+        metrics["distributed"] = {
+            "backend": context.backend,
+            "world_size": context.world_size,
+            "global_batch_size": config.batch_size * context.world_size,
+            # SHA-256 of each rank's state dict at the end (distributed.state_digest).
+            "state_digests": state_digests,
+            "ranks_identical": len(set(state_digests)) == 1,
+        }
+    return metrics
 
 
 def _write_metrics(out_dir, metrics):

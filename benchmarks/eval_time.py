@@ -1,0 +1,95 @@
+"""Throughput and memory of the importance-weighted bits/dim (K = 1000 by default).
+
+    python benchmarks/eval_time.py --quick     # 32 test images, under a minute on a 2-core CPU
+    python benchmarks/eval_time.py --num-images 2000 --json
+
+Times :func:`pyro_srvae.evaluate_model` (log-weights for K importance samples per image,
+vectorized over samples in chunks) on an untrained model of the default size: the
+cost of the estimate does not depend on the weights.
+"""
+
+import argparse
+import json
+import resource
+import sys
+import time
+
+import torch
+
+import pyro
+
+from pyro_srvae import evaluate_model
+from pyro_srvae.data import load_dataset
+from pyro_srvae.training import TrainConfig, build_model, resolve_device
+
+VARIANTS = [("vae", "simple"), ("srvae", "simple"), ("srvae", "full")]
+
+
+def _peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="32 test images")
+    parser.add_argument("--json", action="store_true", help="print the records as a JSON list on the last line")
+    parser.add_argument("--num-images", type=int, default=None, help="test images [256, quick: 32]")
+    parser.add_argument("--samples", type=int, default=1000, help="importance samples K per image")
+    parser.add_argument("--batch-size", type=int, default=None, help="images per batch [chosen from K]")
+    parser.add_argument("--hidden", type=int, default=TrainConfig.hidden)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    args = parser.parse_args(argv)
+    num_images = args.num_images or (32 if args.quick else 256)
+    device = resolve_device(args.device)
+    images = load_dataset("fashion-mnist-mini", "test").images[:num_images]
+    batch_size = args.batch_size or max(1, 4096 // args.samples)
+
+    print(f"device {device}, {num_images} images, K = {args.samples}, batch {batch_size}, threads {torch.get_num_threads()}")
+    records = []
+    for model_name, guide in VARIANTS:
+        pyro.clear_param_store()
+        torch.manual_seed(0)
+        model = build_model(TrainConfig(model=model_name, guide=guide, hidden=args.hidden), images.shape[1:]).to(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        result = evaluate_model(
+            model,
+            images,
+            elbo_samples=args.samples,
+            iw_samples=args.samples,
+            batch_size=batch_size,
+            device=device,
+            super_resolution=False,
+        )
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+        record = {
+            "model": model_name,
+            "guide": guide if model_name == "srvae" else None,
+            "device": str(device),
+            "iw_samples": args.samples,
+            "num_images": num_images,
+            "seconds": round(seconds, 3),
+            "images_per_s": round(num_images / seconds, 2),
+            "image_samples_per_s": round(num_images * args.samples / seconds, 1),
+            "peak_mem_mb": round(_peak_memory_mb(device), 1),
+            "iw_bpd": round(result["iw_bpd"], 4),
+        }
+        records.append(record)
+        print(
+            f"{model_name:6} {str(record['guide'] or '-'):6} {record['images_per_s']:8.2f} images/s "
+            f"{record['image_samples_per_s']:10.0f} image-samples/s  peak {record['peak_mem_mb']:.0f} MB",
+            flush=True,
+        )
+    if args.json:
+        print(json.dumps(records))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

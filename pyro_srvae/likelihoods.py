@@ -1,0 +1,381 @@
+"""Observation models p(x|.) and p(y|.): how a decoder's raw output becomes a distribution.
+
+==================  ===========================================  ===================================
+name                distribution per pixel                        status
+==================  ===========================================  ===================================
+``gaussian``        N(loc, gamma^2), one learned scalar gamma     the spec: eq. (3), (12), (15)
+``gaussian-pixel``  N(loc, sigma^2), sigma predicted per pixel    extension beyond the spec
+``dlogistic-mix``   discretized mixture of K logistics, 256 bins  extension beyond the spec (as the
+                                                                  srVAE paper / PixelCNN++)
+==================  ===========================================  ===================================
+
+A likelihood needs ``params_per_channel`` (P) decoder output channels per image channel.
+The decoder returns ``raw`` of shape ``(*, P * C, H, W)``, read as ``(*, P, C, H, W)``
+(parameter index major, so for P = 1 the raw output *is* the location). An optional
+``offset`` of shape ``(*, C, H, W)`` is added to every location parameter: the
+super-resolution decoder predicts a residual over the bilinear upsampling of y,
+``locations = offset + raw`` (section 3.1 of the spec, division of labour).
+
+Every likelihood gives
+
+* ``distribution(raw, offset=None, scale=None)``: a Pyro distribution with
+  ``event_shape == (C, H, W)`` and ``batch_shape == raw.shape[:-3]`` (``scale`` is the model's
+  learned gamma, used by ``gaussian`` only);
+* ``mean(raw, offset=None)``: the mean image (what ``sample``/``reconstruct``/``super_resolve``
+  return);
+* ``sample(raw, offset=None, scale=None)``: one draw of the observation.
+
+All three densities are densities on the *dequantized* data ``x = (k + U) / 256``, so
+``bits_per_dim = -log p(x) / (D ln 2) + 8`` stays the right conversion. For
+``dlogistic-mix`` the density is the piecewise-constant one that spreads each 8-bit bin's
+probability uniformly over the bin, ``log p(x) = log P(k = floor(256 x)) + D log 256``: the
+``+ 8`` then cancels the ``D log 256`` exactly and the bits/dim are the exact discrete
+``-log2 P(k) / D`` of the 8-bit image, with no dequantization gap (for the srVAE, whose
+model also scores y = downscale(x), this holds for the x term; y is a block average of
+dequantized pixels and is scored by the same piecewise-constant density, a valid density
+for a continuous y).
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+import pyro.distributions as dist
+from pyro.distributions import TorchDistribution, constraints
+
+LIKELIHOODS = ("gaussian", "gaussian-pixel", "dlogistic-mix")
+
+#: Number of 8-bit bins on [0, 1]; bin k is [k/256, (k+1)/256).
+NUM_BINS = 256
+BIN_WIDTH = 1.0 / NUM_BINS
+
+#: Floor on the per-pixel scale of ``gaussian-pixel``. A Gaussian fitted to one bin of
+#: dequantization noise, U(0, 1/256), has sigma = 1/(256 sqrt 12) ~ 1.1e-3, so a floor a
+#: little below it never binds for sensible fits and keeps the density bounded.
+GAUSSIAN_PIXEL_MIN_SCALE = 1e-3
+
+#: Floor on the logistic scales of ``dlogistic-mix`` (data on [0, 1]; a bin is 3.9e-3 wide).
+LOGISTIC_MIN_SCALE = 1e-4
+
+
+def _inverse_softplus(value):
+    return value + math.log(-math.expm1(-value))
+
+
+def _log1mexp(d):
+    """log(1 - exp(-d)) for d > 0, accurate at both ends (Maechler 2012).
+
+    Each branch is evaluated on inputs clamped to its own domain, so the branch that
+    ``torch.where`` discards never produces inf/NaN gradients.
+    """
+    ln2 = math.log(2.0)
+    small = torch.clamp(d, max=ln2)
+    large = torch.clamp(d, min=ln2)
+    return torch.where(d <= ln2, torch.log(-torch.expm1(-small)), torch.log1p(-torch.exp(-large)))
+
+
+class DiscretizedLogisticMixture(TorchDistribution):
+    """Per-pixel mixture of K logistics discretized to 256 bins on [0, 1] (PixelCNN++).
+
+    Parameters have shape ``batch_shape + (K,)``: ``logits`` (mixture weights, need not be
+    normalised), ``locs`` (logistic locations, data scale [0, 1]) and ``scales`` (> 0).
+    The event is a single pixel (``event_shape == ()``); use ``.to_event(3)`` for images.
+
+    Bin k covers [k/256, (k+1)/256); the first and last bins are extended to -inf and +inf,
+    so the 256 bin probabilities sum to one:
+
+        P(k) = sum_j w_j [F_j((k+1)/256) - F_j(k/256)],  F_j(-inf) = 0, F_j(+inf) = 1.
+
+    ``log_prob(x)`` is the log-density of the piecewise-constant density on [0, 1] that
+    spreads each bin's mass uniformly over the bin: ``log P(floor(256 x)) + log 256``.
+    It is computed without cancellation: for an interior bin with a = (k/256 - mu)/s and
+    b = a + 1/(256 s), ``sigmoid(b) - sigmoid(a) = sigmoid(b) sigmoid(-a) (1 - exp(-(b - a)))``,
+    so ``log P = logsigmoid(b) + logsigmoid(-a) + log1mexp(b - a)`` is accurate even for
+    bins far in the tails (where PixelCNN++ falls back to a density approximation).
+
+    Differences from PixelCNN++ (Salimans et al. 2017): the channels of a pixel are
+    independent given the decoder's inputs, each with its own K-component mixture (no
+    autoregressive coupling coefficients between R, G, B), and bins are the 8-bit bins of
+    dequantization, ``[k/256, (k+1)/256)``, not centres ``k/255``.
+    """
+
+    arg_constraints = {
+        "logits": constraints.real,
+        "locs": constraints.real,
+        "scales": constraints.positive,
+    }
+    support = constraints.unit_interval
+    has_rsample = False
+
+    def __init__(self, logits, locs, scales, validate_args=None):
+        logits, locs, scales = torch.broadcast_tensors(logits, locs, scales)
+        if logits.dim() < 1:
+            raise ValueError("DiscretizedLogisticMixture parameters need a trailing mixture dimension")
+        self.logits = logits
+        self.locs = locs
+        self.scales = scales
+        super().__init__(batch_shape=locs.shape[:-1], event_shape=torch.Size(), validate_args=validate_args)
+
+    @property
+    def num_components(self):
+        return self.locs.shape[-1]
+
+    @property
+    def log_weights(self):
+        return F.log_softmax(self.logits, dim=-1)
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(DiscretizedLogisticMixture, _instance)
+        batch_shape = torch.Size(batch_shape)
+        shape = batch_shape + (self.num_components,)
+        new.logits = self.logits.expand(shape)
+        new.locs = self.locs.expand(shape)
+        new.scales = self.scales.expand(shape)
+        super(DiscretizedLogisticMixture, new).__init__(batch_shape, torch.Size(), validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    @staticmethod
+    def bin_index(value):
+        """k = floor(256 x), clamped to 0..255 (x = 1 falls in the last bin)."""
+        return torch.clamp(torch.floor(value * NUM_BINS), 0, NUM_BINS - 1)
+
+    def _component_bin_log_mass(self, k):
+        """log of the probability of bin k (float tensor) under each component, ``(..., K)``."""
+        inv_scale = self.scales.reciprocal()
+        lower = (k * BIN_WIDTH - self.locs) * inv_scale
+        upper = ((k + 1) * BIN_WIDTH - self.locs) * inv_scale
+        zero = torch.zeros((), dtype=lower.dtype, device=lower.device)
+        log_cdf_upper = torch.where(k < NUM_BINS - 1, F.logsigmoid(upper), zero)  # log F(upper edge)
+        log_sf_lower = torch.where(k > 0, F.logsigmoid(-lower), zero)  # log(1 - F(lower edge))
+        interior = (k > 0) & (k < NUM_BINS - 1)
+        log_width = torch.where(interior, _log1mexp(BIN_WIDTH * inv_scale), zero)
+        return log_cdf_upper + log_sf_lower + log_width
+
+    def log_prob(self, value):
+        if self._validate_args:
+            self._validate_sample(value)
+        k = self.bin_index(value).unsqueeze(-1)
+        log_mass = torch.logsumexp(self.log_weights + self._component_bin_log_mass(k), dim=-1)
+        return log_mass + math.log(NUM_BINS)
+
+    def bin_log_probs(self):
+        """log P(k) for all 256 bins, shape ``batch_shape + (256,)``; sums (exp) to one.
+
+        Materialises ``batch x K x 256`` values: for checks and small batches.
+        """
+        k = torch.arange(NUM_BINS, dtype=self.locs.dtype, device=self.locs.device)
+        k = k.reshape((NUM_BINS,) + (1,) * (self.locs.dim()))  # (256, *batch, 1)
+        log_mass = torch.logsumexp(self.log_weights + self._component_bin_log_mass(k), dim=-1)  # (256, *batch)
+        return log_mass.movedim(0, -1)
+
+    def sample(self, sample_shape=torch.Size()):
+        """A draw of the piecewise-constant density: bin k ~ P, then x uniform in the bin."""
+        shape = self._extended_shape(sample_shape)
+        with torch.no_grad():
+            component = dist.Categorical(logits=self.logits).sample(sample_shape).unsqueeze(-1)
+            locs = self.locs.expand(shape + (self.num_components,)).gather(-1, component).squeeze(-1)
+            scales = self.scales.expand(shape + (self.num_components,)).gather(-1, component).squeeze(-1)
+            tiny = torch.finfo(locs.dtype).tiny
+            uniform = torch.rand(shape, dtype=locs.dtype, device=locs.device).clamp(tiny, 1 - 1e-7)
+            continuous = locs + scales * (torch.log(uniform) - torch.log1p(-uniform))  # logistic draw
+            k = self.bin_index(continuous)
+            within = torch.rand(shape, dtype=locs.dtype, device=locs.device)
+            # k + within may round up to k + 1 in floating point; stay inside bin k.
+            summed = torch.minimum(k + within, torch.nextafter(k + 1, k))
+            return summed * BIN_WIDTH
+
+    @property
+    def mean(self):
+        """E[x] of the piecewise-constant density: sum_j w_j (E_j[k] + 1/2) / 256, exact to ~1e-6.
+
+        E_j[k] = sum_{i=1}^{255} sigmoid((mu_j - i/256) / s_j) (tail-sum formula). For
+        s_j > 1/256 the sum is evaluated by Euler-Maclaurin (closed-form integral of the
+        logistic survival function plus endpoint and first-derivative corrections; the next
+        term is below 4e-4 bins); for s_j <= 1/256 only the terms within 24 bins of mu_j are
+        not saturated, and those are summed exactly. Cost: ~50 sigmoids per pixel and
+        component at most, instead of 255.
+        """
+        expected_bin = _discretized_logistic_expected_bin(self.locs, self.scales)
+        component_means = (expected_bin + 0.5) * BIN_WIDTH
+        return (F.softmax(self.logits, dim=-1) * component_means).sum(-1)
+
+
+_WINDOW = 24  # half-width, in bins, of the exact sum for narrow logistics
+
+
+def _discretized_logistic_expected_bin(locs, scales):
+    """E[k] for k the 256-bin discretization (edge bins extended) of Logistic(locs, scales)."""
+    w = BIN_WIDTH
+    result = torch.empty_like(locs)
+    narrow = scales <= w
+    # Wide logistics: Euler-Maclaurin for sum_{i=1}^{255} g(i w), g(t) = sigmoid((mu - t)/s).
+    # float64: the integral is a difference of two softplus values of nearly equal size when s is large.
+    mu, s = locs[~narrow].double(), scales[~narrow].double()
+    if mu.numel():
+        a0, a1 = mu / s, (mu - 1.0) / s
+        integral = s * (F.softplus(a0) - F.softplus(a1))  # int_0^1 g(t) dt
+        g0, g1 = torch.sigmoid(a0), torch.sigmoid(a1)
+        dg0, dg1 = -g0 * (1 - g0) / s, -g1 * (1 - g1) / s  # g'(0), g'(1)
+        result[~narrow] = (integral / w - (g0 + g1) / 2 + (w / 12) * (dg1 - dg0)).to(result.dtype)
+    # Narrow logistics: terms more than _WINDOW bins from mu are 0 or 1 to float precision.
+    mu, s = locs[narrow], scales[narrow]
+    if mu.numel():
+        centre = torch.clamp(torch.round(mu / w), 0, NUM_BINS)
+        offsets = torch.arange(-_WINDOW + 1, _WINDOW, dtype=mu.dtype, device=mu.device)
+        edges = centre.unsqueeze(-1) + offsets  # edge indices i
+        valid = (edges >= 1) & (edges <= NUM_BINS - 1)
+        terms = torch.sigmoid((mu.unsqueeze(-1) - edges * w) / s.unsqueeze(-1))
+        saturated_below = torch.clamp(centre - _WINDOW, min=0, max=NUM_BINS - 1)  # edges 1..centre-WINDOW
+        result[narrow] = saturated_below + (terms * valid).sum(-1)
+    return result
+
+
+class Likelihood:
+    """Base class: maps a decoder's raw output to an observation distribution."""
+
+    name = None
+    params_per_channel = 1
+    #: True when the model must pass its learned scalar gamma as ``scale``.
+    uses_global_scale = False
+
+    def out_channels(self, channels):
+        """Decoder output channels needed for an image with ``channels`` channels."""
+        return self.params_per_channel * channels
+
+    def _split(self, raw):
+        """(*, P*C, H, W) -> (*, P, C, H, W)."""
+        p = self.params_per_channel
+        if raw.shape[-3] % p:
+            raise ValueError(f"{self.name} needs a multiple of {p} channels, got raw output {tuple(raw.shape)}")
+        return raw.unflatten(-3, (p, raw.shape[-3] // p))
+
+    @staticmethod
+    def _locate(loc, offset):
+        return loc if offset is None else offset + loc
+
+    def distribution(self, raw, offset=None, scale=None):
+        raise NotImplementedError
+
+    def mean(self, raw, offset=None):
+        raise NotImplementedError
+
+    def sample(self, raw, offset=None, scale=None):
+        return self.distribution(raw, offset, scale).sample()
+
+    def __repr__(self):
+        return f"{type(self).__name__}()"
+
+
+class GaussianLikelihood(Likelihood):
+    """The spec's decoder: N(loc, gamma^2 I) with the model's learned scalar gamma.
+
+    eq. (3) p(x|z), eq. (12) p(y|u), eq. (15) p(x|y,z). ``raw`` (C channels) is the mean.
+    """
+
+    name = "gaussian"
+    params_per_channel = 1
+    uses_global_scale = True
+
+    def distribution(self, raw, offset=None, scale=None):
+        if scale is None:
+            raise ValueError("the gaussian likelihood needs the model's learned scale gamma")
+        return dist.Normal(self._locate(raw, offset), scale).to_event(3)
+
+    def mean(self, raw, offset=None):
+        return self._locate(raw, offset)
+
+    def sample(self, raw, offset=None, scale=None):
+        loc = self.mean(raw, offset)
+        return loc + scale * torch.randn_like(loc)
+
+
+class GaussianPixelLikelihood(Likelihood):
+    """N(loc, sigma^2) with a per-pixel sigma predicted by the decoder (beyond the spec).
+
+    Channels ``[0, C)`` are the locations, ``[C, 2C)`` the raw scales:
+    ``sigma = softplus(raw + b) + 1e-3``, where the constant b makes sigma = ``scale_init``
+    for raw = 0 (the same starting point as the spec's gamma).
+    """
+
+    name = "gaussian-pixel"
+    params_per_channel = 2
+
+    def __init__(self, scale_init=0.1, min_scale=GAUSSIAN_PIXEL_MIN_SCALE):
+        if not scale_init > min_scale:
+            raise ValueError(f"scale_init must exceed the scale floor {min_scale}, got {scale_init!r}")
+        self.min_scale = min_scale
+        self.shift = _inverse_softplus(scale_init - min_scale)
+
+    def loc_and_scale(self, raw, offset=None):
+        params = self._split(raw)
+        loc = self._locate(params[..., 0, :, :, :], offset)
+        scale = F.softplus(params[..., 1, :, :, :] + self.shift) + self.min_scale
+        return loc, scale
+
+    def distribution(self, raw, offset=None, scale=None):
+        return dist.Normal(*self.loc_and_scale(raw, offset)).to_event(3)
+
+    def mean(self, raw, offset=None):
+        return self.loc_and_scale(raw, offset)[0]
+
+    def __repr__(self):
+        return f"GaussianPixelLikelihood(min_scale={self.min_scale})"
+
+
+class DiscretizedLogisticMixtureLikelihood(Likelihood):
+    """Discretized mixture of K logistics per pixel and channel (beyond the spec; srVAE paper).
+
+    ``3K`` parameters per channel: ``[0, K)`` mixture logits, ``[K, 2K)`` locations,
+    ``[2K, 3K)`` raw scales, ``s = softplus(raw + b) + 1e-4`` with b chosen so that raw = 0
+    gives a logistic of standard deviation ``scale_init`` (s = scale_init sqrt(3) / pi).
+    See :class:`DiscretizedLogisticMixture` for the distribution and its exact bits/dim.
+    """
+
+    name = "dlogistic-mix"
+
+    def __init__(self, num_components=10, scale_init=0.1, min_scale=LOGISTIC_MIN_SCALE):
+        if int(num_components) != num_components or num_components < 1:
+            raise ValueError(f"likelihood_components must be a positive integer, got {num_components!r}")
+        initial = scale_init * math.sqrt(3.0) / math.pi
+        if not initial > min_scale:
+            raise ValueError(f"scale_init too small for the logistic scale floor, got {scale_init!r}")
+        self.num_components = int(num_components)
+        self.params_per_channel = 3 * self.num_components
+        self.min_scale = min_scale
+        self.shift = _inverse_softplus(initial - min_scale)
+
+    def parameters(self, raw, offset=None):
+        """(logits, locs, scales), each ``(*, C, H, W, K)``."""
+        k = self.num_components
+        params = self._split(raw).unflatten(-4, (3, k)).movedim(-4, -1)  # (*, 3, C, H, W, K)
+        logits, locs, raw_scales = params.unbind(-5)
+        if offset is not None:
+            locs = offset.unsqueeze(-1) + locs
+        scales = F.softplus(raw_scales + self.shift) + self.min_scale
+        return logits, locs, scales
+
+    def pixel_distribution(self, raw, offset=None):
+        """The per-pixel :class:`DiscretizedLogisticMixture` (``event_shape == ()``)."""
+        return DiscretizedLogisticMixture(*self.parameters(raw, offset))
+
+    def distribution(self, raw, offset=None, scale=None):
+        return self.pixel_distribution(raw, offset).to_event(3)
+
+    def mean(self, raw, offset=None):
+        return self.pixel_distribution(raw, offset).mean
+
+    def __repr__(self):
+        return f"DiscretizedLogisticMixtureLikelihood(num_components={self.num_components})"
+
+
+def make_likelihood(name, num_components=10, scale_init=0.1):
+    """The likelihood called ``name`` (one of :data:`LIKELIHOODS`)."""
+    if name == "gaussian":
+        return GaussianLikelihood()
+    if name == "gaussian-pixel":
+        return GaussianPixelLikelihood(scale_init)
+    if name == "dlogistic-mix":
+        return DiscretizedLogisticMixtureLikelihood(num_components, scale_init)
+    raise ValueError(f"unknown likelihood {name!r}; expected one of {', '.join(LIKELIHOODS)}")

@@ -1,0 +1,743 @@
+"""Using a trained srVAE on a user's own images: tiled super-resolution with uncertainty.
+
+:func:`superresolve_image` super-resolves one low-resolution image tensor of any size;
+:func:`superresolve` does the same for image files (PNG / JPEG / TIFF) and ``.npy``
+arrays, from a checkpoint or a model, and writes the results; ``pyro-srvae
+superresolve`` is its command line. :func:`load_model` rebuilds a model from a
+training checkpoint and :func:`evaluate_checkpoint` re-runs the evaluation of
+"Train and evaluate" on it (``pyro-srvae evaluate``).
+
+Tiling
+------
+The model takes low-resolution tiles of its training size ``model.lr_shape[1:]``
+(14x14 for 28x28 Fashion-MNIST and factor 2). An image of another size is cut into
+tiles that overlap by ``overlap`` low-resolution pixels (default: half a tile) and
+that lie on a regular grid of stride ``tile - overlap``. The image is first padded by
+reflection (``overlap // 2`` pixels on each side, so border pixels also get context
+from the padding rather than sitting on a tile edge), then further, evenly on both
+sides, up to the smallest grid that covers it; tiles that reach outside the image see
+the reflection. Each tile's high-resolution output is weighted by a separable
+raised-cosine window ``w(i) = sin^2(pi (i + 1/2) / T)`` over its ``T = factor * tile``
+pixels, positive everywhere and smallest at the tile's edges, where convolutions see
+their zero padding; the weights of each output pixel are normalised to sum to one,
+then the padding is cropped: the result is exactly ``factor * H x factor * W``.
+
+* With ``overlap=0`` and an image a multiple of the tile size, no padding is needed,
+  every output pixel comes from exactly one tile with weight exactly 1, and the result
+  is bit for bit the model's output on each tile.
+* Where tiles overlap, an output pixel is a convex combination of the tiles covering
+  it with weights that vary smoothly and vanish towards each tile's edge: no seams.
+  For a model whose output is local (each output pixel depends only on nearby input
+  pixels) the blend reproduces the output on the whole image exactly.
+
+Samples and statistics
+----------------------
+Every tile of every draw is a decoder mean x = mu(y, z[, u]) with u ~ q(u|y) and
+z ~ p(z|y,u) drawn for that tile (:meth:`pyro_srvae.SRVAE.super_resolve`), batched
+over tiles and draws. Draw s of the image is the blend of draw s of its tiles; the
+posterior mean and the per-pixel standard deviation are then taken over the blended
+draws (population std, ``correction=0``, as ``super_resolve``). Blending draws first
+and computing statistics after is what makes the std the spread of whole-image
+samples; the std is exactly zero when the decoder ignores the latents. Latents are
+drawn from torch's RNG seeded with ``seed`` inside ``torch.random.fork_rng``: the
+same call gives the same result, each input of :func:`superresolve` is seeded alike,
+and the caller's RNG state is left as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+import sys
+import zipfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+import pyro
+
+from .checkpoint import CheckpointError, load_checkpoint
+from .images import ImageError, load_image, to_uint8_image
+from .models import SuperResolution
+
+__all__ = [
+    "DEFAULT_OUT_DIR",
+    "OUTPUT_SUFFIXES",
+    "SuperResolveError",
+    "SuperResolvedImage",
+    "evaluate_checkpoint",
+    "load_model",
+    "superresolve",
+    "superresolve_image",
+]
+
+DEFAULT_SAMPLES = 16
+DEFAULT_OUT_DIR = "superresolved"
+# What superresolve writes for an input <name>, keyed as in SuperResolvedImage.files.
+OUTPUT_SUFFIXES = {
+    "mean_png": "_sr_mean.png",
+    "mean_npy": "_sr_mean.npy",
+    "std_npy": "_sr_std.npy",
+    "uncertainty_png": "_uncertainty.png",
+    "samples_npy": "_sr_samples.npy",
+    "samples_png": "_sr_samples.png",
+}
+STRIP_MAX_SAMPLES = 16
+
+
+class SuperResolveError(ValueError):
+    """Inputs that cannot be super-resolved: one one-line message per problem in ``messages``."""
+
+    def __init__(self, messages):
+        self.messages = [messages] if isinstance(messages, str) else list(messages)
+        if len(self.messages) == 1:
+            text = self.messages[0]
+        else:
+            text = f"{len(self.messages)} inputs cannot be used: " + "; ".join(self.messages)
+        super().__init__(text)
+
+
+@dataclass
+class SuperResolvedImage:
+    """The result for one input file.
+
+    ``mean`` and ``std`` are float32 ``(C, f*H, f*W)``, ``samples`` ``(S, C, f*H, f*W)``
+    (``None`` with ``return_arrays=False``);
+    ``files`` maps the keys of :data:`OUTPUT_SUFFIXES` to the written paths (empty when
+    nothing was written); ``note`` says how the image's channels were converted, if they were.
+    """
+
+    input: Path
+    mean: Optional[np.ndarray]
+    std: Optional[np.ndarray]
+    samples: Optional[np.ndarray]
+    files: Dict[str, Path] = field(default_factory=dict)
+    note: Optional[str] = None
+
+
+# --------------------------------------------------------------------------- #
+# Models from checkpoints
+# --------------------------------------------------------------------------- #
+def _resolve_device(device) -> Optional[torch.device]:
+    if device is None:
+        return None
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda: no CUDA GPU is available (use auto or cpu)")
+    return device
+
+
+def _image_shape(config, state):
+    """(C, H, W) of the training images: from the dataset's name, else from the weights."""
+    from . import data
+
+    shapes = getattr(data, "_IMAGE_SHAPES", {})
+    if config.dataset in shapes:
+        return tuple(shapes[config.dataset])
+    # An srVAE's tensors give C and the low-resolution area; assume square images.
+    try:
+        channels = int(state["encoder_u.features.net.0.weight"].shape[1])
+        cells = int(state["decoder_x.project.0.weight"].shape[0]) // 8
+    except (KeyError, AttributeError, IndexError, TypeError):
+        return None
+    side = math.isqrt(cells)
+    return (channels, side * config.factor, side * config.factor) if side * side == cells else None
+
+
+def _load(checkpoint, device=None, require_super_resolution=True):
+    """(model, config, payload) from a training checkpoint; CheckpointError with one line."""
+    from .training import ConfigError, TrainConfig, build_model
+
+    path = Path(checkpoint)
+    if path.is_file() and not zipfile.is_zipfile(path):
+        # torch.save writes zip archives; say so rather than relay torch.load's advice.
+        raise CheckpointError(f"{path} is not a pyro-srvae checkpoint (not a file written by torch.save)")
+    payload = load_checkpoint(path)
+    try:
+        config = TrainConfig.from_dict(dict(payload["config"]))
+    except (TypeError, ValueError, ConfigError) as error:
+        raise CheckpointError(f"{path} has an unusable configuration: {error}") from None
+    if require_super_resolution and config.model != "srvae":
+        raise CheckpointError(
+            f"{path} is a checkpoint of a plain VAE (--model {config.model}), which cannot super-resolve; "
+            "give a checkpoint trained with --model srvae"
+        )
+    state = payload["model_state"]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds no model weights")
+    shape = _image_shape(config, state)
+    if shape is None:
+        raise CheckpointError(f"{path}: cannot tell the image size of dataset {config.dataset!r}")
+    try:
+        model = build_model(config, shape)
+        model.load_state_dict(state, strict=True)
+    except (ConfigError, RuntimeError, ValueError, KeyError, TypeError) as error:
+        text = str(error).strip()
+        first_line = text.splitlines()[0] if text else type(error).__name__
+        raise CheckpointError(f"{path} does not match its own configuration: {first_line}") from None
+    device = _resolve_device(device if device is not None else "auto")
+    model = model.to(device).eval()
+    return model, config, payload
+
+
+def load_model(checkpoint, *, device="auto", require_super_resolution=True):
+    """The trained VAE/SRVAE of a ``checkpoint.pt``, in eval mode on ``device``.
+
+    The architecture comes from the checkpoint's configuration (``build_model``) and the
+    weights must load strictly. Raises :class:`pyro_srvae.checkpoint.CheckpointError`
+    (one line) for a missing, corrupt or foreign file, and, unless
+    ``require_super_resolution=False``, for the checkpoint of a plain VAE.
+    """
+    return _load(checkpoint, device, require_super_resolution)[0]
+
+
+def _check_sr_model(model):
+    if not (hasattr(model, "super_resolve") and hasattr(model, "lr_shape") and hasattr(model, "factor")):
+        raise TypeError(f"super-resolution needs an SRVAE, got {type(model).__name__}")
+    return model
+
+
+def _model_device(model):
+    try:
+        return next(model.parameters()).device
+    except (AttributeError, StopIteration):
+        return torch.device("cpu")
+
+
+# --------------------------------------------------------------------------- #
+# Tiling and blending
+# --------------------------------------------------------------------------- #
+@dataclass(frozen=True)
+class AxisPlan:
+    """Tiles along one axis, in low-resolution pixels of the padded image."""
+
+    length: int  # of the image
+    tile: int
+    stride: int
+    pad_before: int
+    padded: int  # length after padding
+    starts: Tuple[int, ...]
+
+    @property
+    def pad_after(self):
+        return self.padded - self.length - self.pad_before
+
+
+def plan_axis(length: int, tile: int, overlap: int) -> AxisPlan:
+    """A regular grid of ``tile``-long windows overlapping by ``overlap``, covering ``length`` pixels.
+
+    The image is padded by ``overlap // 2`` on both sides, then (evenly) up to the
+    smallest grid that covers it; with ``overlap=0`` and a multiple of ``tile``
+    there is no padding at all.
+    """
+    if not 0 <= overlap < tile:
+        raise ValueError(f"overlap must be in [0, {tile - 1}] for tiles of {tile} pixels, got {overlap}")
+    stride = tile - overlap
+    span = length + 2 * (overlap // 2)
+    count = 1 if span <= tile else math.ceil((span - tile) / stride) + 1
+    padded = (count - 1) * stride + tile
+    return AxisPlan(length, tile, stride, (padded - length) // 2, padded, tuple(k * stride for k in range(count)))
+
+
+def tile_window(size: int) -> torch.Tensor:
+    """The raised-cosine blending weights ``sin^2(pi (i + 1/2) / size)``: positive, peaked mid-tile."""
+    i = torch.arange(size, dtype=torch.float64)
+    return torch.sin(math.pi * (i + 0.5) / size) ** 2
+
+
+def _normalised_weights(plan: AxisPlan, factor: int) -> List[torch.Tensor]:
+    """Per tile, its window divided by the sum of all windows, along one high-resolution axis.
+
+    A pixel covered by one tile gets weight ``w / w``, exactly 1.
+    """
+    size = plan.tile * factor
+    window = tile_window(size)
+    total = torch.zeros(plan.padded * factor, dtype=torch.float64)
+    for start in plan.starts:
+        total[start * factor : start * factor + size] += window
+    return [(window / total[s * factor : s * factor + size]).float() for s in plan.starts]
+
+
+def _reflect_indices(length: int, before: int, after: int) -> torch.Tensor:
+    """Indices that pad ``length`` pixels by reflection (any width; edge copy for one pixel)."""
+    index = torch.arange(-before, length + after)
+    if length == 1:
+        return torch.zeros_like(index)
+    period = 2 * (length - 1)
+    index = index.remainder(period)
+    return torch.where(index < length, index, period - index)
+
+
+def _as_image_tensor(y, channels):
+    if isinstance(y, np.ndarray):
+        y = torch.from_numpy(y)
+    if not torch.is_tensor(y):
+        raise TypeError(f"y must be a tensor or array (C, H, W) or (H, W), got {type(y).__name__}")
+    if y.dim() == 2:
+        y = y.unsqueeze(0)
+    if y.dim() != 3:
+        raise ValueError(f"y must have shape (C, H, W) or (H, W), got {tuple(y.shape)}")
+    if not y.is_floating_point():
+        raise ValueError(f"y must hold floats in [0, 1], got dtype {y.dtype}")
+    if y.shape[0] != channels:
+        raise ValueError(f"y has {y.shape[0]} channel(s), the model takes {channels}")
+    if y.numel():
+        low, high = (v.item() for v in torch.aminmax(y.detach()))
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise ValueError("y contains NaN or infinite values")
+        if low < 0.0 or high > 1.0:
+            raise ValueError(f"y must have values in [0, 1], got [{low:.4g}, {high:.4g}]")
+    return y.detach().float()
+
+
+def _sample_statistics(samples: torch.Tensor):
+    """Mean and population std over dim 0, computed around the first draw.
+
+    Shifting by draw 0 makes both exact when all draws are equal: the mean is the draw
+    and the std is 0, not a rounding residue. One draw at a time bounds the memory.
+    """
+    first = samples[0]
+    shift = torch.zeros_like(first)
+    for draw in samples:
+        shift += draw - first
+    shift /= samples.shape[0]
+    var = torch.zeros_like(first)
+    for draw in samples:
+        var += (draw - first - shift) ** 2
+    var /= samples.shape[0]
+    return first + shift, var.sqrt()
+
+
+@torch.no_grad()
+def superresolve_image(model, y, num_samples=DEFAULT_SAMPLES, *, overlap=None, seed=0, tile_batch=None, device=None):
+    """Super-resolve one low-resolution image ``y`` of any size with an :class:`~pyro_srvae.SRVAE`.
+
+    Args:
+        model: a trained SRVAE (any object with ``super_resolve``, ``lr_shape``, ``factor``).
+        y: float tensor or array ``(C, H, W)`` (or ``(H, W)``) with values in [0, 1],
+            ``C`` the model's channels and ``H, W >= model.factor``.
+        num_samples: draws of x per tile (all blended per draw).
+        overlap: overlap of neighbouring tiles in low-resolution pixels, an int or an
+            ``(h, w)`` pair; default half a tile. ``0``: plain non-overlapping tiles.
+        seed: seeds the latent draws (inside ``fork_rng``); ``None`` draws from the
+            global RNG as it stands.
+        tile_batch: tiles per network call (each with ``num_samples`` draws); default
+            ``256 // num_samples`` on a CPU, ``8192 // num_samples`` on a GPU (at least 1).
+        device: where to compute (default: the model's device); the model is moved there.
+
+    Returns a :class:`~pyro_srvae.SuperResolution` of CPU tensors: ``mean`` and ``std``
+    ``(C, f*H, f*W)`` and ``samples`` ``(S, C, f*H, f*W)``.
+    """
+    model = _check_sr_model(model)
+    if isinstance(num_samples, bool) or int(num_samples) != num_samples or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    num_samples = int(num_samples)
+    channels, tile_h, tile_w = model.lr_shape
+    factor = model.factor
+    y = _as_image_tensor(y, channels)
+    _, height, width = y.shape
+    if height < factor or width < factor:
+        raise ValueError(
+            f"y is {height}x{width} pixels, smaller than one {factor}x{factor} low-resolution pixel block"
+        )
+    if overlap is None:
+        overlap = (tile_h // 2, tile_w // 2)
+    overlap_h, overlap_w = (overlap, overlap) if isinstance(overlap, int) else tuple(overlap)
+    plan_h, plan_w = plan_axis(height, tile_h, int(overlap_h)), plan_axis(width, tile_w, int(overlap_w))
+    device = _resolve_device(device) or _model_device(model)
+    if tile_batch is None:
+        # About 256 tile draws per network call on a CPU (larger batches fall out of the
+        # caches), 8192 on a GPU.
+        tile_batch = max(1, (8192 if device.type == "cuda" else 256) // num_samples)
+    if int(tile_batch) < 1:
+        raise ValueError(f"tile_batch must be a positive integer, got {tile_batch!r}")
+    if hasattr(model, "to"):
+        model.to(device)
+    rows = _reflect_indices(height, plan_h.pad_before, plan_h.pad_after).to(device)
+    cols = _reflect_indices(width, plan_w.pad_before, plan_w.pad_after).to(device)
+    padded = y.to(device)[:, rows][:, :, cols]
+    weights_h = [w.to(device) for w in _normalised_weights(plan_h, factor)]
+    weights_w = [w.to(device) for w in _normalised_weights(plan_w, factor)]
+    hr_h, hr_w = tile_h * factor, tile_w * factor
+    canvas = torch.zeros(num_samples, channels, plan_h.padded * factor, plan_w.padded * factor, device=device)
+    tiles = [(a, b) for a in range(len(plan_h.starts)) for b in range(len(plan_w.starts))]  # row-major
+
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    was_training = getattr(model, "training", None)
+    if hasattr(model, "eval"):
+        model.eval()
+    try:
+        # A private param store: pyro.module inside super_resolve must not meet (or leave)
+        # another model's parameters under the same name in the caller's store.
+        with pyro.get_param_store().scope(), torch.random.fork_rng(devices=cuda, enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            for first in range(0, len(tiles), int(tile_batch)):
+                chunk = tiles[first : first + int(tile_batch)]
+                batch = torch.stack(
+                    [
+                        padded[:, plan_h.starts[a] : plan_h.starts[a] + tile_h, plan_w.starts[b] : plan_w.starts[b] + tile_w]
+                        for a, b in chunk
+                    ]
+                )
+                draws = model.super_resolve(batch, num_samples=num_samples).samples  # (S, B, C, hr_h, hr_w)
+                for k, (a, b) in enumerate(chunk):
+                    top, left = plan_h.starts[a] * factor, plan_w.starts[b] * factor
+                    weight = weights_h[a][:, None] * weights_w[b][None, :]
+                    canvas[:, :, top : top + hr_h, left : left + hr_w] += draws[:, k] * weight
+    finally:
+        if was_training is not None and hasattr(model, "train"):
+            model.train(was_training)
+
+    top, left = plan_h.pad_before * factor, plan_w.pad_before * factor
+    samples = canvas[:, :, top : top + height * factor, left : left + width * factor]
+    mean, std = _sample_statistics(samples)
+    return SuperResolution(mean=mean.cpu(), std=std.cpu(), samples=samples.cpu().contiguous())
+
+
+# --------------------------------------------------------------------------- #
+# Files
+# --------------------------------------------------------------------------- #
+class _StagedFiles:
+    """Write files under temporary names in one folder, then rename them all, or none."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.pending: List[Tuple[Path, Path]] = []
+
+    def _temporary(self, final: Path) -> Path:
+        return self.directory / f".{final.name}.{os.getpid()}.{secrets.token_hex(4)}.partial"
+
+    def write(self, final: Path, write):
+        """``write(handle)`` into a fresh temporary file that becomes ``final`` on commit."""
+        tmp = self._temporary(final)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        self.pending.append((tmp, final))
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def write_via_path(self, final: Path, write):
+        """``write(tmp_path)`` for writers that take a path (and are atomic themselves)."""
+        tmp = self._temporary(final)
+        self.pending.append((tmp, final))
+        write(tmp)
+
+    def commit(self):
+        for tmp, final in self.pending:
+            os.replace(tmp, final)
+        self.pending = []
+        try:
+            fd = os.open(self.directory, os.O_RDONLY)
+        except OSError:  # pragma: no cover - platforms without directory fds
+            return
+        try:
+            os.fsync(fd)
+        except OSError:  # pragma: no cover
+            pass
+        finally:
+            os.close(fd)
+
+    def abort(self):
+        for tmp, _ in self.pending:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+        self.pending = []
+
+
+def _output_names(paths: Sequence[Path]) -> List[str]:
+    """File-name stems for the outputs; inputs sharing a stem get their extension, then a number."""
+    stems = Counter(p.stem for p in paths)
+    names, used = [], set()
+    for path in paths:
+        name = path.stem
+        if stems[name] > 1 and path.suffix:
+            name = f"{name}_{path.suffix.lstrip('.').lower()}"
+        candidate, number = name, 2
+        while candidate in used:
+            candidate, number = f"{name}_{number}", number + 1
+        used.add(candidate)
+        names.append(candidate)
+    return names
+
+
+def output_paths(out_dir, name) -> Dict[str, Path]:
+    return {key: Path(out_dir) / f"{name}{suffix}" for key, suffix in OUTPUT_SUFFIXES.items()}
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _save_npy(array):
+    return lambda handle: np.save(handle, np.ascontiguousarray(array), allow_pickle=False)
+
+
+def _write_outputs(out_dir: Path, files: Dict[str, Path], result: SuperResolution, label: str):
+    """The six files of one input, all renamed into place at the end or none at all."""
+    from . import plots
+
+    mean, std, samples = result.mean, result.std, result.samples
+    shown = min(samples.shape[0], STRIP_MAX_SAMPLES)
+    staged = _StagedFiles(out_dir)
+    try:
+        staged.write(files["mean_png"], lambda h: to_uint8_image(mean.numpy()).save(h, format="PNG"))
+        staged.write(files["mean_npy"], _save_npy(mean.numpy()))
+        staged.write(files["std_npy"], _save_npy(std.numpy()))
+        staged.write(files["samples_npy"], _save_npy(samples.numpy()))
+        staged.write_via_path(
+            files["uncertainty_png"],
+            lambda tmp: plots.plot_uncertainty(
+                mean, std, tmp, title=f"{label}: SR mean and per-pixel std over {samples.shape[0]} samples"
+            ),
+        )
+        count = f"{shown} of {samples.shape[0]}" if shown < samples.shape[0] else f"{shown}"
+        staged.write_via_path(
+            files["samples_png"],
+            lambda tmp: plots.plot_sample_strip(
+                samples, tmp, max_images=STRIP_MAX_SAMPLES, title=f"{label}: {count} SR samples"
+            ),
+        )
+        staged.commit()
+    except BaseException:
+        staged.abort()
+        raise
+
+
+def superresolve(
+    model,
+    inputs,
+    num_samples=DEFAULT_SAMPLES,
+    out_dir=None,
+    *,
+    overlap=None,
+    seed=0,
+    device=None,
+    tile_batch=None,
+    progress=False,
+    log=None,
+    return_arrays=True,
+) -> List[SuperResolvedImage]:
+    """Super-resolve image files with a trained srVAE and, with ``out_dir``, write the results.
+
+    Args:
+        model: a ``checkpoint.pt`` path (see :func:`load_model`) or an SRVAE.
+        inputs: a path or a list of paths: PNG / JPEG / TIFF images or ``.npy`` arrays
+            ``(H, W)`` or ``(C, H, W)`` (uint8, uint16 or floats in [0, 1]), of any size
+            of at least ``factor`` pixels a side. Grey and RGB images are converted to the
+            model's channels where that is unambiguous (:func:`pyro_srvae.images.match_channels`).
+        num_samples: SR draws per image.
+        out_dir: where to write, for an input ``name.ext``: ``name_sr_mean.png`` and
+            ``.npy`` (the posterior mean), ``name_sr_std.npy`` and ``name_uncertainty.png``
+            (per-pixel std, with a colour bar), ``name_sr_samples.npy`` and ``.png``
+            (the draws). ``None``: write nothing, only return the arrays.
+        overlap, seed, tile_batch, device: as in :func:`superresolve_image`.
+        progress: a progress bar over the inputs.
+        log: called with one-line notes (channel conversions, files written).
+        return_arrays: ``False`` returns results without ``mean``, ``std`` and
+            ``samples`` (``None``), so that memory does not grow with the number of inputs.
+
+    Every input is read and checked, and the output names are checked against the
+    inputs, before anything is computed or written: a bad input raises
+    :class:`SuperResolveError` (one line per problem) and leaves no file. Each input's
+    files are written under temporary names and renamed together at the end; an input
+    file is never overwritten. Raises :class:`~pyro_srvae.checkpoint.CheckpointError`
+    for a bad checkpoint.
+
+    Returns one :class:`SuperResolvedImage` per input, in order (duplicates removed).
+    """
+    if isinstance(num_samples, bool) or int(num_samples) != num_samples or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    if isinstance(model, (str, os.PathLike)):
+        model = load_model(model, device=device if device is not None else "auto")
+    try:
+        _check_sr_model(model)
+    except TypeError as error:
+        raise SuperResolveError(str(error)) from None
+    log = log or (lambda *_: None)
+
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    paths, seen = [], set()
+    for item in inputs:
+        path = Path(item)
+        key = os.path.abspath(path)
+        if key not in seen:
+            seen.add(key)
+            paths.append(path)
+    if not paths:
+        raise SuperResolveError("no input given")
+
+    channels, factor = model.lr_shape[0], model.factor
+    # Check every input first (each is read again when its turn comes: memory stays
+    # bounded by one image however many there are).
+    notes, errors = [], []
+    for path in paths:
+        try:
+            notes.append(load_image(path, channels, min_size=factor)[1])
+        except ImageError as error:
+            errors.append(str(error))
+    if errors:
+        raise SuperResolveError(errors)
+
+    planned: List[Dict[str, Path]] = [{} for _ in paths]
+    names = [path.stem for path in paths]
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        if out_dir.exists() and not out_dir.is_dir():
+            raise SuperResolveError(f"{out_dir}: the output folder is an existing file")
+        names = _output_names(paths)
+        planned = [output_paths(out_dir, name) for name in names]
+        clashes = [
+            f"{source}: the output {target} would overwrite an input; choose another output folder"
+            for files in planned
+            for target in files.values()
+            for source in paths
+            if _same_file(target, source)
+        ]
+        if clashes:
+            raise SuperResolveError(clashes)
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise SuperResolveError(f"{out_dir}: cannot create the output folder ({error.strerror or error})") from None
+
+    for path, note in zip(paths, notes):
+        if note:
+            log(f"note: {path}: {note}")
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(paths), disable=not progress, unit="image", dynamic_ncols=True, file=sys.stderr)
+    results = []
+    try:
+        for path, name, note, files in zip(paths, names, notes, planned):
+            try:
+                pixels, _ = load_image(path, channels, min_size=factor)
+            except ImageError as error:  # changed since it was checked
+                raise SuperResolveError(str(error)) from None
+            sr = superresolve_image(
+                model, torch.from_numpy(pixels), num_samples, overlap=overlap, seed=seed, tile_batch=tile_batch, device=device
+            )
+            if files:
+                try:
+                    _write_outputs(out_dir, files, sr, path.name)
+                except OSError as error:
+                    raise SuperResolveError(
+                        f"{path}: cannot write the outputs to {out_dir} ({error.strerror or error})"
+                    ) from None
+                (bar.write if progress else log)(
+                    f"{path}: {pixels.shape[1]}x{pixels.shape[2]} -> {sr.mean.shape[1]}x{sr.mean.shape[2]}, "
+                    f"{num_samples} samples, mean std {sr.std.mean().item():.4g} -> {out_dir / name}_*"
+                )
+            arrays = (sr.mean.numpy(), sr.std.numpy(), sr.samples.numpy()) if return_arrays else (None, None, None)
+            results.append(SuperResolvedImage(path, *arrays, files=files, note=note))
+            bar.update(1)
+    finally:
+        bar.close()
+    return results
+
+
+# --------------------------------------------------------------------------- #
+# Evaluation of a checkpoint
+# --------------------------------------------------------------------------- #
+def _atomic_write_text(path: Path, text: str):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staged = _StagedFiles(path.parent)
+    try:
+        staged.write(path, lambda handle: handle.write(text.encode("utf-8")))
+        staged.commit()
+    except BaseException:
+        staged.abort()
+        raise
+    return path
+
+
+ALL = "all"
+
+
+def evaluate_checkpoint(
+    checkpoint,
+    *,
+    eval_samples=None,
+    sr_samples=None,
+    eval_limit=None,
+    data_dir=None,
+    device="auto",
+    seed=None,
+    out_dir=None,
+    progress=False,
+):
+    """The test-set evaluation of "Train and evaluate", run on a saved checkpoint.
+
+    Defaults come from the checkpoint's configuration (``eval_samples``, ``sr_samples``,
+    ``eval_limit``, ``data_dir``, ``seed``), so the numbers reproduce the run's
+    ``metrics.json`` ``test`` section on the same device; ``eval_limit="all"`` lifts the
+    run's limit. Writes ``evaluation.json`` into ``out_dir`` (default: the checkpoint's
+    folder), atomically, and returns its content: ``checkpoint``, ``step``, ``epoch``,
+    ``config``, ``evaluation`` (the settings used) and ``test`` (the metrics of
+    :func:`pyro_srvae.evaluate_model`, ``sr_coverage90`` included for an srVAE).
+
+    Raises ``CheckpointError`` and ``DatasetNotFoundError`` with one-line messages.
+    """
+    from .data import load_dataset
+    from .evaluation import evaluate_model
+
+    model, config, payload = _load(checkpoint, device, require_super_resolution=False)
+    eval_samples = config.eval_samples if eval_samples is None else int(eval_samples)
+    sr_samples = config.sr_samples if sr_samples is None else int(sr_samples)
+    seed = config.seed if seed is None else int(seed)
+    limit = config.eval_limit if eval_limit is None else (None if eval_limit == ALL else int(eval_limit))
+    for name, value in (("eval_samples", eval_samples), ("sr_samples", sr_samples), ("eval_limit", limit)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value}")
+    test_set = load_dataset(config.dataset, "test", data_dir if data_dir is not None else config.data_dir)
+    images = test_set.images[:limit] if limit is not None else test_set.images
+    model_device = _model_device(model)
+    with pyro.get_param_store().scope():
+        test = evaluate_model(
+            model,
+            images,
+            elbo_samples=eval_samples,
+            iw_samples=eval_samples,
+            sr_samples=sr_samples,
+            batch_size=max(1, 2048 // eval_samples),
+            device=model_device,
+            seed=seed,
+            progress=progress,
+        )
+    report = {
+        "checkpoint": str(checkpoint),
+        "step": payload.get("step"),
+        "epoch": payload.get("epoch"),
+        "config": config.to_dict(),
+        "evaluation": {
+            "dataset": config.dataset,
+            "num_images": int(images.shape[0]),
+            "eval_samples": eval_samples,
+            "sr_samples": sr_samples,
+            "eval_limit": limit,
+            "seed": seed,
+            "device": str(model_device),
+        },
+        "test": test,
+    }
+    out_dir = Path(out_dir) if out_dir is not None else Path(checkpoint).parent
+    report["path"] = str(_atomic_write_text(out_dir / "evaluation.json", json.dumps(report, indent=2) + "\n"))
+    return report

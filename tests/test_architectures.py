@@ -1,0 +1,144 @@
+"""Network architectures: the default "small" nets are unchanged, "densenet" works end to end."""
+
+import math
+
+import pytest
+import torch
+
+import pyro
+from pyro.infer import SVI
+from pyro.optim import Adam
+
+from pyro_srvae import SRVAE, VAE, make_elbo
+from pyro_srvae.networks import (
+    ARCHS,
+    DenseFeatures,
+    DenseImageDecoder,
+    DenseSuperResolutionDecoder,
+    GaussianEncoder,
+    ImageDecoder,
+    SuperResolutionDecoder,
+)
+from conftest import tiny_images
+
+# The state_dict of the default models, as before likelihood= and arch= existed: checkpoints
+# written by earlier versions must keep loading.
+VAE_DEFAULT_STATE = {
+    "log_gamma_x": (), "prior_z.loc": (32,), "prior_z.scale": (32,),
+    "encoder_z.features.net.0.weight": (32, 1, 3, 3), "encoder_z.features.net.0.bias": (32,),
+    "encoder_z.features.net.2.weight": (32, 32, 3, 3), "encoder_z.features.net.2.bias": (32,),
+    "encoder_z.features.net.4.weight": (64, 32, 3, 3), "encoder_z.features.net.4.bias": (64,),
+    "encoder_z.features.net.6.weight": (64, 64, 3, 3), "encoder_z.features.net.6.bias": (64,),
+    "encoder_z.head.0.weight": (256, 3136), "encoder_z.head.0.bias": (256,),
+    "encoder_z.head.2.weight": (64, 256), "encoder_z.head.2.bias": (64,),
+    "decoder_x.project.0.weight": (3136, 32), "decoder_x.project.0.bias": (3136,),
+    "decoder_x.stage1.0.weight": (32, 64, 3, 3), "decoder_x.stage1.0.bias": (32,),
+    "decoder_x.stage2.0.weight": (32, 32, 3, 3), "decoder_x.stage2.0.bias": (32,),
+    "decoder_x.stage2.2.weight": (1, 32, 3, 3), "decoder_x.stage2.2.bias": (1,),
+}
+SRVAE_FULL_MOG_DECODERS = {
+    "log_gamma_x": (), "log_gamma_y": (),
+    "prior_u.logits": (10,), "prior_u.means": (10, 16), "prior_u.raw_scales": (10, 16),
+    "decoder_y.project.0.weight": (1024, 16), "decoder_y.stage2.2.weight": (1, 32, 3, 3),
+    "decoder_x.project.0.weight": (1568, 48), "decoder_x.project.0.bias": (1568,),
+    "decoder_x.net.0.weight": (64, 9, 3, 3), "decoder_x.net.2.weight": (64, 64, 3, 3),
+    "decoder_x.net.4.weight": (64, 64, 3, 3), "decoder_x.net.6.weight": (4, 64, 3, 3), "decoder_x.net.6.bias": (4,),
+    "prior_z.head.0.weight": (256, 1040), "encoder_u.head.2.weight": (32, 256),
+    "encoder_z.features.net.0.weight": (32, 2, 3, 3), "encoder_z.head.0.weight": (256, 3152),
+}
+
+
+def _shapes(model):
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def test_default_state_dicts_are_unchanged():
+    assert _shapes(VAE()) == VAE_DEFAULT_STATE
+    explicit = VAE(likelihood="gaussian", arch="small")
+    assert _shapes(explicit) == VAE_DEFAULT_STATE
+    full = _shapes(SRVAE(guide="full", prior="mog"))
+    assert len(full) == 59 and sum(math.prod(s) for s in full.values()) == 1776433
+    assert {name: full[name] for name in SRVAE_FULL_MOG_DECODERS} == SRVAE_FULL_MOG_DECODERS
+    simple = SRVAE()
+    assert len(simple.state_dict()) == 58
+    assert type(simple.decoder_x) is SuperResolutionDecoder and type(simple.decoder_y) is ImageDecoder
+    assert isinstance(simple.gamma_x, torch.Tensor) and isinstance(simple.gamma_y, torch.Tensor)
+
+
+def test_unknown_arch():
+    with pytest.raises(ValueError, match="unknown arch 'resnet'; expected one of small, densenet"):
+        SRVAE((1, 8, 8), arch="resnet")
+    with pytest.raises(ValueError, match="unknown arch"):
+        VAE((1, 8, 8), arch="resnet")
+
+
+def test_densenet_modules_are_used_and_keep_the_model_attributes():
+    model = SRVAE((3, 16, 16), guide="full", arch="densenet", hidden=4)
+    assert isinstance(model.decoder_x, DenseSuperResolutionDecoder)
+    assert isinstance(model.decoder_y, DenseImageDecoder)
+    for encoder in (model.encoder_u, model.encoder_z, model.prior_z):
+        assert isinstance(encoder, GaussianEncoder) and isinstance(encoder.features, DenseFeatures)
+    assert hasattr(model.decoder_x, "project")
+    assert model.decoder_x.upsample(torch.rand(2, 3, 8, 8)).shape == (2, 3, 16, 16)
+    assert model.arch == "densenet" and set(ARCHS) == {"small", "densenet"}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_networks_accept_leading_particle_dimensions(arch):
+    torch.manual_seed(0)
+    model = SRVAE((3, 12, 12), guide="full", arch=arch, likelihood="dlogistic-mix", likelihood_components=2, hidden=4)
+    y = torch.rand(5, 3, 6, 6)
+    u = torch.randn(7, 5, model.u_dim)  # (P, B, D) latents against (B, ...) images
+    z = torch.randn(7, 5, model.z_dim)
+    raw = model.decoder_x.residual(y, z, u)
+    assert raw.shape == (7, 5, 3 * 6, 12, 12)
+    # the particle dimension is a pure batch dimension: particle 3 equals a direct call
+    assert torch.allclose(raw[3], model.decoder_x.residual(y, z[3], u[3]), atol=1e-5)
+    assert model.decoder_y(u).shape == (7, 5, 3 * 6, 6, 6)
+    loc, scale = model.prior_z(y, u)
+    assert loc.shape == scale.shape == (7, 5, model.z_dim)
+
+
+def test_cifar_shaped_densenet_srvae_trains_with_vectorized_particles():
+    """(3, 32, 32) -> (3, 16, 16), full guide, DenseNet nets: forward, backward, the loss falls."""
+    torch.manual_seed(0)
+    x = tiny_images(4, (3, 32, 32))
+    model = SRVAE((3, 32, 32), guide="full", arch="densenet", hidden=4, z_dim=8, u_dim=4)
+    elbo = make_elbo("meanfield", num_particles=2, vectorize_particles=True)
+    loss = elbo.differentiable_loss(model.model, model.guide, x)
+    loss.backward()
+    assert torch.isfinite(loss)
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+    def average_loss():
+        pyro.set_rng_seed(7)
+        return make_elbo("meanfield", num_particles=8, vectorize_particles=True).loss(model.model, model.guide, x)
+
+    before = average_loss()
+    svi = SVI(model.model, model.guide, Adam({"lr": 3e-3}), elbo)
+    for _ in range(20):
+        assert math.isfinite(svi.step(x))
+    after = average_loss()
+    assert after < before - 0.1 * abs(before)
+    sr = model.super_resolve(model.downscale(x), num_samples=3)
+    assert sr.samples.shape == (3, 4, 3, 32, 32)
+    assert model.sample(2).x.shape == (2, 3, 32, 32)
+
+
+@pytest.mark.parametrize("likelihood", ["gaussian", "dlogistic-mix"])
+def test_densenet_vae_odd_sizes_and_one_channel(likelihood):
+    model = VAE((1, 13, 11), arch="densenet", likelihood=likelihood, likelihood_components=2, hidden=4)
+    x = tiny_images(3, (1, 13, 11))
+    elbo = make_elbo("trace", num_particles=2, vectorize_particles=True)
+    loss = elbo.differentiable_loss(model.model, model.guide, x)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert model.sample(2).shape == (2, 1, 13, 11) and model.reconstruct(x).shape == x.shape
+
+
+def test_densenet_default_size_is_gpu_scale():
+    """The default width builds a model of a few million parameters for CIFAR-10, not a toy."""
+    model = SRVAE((3, 32, 32), guide="full", arch="densenet", likelihood="dlogistic-mix")
+    count = sum(p.numel() for p in model.parameters())
+    assert 1e6 < count < 5e7

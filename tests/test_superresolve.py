@@ -1,0 +1,447 @@
+"""Super-resolving a user's images: tiling and blending, uncertainty, files, the console command, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from pyro_srvae import SRVAE, SuperResolution, TrainConfig, load_model, superresolve, superresolve_image, train
+from pyro_srvae.checkpoint import load_checkpoint, save_checkpoint
+from pyro_srvae.cli import console_main
+from pyro_srvae.images import load_image, read_image, to_uint8_image
+from pyro_srvae.superresolve import OUTPUT_SUFFIXES, SuperResolveError, plan_axis
+
+TRAIN_FLAGS = [
+    "--max-steps", "2", "--train-limit", "64", "--eval-limit", "8", "--batch-size", "32", "--hidden", "4",
+    "--eval-samples", "2", "--sr-samples", "2", "--no-figures", "--quiet",
+]  # fmt: skip
+QUIET = dict(progress=False, log=lambda *_: None)
+
+
+# --------------------------------------------------------------------------- #
+# Fixtures
+# --------------------------------------------------------------------------- #
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A tiny srVAE run made by `pyro-srvae train` (in process), shared by the module."""
+    out = tmp_path_factory.mktemp("run")
+    assert console_main(["train", *TRAIN_FLAGS, "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def checkpoint(run_dir):
+    return run_dir / "checkpoint.pt"
+
+
+@pytest.fixture(scope="module")
+def vae_checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("vae")
+    config = TrainConfig(model="vae", max_steps=1, train_limit=32, eval_limit=4, batch_size=32, hidden=4)
+    train(config, out=str(out), progress=False, log=lambda *_: None, eval_samples=1, sr_samples=1, figures=False)
+    return out / "checkpoint.pt"
+
+
+@pytest.fixture(scope="module")
+def deterministic_checkpoint(checkpoint, tmp_path_factory):
+    """The same model with the decoder's latent projection zeroed: x = mu(y) ignores z and u."""
+    payload = load_checkpoint(checkpoint)
+    payload["model_state"]["decoder_x.project.0.weight"].zero_()
+    path = tmp_path_factory.mktemp("deterministic") / "checkpoint.pt"
+    save_checkpoint(path, {k: v for k, v in payload.items() if k not in ("format", "version")})
+    return path
+
+
+def deterministic(model):
+    with torch.no_grad():
+        model.decoder_x.project[0].weight.zero_()
+    return model
+
+
+class LocalSR(torch.nn.Module):
+    """A stand-in SR model whose output is local: nearest-neighbour upsampling, plus 0.1 s for draw s.
+
+    Running it on tiles and blending must give exactly its output on the whole image,
+    wherever the tiles fall: any misplaced tile, wrong crop or unnormalised weight shows.
+    """
+
+    def __init__(self, channels=1, tile=(14, 14), factor=2):
+        super().__init__()
+        self.lr_shape = (channels, *tile)
+        self.factor = factor
+        self.calls = []
+        self.dummy = torch.nn.Parameter(torch.zeros(()))
+
+    def whole(self, y, num_samples):
+        up = F.interpolate(y.unsqueeze(-4) if y.dim() == 3 else y, scale_factor=self.factor, mode="nearest")
+        offsets = 0.1 * torch.arange(num_samples, dtype=y.dtype).view(-1, *([1] * up.dim()))
+        return up.unsqueeze(0) + offsets
+
+    def super_resolve(self, y, num_samples=1):
+        assert tuple(y.shape[1:]) == self.lr_shape, y.shape
+        self.calls.append(y.shape[0])
+        samples = self.whole(y, num_samples)
+        return SuperResolution(samples.mean(0), samples.std(0), samples)
+
+
+def write_png(path, array):
+    Image.fromarray(array).save(path)
+    return path
+
+
+def snapshot(paths):
+    return {Path(p): Path(p).read_bytes() for p in paths}
+
+
+def files_in(folder):
+    folder = Path(folder)
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+# --------------------------------------------------------------------------- #
+# Tiling and blending
+# --------------------------------------------------------------------------- #
+def test_tile_plan_covers_the_image_on_a_regular_grid():
+    assert plan_axis(28, 14, 0).starts == (0, 14) and plan_axis(28, 14, 0).pad_before == 0
+    for length in (2, 5, 14, 15, 23, 28, 41, 100):
+        for overlap in (0, 3, 7, 13):
+            plan = plan_axis(length, 14, overlap)
+            assert plan.starts[0] == 0 and plan.starts[-1] + 14 == plan.padded
+            assert all(b - a == 14 - overlap for a, b in zip(plan.starts, plan.starts[1:]))
+            assert plan.pad_before >= overlap // 2 and plan.pad_after >= overlap // 2
+            assert plan.padded == length + plan.pad_before + plan.pad_after
+
+
+def test_tiling_is_exact_on_a_multiple_of_the_tile_size(checkpoint):
+    """overlap=0 on 2x3 tiles: bit for bit the model's own output on each tile, same latent draws."""
+    model = load_model(checkpoint)
+    y = torch.rand(1, 28, 42, generator=torch.Generator().manual_seed(1))
+    sr = superresolve_image(model, y, 5, overlap=0, seed=3)
+    assert sr.samples.shape == (5, 1, 56, 84) and sr.mean.shape == sr.std.shape == (1, 56, 84)
+
+    tiles = torch.stack([y[:, 14 * a : 14 * a + 14, 14 * b : 14 * b + 14] for a in range(2) for b in range(3)])
+    torch.manual_seed(3)
+    reference = model.super_resolve(tiles, num_samples=5).samples  # (S, 6, 1, 28, 28), tiles row-major
+    expected = reference.view(5, 2, 3, 1, 28, 28).permute(0, 3, 1, 4, 2, 5).reshape(5, 1, 56, 84)
+    assert torch.equal(sr.samples, expected)
+    assert sr.std.max() > 0  # the latents matter: the comparison above is not trivial
+
+    # One tile exactly: the model's output on the image itself.
+    torch.manual_seed(3)
+    single = model.super_resolve(y[None, :, :14, :14], num_samples=5).samples[:, 0]
+    assert torch.equal(superresolve_image(model, y[:, :14, :14], 5, overlap=0, seed=3).samples, single)
+
+
+@pytest.mark.parametrize("size", [(28, 28), (23, 37), (5, 3), (14, 15)])
+def test_blending_reproduces_a_local_model_exactly(size):
+    """Overlapping tiles, padding and crop: for a local model the blend is its whole-image output."""
+    model = LocalSR()
+    y = torch.rand(1, *size, generator=torch.Generator().manual_seed(2))
+    sr = superresolve_image(model, y, 3, seed=None, tile_batch=4)
+    whole = model.whole(y, 3)[:, 0]
+    assert sr.samples.shape == (3, 1, 2 * size[0], 2 * size[1])
+    torch.testing.assert_close(sr.samples, whole, rtol=0, atol=1e-6)
+    torch.testing.assert_close(sr.mean, whole.mean(0), rtol=0, atol=1e-6)
+    torch.testing.assert_close(sr.std, whole.std(0, correction=0), rtol=0, atol=1e-6)
+    assert max(model.calls) <= 4  # batched over tiles, at most tile_batch per call
+    if size == (23, 37):
+        assert sum(model.calls) > 6  # overlapping tiles: more than a plain grid would need
+
+
+def test_blending_is_seamless_on_a_size_that_is_not_a_multiple(checkpoint):
+    """A constant image through the real (deterministic) decoder: plain tiles show their edges, blended ones not."""
+    model = deterministic(load_model(checkpoint))
+    y = torch.full((1, 33, 47), 0.5)
+
+    def jumps(x):  # same-phase neighbours (the 2x2 pixel shuffle gives a period of 2)
+        return max((x[:, :, 2:] - x[:, :, :-2]).abs().max().item(), (x[:, 2:] - x[:, :-2]).abs().max().item())
+
+    plain = superresolve_image(model, y, 2, overlap=0).mean
+    blended = superresolve_image(model, y, 2).mean
+    assert plain.shape == blended.shape == (1, 66, 94)
+    assert jumps(plain) > 0.005  # the zero padding of the convolutions marks every tile edge
+    assert jumps(blended) < 0.25 * jumps(plain)
+
+
+def test_uncertainty_is_zero_when_the_decoder_is_deterministic(checkpoint):
+    model = deterministic(load_model(checkpoint))
+    sr = superresolve_image(model, torch.rand(1, 23, 37), 6)
+    assert torch.all(sr.std == 0)
+    assert torch.equal(sr.mean, sr.samples[0]) and torch.equal(sr.samples[0], sr.samples[5])
+
+
+def test_draws_are_reproducible_and_leave_the_callers_rng_alone(checkpoint):
+    model = load_model(checkpoint)
+    y = torch.rand(1, 20, 20)
+    state = torch.get_rng_state()
+    first = superresolve_image(model, y, 4, seed=7)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(first.samples, superresolve_image(model, y, 4, seed=7).samples)
+    assert not torch.equal(first.samples, superresolve_image(model, y, 4, seed=8).samples)
+    # Chunking the tiles differently draws differently but works the same way.
+    assert superresolve_image(model, y, 4, seed=7, tile_batch=1).samples.shape == first.samples.shape
+
+
+def test_a_model_already_registered_with_pyro_can_be_used(checkpoint):
+    trained = SRVAE(hidden=4)
+    trained.super_resolve(torch.rand(2, 1, 14, 14), 2)  # registers "srvae" in the param store
+    other = load_model(checkpoint)  # another module under the same name
+    assert superresolve_image(other, torch.rand(1, 16, 16), 2).mean.shape == (1, 32, 32)
+    assert trained.super_resolve(torch.rand(2, 1, 14, 14), 2).mean.shape == (2, 1, 28, 28)
+
+
+# --------------------------------------------------------------------------- #
+# Reading images
+# --------------------------------------------------------------------------- #
+def test_pixel_scaling_matches_training_dequantization(tmp_path):
+    values = np.array([[0, 1, 128, 255]], dtype=np.uint8)
+    read = read_image(write_png(tmp_path / "a.png", values)).pixels
+    np.testing.assert_allclose(read, (values[None] + 0.5) / 256)
+    assert np.array_equal(np.asarray(to_uint8_image(read)), values)  # written back as the same 8-bit values
+    sixteen = np.array([[0, 1000, 65535]], dtype=np.uint16)
+    np.testing.assert_allclose(read_image(write_png(tmp_path / "b.png", sixteen)).pixels, (sixteen[None] + 0.5) / 65536)
+    np.save(tmp_path / "c.npy", np.array([[0.0, 0.25], [0.5, 1.0]]))
+    np.testing.assert_allclose(read_image(tmp_path / "c.npy").pixels, [[[0.0, 0.25], [0.5, 1.0]]])
+
+
+def test_grey_and_rgb_convert_where_unambiguous(tmp_path):
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, (6, 9), dtype=np.uint8)
+    grey_png = write_png(tmp_path / "grey.png", grey)
+    as_rgb = write_png(tmp_path / "grey_as_rgb.png", np.repeat(grey[..., None], 3, axis=2))
+    opaque = write_png(tmp_path / "opaque.png", np.dstack([grey, grey, grey, np.full_like(grey, 255)]))
+    colour = write_png(tmp_path / "colour.png", rng.integers(0, 256, (6, 9, 3), dtype=np.uint8))
+
+    reference, note = load_image(grey_png, 1)
+    assert note is None and reference.shape == (1, 6, 9)
+    for path in (as_rgb, opaque):
+        pixels, note = load_image(path, 1)
+        assert np.array_equal(pixels, reference) and note
+    pixels, note = load_image(colour, 1)
+    assert pixels.shape == (1, 6, 9) and "luma" in note
+    pixels, note = load_image(grey_png, 3)
+    assert pixels.shape == (3, 6, 9) and np.array_equal(pixels[2], reference[0]) and "RGB" in note
+
+    # Four bands: a (4, H, W) array, or a four-page TIFF, one band per page.
+    np.save(tmp_path / "bands.npy", rng.random((4, 6, 9)).astype(np.float32))
+    assert load_image(tmp_path / "bands.npy", 4)[0].shape == (4, 6, 9)
+    pages = [Image.fromarray(rng.integers(0, 65536, (6, 9), dtype=np.uint16)) for _ in range(4)]
+    pages[0].save(tmp_path / "bands.tif", save_all=True, append_images=pages[1:])
+    assert load_image(tmp_path / "bands.tif", 4)[0].shape == (4, 6, 9)
+
+
+def test_rgb_for_a_four_band_model_is_refused(tmp_path):
+    model = SRVAE(image_shape=(4, 28, 28), hidden=4)
+    path = write_png(tmp_path / "colour.png", np.zeros((20, 20, 3), dtype=np.uint8))
+    with pytest.raises(SuperResolveError, match=r"3 channels \(RGB\) but the model takes 4"):
+        superresolve(model, [path], 2, out_dir=tmp_path / "out", **QUIET)
+    assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------- #
+# The Python function and the files
+# --------------------------------------------------------------------------- #
+def test_superresolve_writes_every_output_and_returns_the_arrays(checkpoint, tmp_path):
+    rng = np.random.default_rng(1)
+    grey = write_png(tmp_path / "scene.png", rng.integers(0, 256, (23, 37), dtype=np.uint8))
+    np.save(tmp_path / "scene.npy", rng.random((14, 14)).astype(np.float32))  # same stem as the PNG
+    inputs = [grey, tmp_path / "scene.npy"]
+    before = snapshot(inputs)
+    out = tmp_path / "out"
+    results = superresolve(str(checkpoint), inputs, 3, out_dir=out, **QUIET)
+
+    assert [r.input for r in results] == inputs
+    first, second = results
+    assert first.mean.shape == first.std.shape == (1, 46, 74) and first.samples.shape == (3, 1, 46, 74)
+    assert second.mean.shape == (1, 28, 28)
+    assert set(first.files) == set(OUTPUT_SUFFIXES)
+    assert first.files["mean_npy"].name == "scene_png_sr_mean.npy"  # a shared stem is told apart
+    assert second.files["mean_npy"].name == "scene_npy_sr_mean.npy"
+    assert len(files_in(out)) == 12 and not [name for name in files_in(out) if name.startswith(".")]
+    np.testing.assert_array_equal(np.load(first.files["mean_npy"]), first.mean)
+    np.testing.assert_array_equal(np.load(first.files["std_npy"]), first.std)
+    np.testing.assert_array_equal(np.load(first.files["samples_npy"]), first.samples)
+    assert (first.std >= 0).all() and first.std.max() > 0
+    with Image.open(first.files["mean_png"]) as png:
+        assert png.size == (74, 46) and png.mode == "L"
+    for key in ("uncertainty_png", "samples_png"):
+        assert first.files[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert snapshot(inputs) == before
+
+    again = superresolve(str(checkpoint), grey, 3, **QUIET)  # no out_dir: arrays only
+    assert again[0].files == {} and np.array_equal(again[0].samples, first.samples)
+
+
+def test_a_failure_while_writing_leaves_no_file_of_that_input(checkpoint, tmp_path, monkeypatch):
+    from pyro_srvae import plots
+
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(plots, "plot_sample_strip", broken)
+    path = write_png(tmp_path / "a.png", np.zeros((10, 10), dtype=np.uint8))
+    with pytest.raises(SuperResolveError, match="No space left on device"):
+        superresolve(str(checkpoint), [path], 2, out_dir=tmp_path / "out", **QUIET)
+    assert files_in(tmp_path / "out") == []
+
+
+# --------------------------------------------------------------------------- #
+# The console command
+# --------------------------------------------------------------------------- #
+def run_console(*args, cwd=None):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    script = Path(sys.executable).with_name("pyro-srvae")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "pyro_srvae.cli"]
+    return subprocess.run(
+        [*command, *map(str, args)], capture_output=True, text=True, env=env, timeout=300, cwd=cwd
+    )
+
+
+def test_console_superresolve(checkpoint, tmp_path):
+    rng = np.random.default_rng(2)
+    inputs = [
+        write_png(tmp_path / "grey.png", rng.integers(0, 256, (23, 37), dtype=np.uint8)),
+        write_png(tmp_path / "colour.jpg", rng.integers(0, 256, (16, 30, 3), dtype=np.uint8)),
+    ]
+    before = snapshot(inputs)
+    result = run_console("superresolve", "--checkpoint", checkpoint, "--samples", "3", "--quiet", *inputs, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    out = tmp_path / "superresolved"  # the default output folder, in the working directory
+    assert files_in(out) == sorted(f"{stem}{suffix}" for stem in ("grey", "colour") for suffix in OUTPUT_SUFFIXES.values())
+    assert np.load(out / "colour_sr_samples.npy").shape == (3, 1, 32, 60)
+    assert np.load(out / "grey_sr_std.npy").shape == (1, 46, 74)
+    assert snapshot(inputs) == before
+
+
+def test_console_uncertainty_map_of_a_deterministic_decoder_is_zero(deterministic_checkpoint, tmp_path, capsys):
+    path = write_png(tmp_path / "a.png", np.random.default_rng(3).integers(0, 256, (19, 25), dtype=np.uint8))
+    code = console_main(["superresolve", "--checkpoint", str(deterministic_checkpoint), "--samples", "4",
+                         "--out", str(tmp_path / "out"), "--quiet", str(path)])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    std = np.load(tmp_path / "out" / "a_sr_std.npy")
+    assert std.shape == (1, 38, 50) and np.all(std == 0)
+    assert (tmp_path / "out" / "a_uncertainty.png").stat().st_size > 0
+
+
+def bad_inputs(tmp_path):
+    """name -> (files to pass, what the message must say)."""
+    real = write_png(tmp_path / "real.png", np.full((20, 20), 100, dtype=np.uint8)).read_bytes()
+    (tmp_path / "truncated.png").write_bytes(real[: len(real) // 2])
+    (tmp_path / "text.png").write_text("this is not an image\n")
+    (tmp_path / "garbage.npy").write_bytes(os.urandom(64))
+    np.save(tmp_path / "four_bands.npy", np.zeros((4, 20, 20), dtype=np.uint8))
+    write_png(tmp_path / "transparent.png", np.zeros((20, 20, 4), dtype=np.uint8))
+    np.save(tmp_path / "thin.npy", np.zeros((1, 20), dtype=np.uint8))
+    write_png(tmp_path / "dot.png", np.zeros((1, 1), dtype=np.uint8))
+    np.save(tmp_path / "bright.npy", np.full((20, 20), 2.0, dtype=np.float32))
+    good = write_png(tmp_path / "good.png", np.zeros((20, 20), dtype=np.uint8))
+    return {
+        "truncated": ([tmp_path / "truncated.png"], "not a readable image"),
+        "text named .png": ([tmp_path / "text.png"], "not a readable image"),
+        "garbage .npy": ([tmp_path / "garbage.npy"], "not a readable .npy"),
+        "missing": ([tmp_path / "missing.png"], "no such file"),
+        "four bands": ([tmp_path / "four_bands.npy"], "4 channels"),
+        "transparent": ([tmp_path / "transparent.png"], "transparent"),
+        "one pixel high": ([tmp_path / "thin.npy"], "smaller than one 2x2"),
+        "one pixel": ([tmp_path / "dot.png"], "smaller than one 2x2"),
+        "out of range": ([tmp_path / "bright.npy"], "must lie in [0, 1]"),
+        "good and bad": ([good, tmp_path / "text.png"], "text.png"),
+    }
+
+
+def test_bad_inputs_give_one_line_and_no_output(checkpoint, tmp_path, capsys):
+    out = tmp_path / "out"
+    for name, (paths, message) in bad_inputs(tmp_path).items():
+        before = snapshot(p for p in paths if p.exists())
+        code = console_main(["superresolve", "--checkpoint", str(checkpoint), "--out", str(out), *map(str, paths)])
+        captured = capsys.readouterr()
+        lines = captured.err.strip().splitlines()
+        assert code == 1, name
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (name, captured.err)
+        assert not out.exists(), name  # not even the folder: every input is checked first
+        assert snapshot(p for p in paths if p.exists()) == before, name
+
+
+def test_outputs_never_overwrite_an_input(checkpoint, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    victim = out / "b_sr_mean.npy"
+    np.save(victim, np.zeros((14, 14), dtype=np.float32))
+    source = tmp_path / "b.npy"
+    np.save(source, np.zeros((14, 14), dtype=np.float32))
+    before = snapshot([victim, source])
+    code = console_main(["superresolve", "--checkpoint", str(checkpoint), "--out", str(out), str(source), str(victim)])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and "would overwrite an input" in lines[0]
+    assert snapshot([victim, source]) == before and files_in(out) == ["b_sr_mean.npy"]
+
+
+def test_bad_checkpoints_give_one_line(checkpoint, vae_checkpoint, tmp_path, capsys):
+    image = write_png(tmp_path / "a.png", np.zeros((20, 20), dtype=np.uint8))
+    (tmp_path / "random.pt").write_bytes(os.urandom(256))
+    raw = checkpoint.read_bytes()
+    (tmp_path / "cut.pt").write_bytes(raw[: len(raw) // 2])
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pt")
+    cases = {
+        vae_checkpoint: "plain VAE",
+        tmp_path / "random.pt": "not a pyro-srvae checkpoint",
+        tmp_path / "cut.pt": "checkpoint",
+        tmp_path / "foreign.pt": "not a pyro-srvae checkpoint",
+        tmp_path / "missing.pt": "does not exist",
+        image: "not a pyro-srvae checkpoint",
+    }
+    for path, message in cases.items():
+        code = console_main(["superresolve", "--checkpoint", str(path), "--out", str(tmp_path / "out"), str(image)])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert code == 1 and len(lines) == 1 and message in lines[0], (path, lines)
+        assert not (tmp_path / "out").exists()
+
+
+def test_console_bad_input_and_checkpoint_without_traceback(checkpoint, tmp_path):
+    text = tmp_path / "notes.png"
+    text.write_text("not an image\n")
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    for args in (["--checkpoint", checkpoint, text], ["--checkpoint", tmp_path / "junk.pt", text]):
+        result = run_console("superresolve", "--out", tmp_path / "out", *args)
+        assert result.returncode == 1
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr, result.stderr
+        assert not (tmp_path / "out").exists() and text.read_text() == "not an image\n"
+
+
+# --------------------------------------------------------------------------- #
+# train and evaluate
+# --------------------------------------------------------------------------- #
+def test_evaluate_reproduces_the_runs_test_metrics(run_dir, checkpoint, tmp_path, capsys):
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert 0.0 <= metrics["test"]["sr_coverage90"] <= 1.0  # the calibration of "Train and evaluate"
+    assert console_main(["evaluate", "--checkpoint", str(checkpoint), "--out", str(tmp_path), "--quiet"]) == 0
+    assert "SR 90% coverage" in capsys.readouterr().out
+    report = json.loads((tmp_path / "evaluation.json").read_text())
+    assert report["evaluation"]["num_images"] == 8 and report["step"] == 2
+    for key, value in metrics["test"].items():
+        assert report["test"][key] == pytest.approx(value, rel=1e-6), key
+
+
+def test_evaluate_refuses_a_bad_checkpoint(tmp_path, capsys):
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    assert console_main(["evaluate", "--checkpoint", str(tmp_path / "junk.pt")]) == 1
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert not (tmp_path / "evaluation.json").exists()
+
+
+def test_console_usage():
+    with pytest.raises(SystemExit) as exit_info:
+        console_main(["frobnicate"])
+    assert exit_info.value.code == 2
+    assert console_main([]) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        console_main(["superresolve", "--checkpoint", "x.pt", "--samples", "0", "a.png"])
+    assert exit_info.value.code == 2
