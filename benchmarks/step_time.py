@@ -30,7 +30,15 @@ from torch_reference import reference_loss  # noqa: E402
 
 from pyro_srvae import make_elbo  # noqa: E402
 from pyro_srvae.data import dequantize, load_dataset  # noqa: E402
-from pyro_srvae.training import TrainConfig, build_model, resolve_device, training_step  # noqa: E402
+from pyro_srvae.distributed import DistributedContext  # noqa: E402
+from pyro_srvae.training import (  # noqa: E402
+    DataParallelElbo,
+    TrainConfig,
+    build_model,
+    resolve_device,
+    training_mode,
+    training_step,
+)
 
 VARIANTS = [("vae", None), ("srvae", "simple"), ("srvae", "full")]
 PRIORS = ["gaussian", "mog"]
@@ -56,6 +64,21 @@ def _torch_step(model, optimizer, x, elbo_name):
     return loss.detach()
 
 
+def _alternate(pyro_step, torch_step, batches, args, device, pyro_times, torch_times):
+    """Run the two steps in turns; record their times after the warm-up steps."""
+    for i in range(args.warmup + args.steps):
+        x = batches[i % len(batches)]
+        # Alternate which goes first, so neither always runs on a warmer cache.
+        order = [(pyro_step, pyro_times), (torch_step, torch_times)]
+        for step, times in order if i % 2 == 0 else order[::-1]:
+            _synchronize(device)
+            start = time.perf_counter()
+            step(x)
+            _synchronize(device)
+            if i >= args.warmup:
+                times.append(time.perf_counter() - start)
+
+
 def benchmark_variant(model_name, guide, prior, elbo_name, images, args, device):
     config = TrainConfig(
         model=model_name, guide=guide or "simple", prior=prior, elbo=elbo_name, hidden=args.hidden, seed=0
@@ -63,7 +86,6 @@ def benchmark_variant(model_name, guide, prior, elbo_name, images, args, device)
     pyro.clear_param_store()
     torch.manual_seed(0)
     pyro_model = build_model(config, tuple(images.shape[1:])).to(device)
-    pyro_model.validate_inputs = False
     torch_model = copy.deepcopy(pyro_model)
     pyro_optimizer = torch.optim.Adam(pyro_model.parameters(), lr=config.lr)
     torch_optimizer = torch.optim.Adam(torch_model.parameters(), lr=config.lr)
@@ -78,8 +100,11 @@ def benchmark_variant(model_name, guide, prior, elbo_name, images, args, device)
         torch_value = reference_loss(torch_model, batches[0], elbo_name)
     loss_match = bool(torch.allclose(pyro_value, torch_value, rtol=1e-5, atol=1e-3))
 
+    # As pyro_srvae.train builds it: the objective once per run, the loop under training_mode.
+    objective = DataParallelElbo(pyro_model, elbo, DistributedContext())
+
     def pyro_step(x):
-        return training_step(pyro_model, pyro_optimizer, elbo, x)
+        return training_step(pyro_model, pyro_optimizer, objective, x)
 
     def torch_step(x):
         return _torch_step(torch_model, torch_optimizer, x, elbo_name)
@@ -87,17 +112,10 @@ def benchmark_variant(model_name, guide, prior, elbo_name, images, args, device)
     pyro_times, torch_times = [], []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    for i in range(args.warmup + args.steps):
-        x = batches[i % len(batches)]
-        # Alternate which goes first, so neither always runs on a warmer cache.
-        order = [(pyro_step, pyro_times), (torch_step, torch_times)]
-        for step, times in order if i % 2 == 0 else order[::-1]:
-            _synchronize(device)
-            start = time.perf_counter()
-            step(x)
-            _synchronize(device)
-            if i >= args.warmup:
-                times.append(time.perf_counter() - start)
+    with training_mode(pyro_model, elbo):
+        if args.register_every_step:  # the per-call pyro.module registration that SVI needs
+            pyro_model.pyro_registration = True
+        _alternate(pyro_step, torch_step, batches, args, device, pyro_times, torch_times)
     pyro_ms = 1000 * statistics.median(pyro_times)
     torch_ms = 1000 * statistics.median(torch_times)
     return {
@@ -125,6 +143,9 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=None, help="timed steps per variant [60, quick: 12]")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first [10, quick: 3]")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument(
+        "--register-every-step", action="store_true", help="keep pyro.module registration on every call (as SVI)"
+    )
     args = parser.parse_args(argv)
     args.steps = args.steps or (12 if args.quick else 60)
     args.warmup = args.warmup if args.warmup is not None else (3 if args.quick else 10)

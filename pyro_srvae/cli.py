@@ -10,12 +10,15 @@ traceback), 2 bad flags, 130 / 143 interrupted.
 """
 
 import argparse
+import os
 import sys
 
 from .checkpoint import CheckpointError
 from .data import DATASETS, DatasetNotFoundError
 from .elbo import ELBO_NAMES
+from .likelihoods import LIKELIHOODS
 from .models import DOWNSCALE_FACTORS, DOWNSCALE_MODES, GUIDES
+from .networks import ARCHS
 from .priors import PRIORS
 from .training import DEVICES, MODELS, ConfigError, TrainConfig, TrainingDiverged, TrainingInterrupted, train
 
@@ -59,6 +62,12 @@ def build_train_parser(prog=None):
     add("--u-dim", type=int, default=defaults.u_dim)
     add("--z-dim", type=int, default=defaults.z_dim)
     add("--hidden", type=int, default=defaults.hidden, help="width of the convolutional networks")
+    add("--arch", choices=ARCHS, default=defaults.arch, help="small conv nets (CPU) or the paper's DenseNet blocks (GPU)")
+    add("--likelihood", choices=LIKELIHOODS, default=defaults.likelihood,
+        help="p(x|.) and p(y|u): the spec's Gaussian with learned scalar gamma, a per-pixel Gaussian, "
+        "or a discretized mixture of logistics")
+    add("--likelihood-components", type=int, default=defaults.likelihood_components, metavar="K",
+        help="logistic components per pixel for --likelihood dlogistic-mix")
     add("--no-figures", action="store_true", help="skip the PNG figures")
     add("--quiet", action="store_true", help="no progress bar")
     return parser
@@ -74,6 +83,7 @@ def config_from_args(parser, args):
             "model", "prior", "mog_components", "elbo", "num_particles", "dataset", "data_dir", "download",
             "max_steps", "batch_size", "lr", "kl_warmup", "clip_norm", "seed", "sr_samples", "eval_limit", "train_limit", "out",
             "checkpoint_every", "factor", "downscale_mode", "u_dim", "z_dim", "hidden",
+            "arch", "likelihood", "likelihood_components",
         )
     }
     values["guide"] = args.guide or "simple"
@@ -121,7 +131,8 @@ def main(argv=None, prog=None):
     except TrainingInterrupted as error:
         print(str(error), file=sys.stderr)
         return EXIT_INTERRUPTED.get(error.signal_number, 1)
-    print(f"outputs in {result.out_dir}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone wrote the outputs
+        print(f"outputs in {result.out_dir}")
     return 0
 
 

@@ -50,7 +50,9 @@ from .checkpoint import (
 from .data import DATASETS, dequantize, iterate_batches, load_dataset, num_batches
 from .elbo import ELBO_NAMES, make_elbo
 from .evaluation import bicubic_upsample, bits_per_dim, evaluate_model
+from .likelihoods import LIKELIHOODS
 from .models import DOWNSCALE_FACTORS, DOWNSCALE_MODES, GUIDES, SRVAE, VAE
+from .networks import ARCHS
 from .priors import PRIORS
 
 MODELS = ("vae", "srvae")
@@ -111,6 +113,9 @@ class TrainConfig:
     u_dim: int = 16
     z_dim: int = 32
     hidden: int = 16
+    likelihood: str = "gaussian"
+    likelihood_components: int = 10
+    arch: str = "small"
     figures: bool = True
 
     # Fields that may change when a run is resumed; every other field is the run's identity.
@@ -127,6 +132,8 @@ class TrainConfig:
             "device": DEVICES,
             "factor": DOWNSCALE_FACTORS,
             "downscale_mode": DOWNSCALE_MODES,
+            "likelihood": LIKELIHOODS,
+            "arch": ARCHS,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -138,7 +145,7 @@ class TrainConfig:
         if self.elbo == "renyi" and self.num_particles < 2:
             raise ConfigError("--elbo renyi (alpha=0, the IWAE bound) needs --num-particles >= 2")
         positive = ["mog_components", "num_particles", "epochs", "batch_size", "eval_samples", "sr_samples"]
-        positive += ["u_dim", "z_dim", "hidden"]
+        positive += ["u_dim", "z_dim", "hidden", "likelihood_components"]
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
@@ -179,7 +186,14 @@ class TrainResult:
 
 def build_model(config, image_shape):
     """The VAE or SRVAE a configuration describes, for images of ``image_shape``."""
-    common = dict(prior=config.prior, mog_components=config.mog_components, hidden=config.hidden)
+    common = dict(
+        prior=config.prior,
+        mog_components=config.mog_components,
+        hidden=config.hidden,
+        likelihood=config.likelihood,
+        likelihood_components=config.likelihood_components,
+        arch=config.arch,
+    )
     if config.model == "vae":
         return VAE(image_shape, z_dim=config.z_dim, **common)
     _, height, width = image_shape
@@ -229,6 +243,27 @@ def scale_latents(fn, scale):
             return fn(*args, **kwargs)
 
     return scaled
+
+
+@contextmanager
+def training_mode(model, elbo):
+    """The settings of the training loop, restored on exit.
+
+    The data were validated once when loaded, so the model's per-call input checks and the
+    distributions' argument checks are off: they cost time every step, and would turn a
+    diverged network into a ValueError deep in torch instead of the NaN loss the loop
+    reports. Where the ELBO has ``differentiable_loss`` (gradients reach the parameters
+    through autograd, not through Pyro's param sites) the networks are registered with
+    ``pyro.module`` once instead of on every model and guide call.
+    """
+    saved = model.validate_inputs, model.pyro_registration
+    model.validate_inputs = False
+    model.pyro_registration = not hasattr(elbo, "differentiable_loss")
+    try:
+        with pyro.validation_enabled(False):
+            yield model
+    finally:
+        model.validate_inputs, model.pyro_registration = saved
 
 
 def kl_scale(config, epoch, batch, batches_per_epoch):
@@ -475,7 +510,6 @@ def _train(config, payload, resume, context, started, progress, log):
     # Pixels are uint8 on the device, validated once here; each batch is dequantized
     # on the device, so the per-call checks inside the model can be skipped.
     train_images = train_set.images.to(device)
-    model.validate_inputs = False
     elbo = make_elbo(config.elbo, num_particles=config.num_particles, vectorize_particles=config.num_particles > 1)
     objective = DataParallelElbo(model, elbo, context)
     batches_per_epoch = num_batches(len(train_set), config.batch_size, drop_last=True, world_size=context.world_size)
@@ -523,10 +557,7 @@ def _train(config, payload, resume, context, started, progress, log):
     reached_max_steps = config.max_steps is not None and step >= config.max_steps
     bar = _progress_bar(progress, total=config.epochs * batches_per_epoch, initial=epoch * batches_per_epoch + batch_start)
     try:
-        # Data were validated once when loaded; per-call argument checks inside the
-        # distributions would turn a diverged network into a ValueError deep in torch
-        # instead of the NaN loss the loop reports (and they cost time every step).
-        with _stop_on_signals(signal_state), pyro.validation_enabled(False):
+        with _stop_on_signals(signal_state), training_mode(model, elbo):
             while epoch < config.epochs and not reached_max_steps:
                 model.train()
                 # Rank 0 carries the sums of an epoch resumed part-way; the others add their shares.
@@ -604,7 +635,6 @@ def _train(config, payload, resume, context, started, progress, log):
                     raise interrupted(stop_signal)
     finally:
         bar.close()
-        model.validate_inputs = True
 
     log(f"training done: {step} steps; evaluating on {len(test_set)} test images")
     test = evaluate_model(
@@ -682,8 +712,8 @@ def _metrics(config, model, history, test, context, state_digests):
         "config": config.to_dict(),
         "epochs": history["epochs"],
         "test": {key: test.get(key) for key in test_keys},
-        "gamma_x": model.gamma_x.item(),
-        "gamma_y": model.gamma_y.item() if hasattr(model, "gamma_y") else None,
+        "gamma_x": _scalar(model.gamma_x),
+        "gamma_y": _scalar(getattr(model, "gamma_y", None)),
         "world_size": context.world_size,
         "wall_seconds": history["wall_seconds"],
         "steps": history["steps"],
@@ -730,12 +760,12 @@ def _draw_figures(model, test_images, history, out_dir, config, num_images=8):
                     y, bicubic_upsample(y, model.factor), sr.mean, sr.samples, sr.std, x, out_dir / "super_resolution.png"
                 )
             )
-            decoder, prior = model.decoder_y, model.prior_u
+            decode, prior = model.decode_y, model.prior_u
         else:
             paths.append(plots.plot_samples(model.sample(16), out_dir / "samples.png"))
-            decoder, prior = model.decoder_x, model.prior_z
+            decode, prior = model.decode, model.prior_z
         if config.prior == "mog":
-            paths.append(plots.plot_mog_components(decoder(prior.means), prior.weights, out_dir / "mog_components.png"))
+            paths.append(plots.plot_mog_components(decode(prior.means), prior.weights, out_dir / "mog_components.png"))
     return paths
 
 
@@ -756,10 +786,15 @@ def summary_table(metrics):
             ("SR SSIM", f"{test['sr_ssim']:.4f} (bicubic {test['bicubic_ssim']:.4f})"),
             ("SR 90% coverage", f"{test['sr_coverage90']:.3f}"),
         ]
-    rows.append(("gamma_x" + (" / gamma_y" if metrics["gamma_y"] is not None else ""), _gammas(metrics)))
+    if metrics["gamma_x"] is not None:  # the learned scalar scale of the spec's Gaussian likelihood
+        rows.append(("gamma_x" + (" / gamma_y" if metrics["gamma_y"] is not None else ""), _gammas(metrics)))
     rows.append(("wall time", f"{metrics['wall_seconds']:.0f} s"))
     width = max(len(label) for label, _ in rows)
     return "\n".join(f"  {label.ljust(width)}  {value}" for label, value in rows)
+
+
+def _scalar(tensor):
+    return None if tensor is None else tensor.item()
 
 
 def _gammas(metrics):

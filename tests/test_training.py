@@ -17,7 +17,7 @@ import pyro.poutine as poutine
 from pyro_srvae import SRVAE, TrainConfig, make_elbo, train
 from pyro_srvae.checkpoint import CheckpointError, load_checkpoint
 from pyro_srvae.cli import main
-from pyro_srvae.training import TrainingDiverged, kl_scale, scale_latents
+from pyro_srvae.training import TrainingDiverged, kl_scale, scale_latents, training_mode
 from conftest import tiny_images
 
 REPO = Path(__file__).resolve().parents[1]
@@ -206,3 +206,42 @@ def test_kl_warmup_schedule_is_linear_in_epochs():
     assert kl_scale(config, 1, 5, 10) == pytest.approx(0.75)
     assert kl_scale(config, 3, 0, 10) == 1.0
     assert kl_scale(TrainConfig(kl_warmup=0), 0, 0, 10) == 1.0
+
+
+def _param_sites(fn, x):
+    trace = poutine.trace(fn).get_trace(x)
+    return [name for name, site in trace.nodes.items() if site["type"] == "param"]
+
+
+@pytest.mark.parametrize("elbo_name, registers_each_call", [("meanfield", False), ("renyi", True)])
+def test_training_mode_registers_once_where_autograd_carries_the_gradients(elbo_name, registers_each_call):
+    model = SRVAE((1, 8, 8), hidden=4)
+    x = tiny_images()
+    assert _param_sites(model.model, x)  # SVI finds the parameters through these sites
+    elbo = make_elbo(elbo_name, num_particles=2)
+    with training_mode(model, elbo):
+        assert not model.validate_inputs
+        assert bool(_param_sites(model.guide, x)) == registers_each_call
+        if not registers_each_call:  # the gradients still reach every parameter
+            elbo.differentiable_loss(model.model, model.guide, x).backward()
+            assert all(p.grad is not None for p in model.parameters())
+    assert model.validate_inputs and model.pyro_registration and _param_sites(model.guide, x)
+
+
+@pytest.mark.parametrize("likelihood", ["gaussian-pixel", "dlogistic-mix"])
+def test_other_likelihoods_and_the_densenet_train_from_the_command_line(tmp_path, capsys, likelihood):
+    flags = ["--guide", "full", "--likelihood", likelihood, "--likelihood-components", "3", "--arch", "densenet"]
+    flags += ["--max-steps", "2", "--out", str(tmp_path), "--no-figures"]
+    assert main(flags + FAST_FLAGS) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["config"]["likelihood"] == likelihood and metrics["config"]["arch"] == "densenet"
+    assert metrics["gamma_x"] is None and metrics["gamma_y"] is None  # the decoder predicts its scales
+    assert math.isfinite(metrics["test"]["iw_bpd"]) and "gamma_x" not in capsys.readouterr().out
+
+
+def test_super_resolution_beats_bicubic_after_one_epoch_on_the_default_data(tmp_path):
+    """The main job's promise (>= 1 dB over bicubic), checked on one epoch of the default run."""
+    config = TrainConfig(guide="full", epochs=1, eval_limit=256, eval_samples=2, sr_samples=8, figures=False)
+    test = train(config, out=str(tmp_path), progress=False, log=lambda *_: None).metrics["test"]
+    assert test["sr_psnr"] > test["bicubic_psnr"] + 1.0
+    assert test["sr_ssim"] > test["bicubic_ssim"]
