@@ -12,7 +12,7 @@ final name); :func:`remove_stale_temporaries` clears those when a run starts aga
 import hashlib
 import os
 import random
-import tempfile
+import secrets
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +30,7 @@ def atomic_write_bytes(path, write):
     """Call ``write(file)`` on a temporary file, then fsync and rename it to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp_name = _create_temporary(path)
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
@@ -43,12 +43,26 @@ def atomic_write_bytes(path, write):
         except FileNotFoundError:
             pass
         raise
-    _fsync_directory(path.parent)
+    fsync_directory(path.parent)
     return path
 
 
 def atomic_write_text(path, text):
     return atomic_write_bytes(path, lambda handle: handle.write(text.encode("utf-8")))
+
+
+def _create_temporary(path):
+    """A new ``.NAME.<pid>.<random>.tmp`` beside ``path``, opened for writing.
+
+    Created with O_EXCL and mode 0o666, so the user's umask decides the final file's
+    permissions (``mkstemp`` would make every checkpoint, metrics file and figure 0600).
+    """
+    while True:
+        tmp_name = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        try:
+            return os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp_name
+        except FileExistsError:  # pragma: no cover - a 32-bit random collision
+            continue
 
 
 def remove_stale_temporaries(directory, names):
@@ -69,7 +83,7 @@ def remove_stale_temporaries(directory, names):
     return removed
 
 
-def _fsync_directory(directory):
+def fsync_directory(directory):
     # The rename itself must reach the disk, or a power cut can undo it.
     try:
         fd = os.open(directory, os.O_RDONLY)

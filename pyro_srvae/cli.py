@@ -20,7 +20,18 @@ from .likelihoods import LIKELIHOODS
 from .models import DOWNSCALE_FACTORS, DOWNSCALE_MODES, GUIDES
 from .networks import ARCHS
 from .priors import PRIORS
-from .training import DEVICES, MODELS, ConfigError, TrainConfig, TrainingDiverged, TrainingInterrupted, train
+from .training import (
+    DEVICES,
+    MODELS,
+    ConfigError,
+    TrainConfig,
+    TrainingDiverged,
+    TrainingInterrupted,
+    format_rows,
+    model_label,
+    test_metric_rows,
+    train,
+)
 
 EXIT_INTERRUPTED = {2: 130, 15: 143}  # the shell's 128 + signal number
 
@@ -290,25 +301,14 @@ def build_evaluate_parser(prog=None):
 def evaluation_summary(report):
     """A few lines: the model, the data and the test metrics of :func:`evaluate_checkpoint`."""
     config, test, settings = report["config"], report["test"], report["evaluation"]
-    name = "vae" if config["model"] == "vae" else f"srvae ({config['guide']} guide)"
     rows = [
-        ("model", f"{name}, {config['prior']} prior, step {report['step']}"),
+        ("model", f"{model_label(config)}, {config['prior']} prior, step {report['step']}"),
         ("test images", f"{settings['num_images']} of {settings['dataset']}"),
-        ("test ELBO", f"{test['elbo_bpd']:.4f} bits/dim"),
-        (f"test IW (K={test['iw_samples']})", f"{test['iw_bpd']:.4f} bits/dim"),
     ]
+    coverage_note = ""
     if test.get("sr_psnr") is not None:
-        rows += [
-            ("SR PSNR", f"{test['sr_psnr']:.2f} dB (bicubic {test['bicubic_psnr']:.2f} dB)"),
-            ("SR SSIM", f"{test['sr_ssim']:.4f} (bicubic {test['bicubic_ssim']:.4f})"),
-            (
-                "SR 90% coverage",
-                f"{test['sr_coverage90']:.3f} (expected {test['sr_coverage90_expected']:.3f} "
-                f"for {settings['sr_samples']} samples)",
-            ),
-        ]
-    width = max(len(label) for label, _ in rows)
-    return "\n".join(f"  {label.ljust(width)}  {value}" for label, value in rows)
+        coverage_note = f" (expected {test['sr_coverage90_expected']:.3f} for {settings['sr_samples']} samples)"
+    return format_rows(rows + test_metric_rows(test, coverage_note))
 
 
 def evaluate_main(argv=None, prog=None):

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import math
 import os
-import secrets
 from typing import Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -36,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from .checkpoint import atomic_write_bytes
 
 __all__ = [
     "image_grid",
@@ -179,32 +180,8 @@ def _std_vmax(std: torch.Tensor) -> float:
 
 
 def _save_figure(fig: Figure, path: PathLike) -> PathLike:
-    """Save ``fig`` as PNG to ``path`` atomically; return ``path``."""
-    final = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(final))
-    os.makedirs(directory, exist_ok=True)
-    base = os.path.basename(final)
-    # Create the temp file with O_EXCL and mode 0o666 so the user's umask
-    # applies (mkstemp would give 0o600 permissions to the final PNG).
-    while True:
-        tmp = os.path.join(directory, f".{base}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            break
-        except FileExistsError:  # pragma: no cover - astronomically unlikely
-            continue
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=_DPI)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    """Save ``fig`` as PNG to ``path`` atomically (temporary file, fsync, rename); return ``path``."""
+    atomic_write_bytes(path, lambda handle: fig.savefig(handle, format="png", dpi=_DPI))
     return path
 
 

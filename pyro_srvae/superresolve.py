@@ -62,7 +62,7 @@ import torch
 
 import pyro
 
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import CheckpointError, fsync_directory, load_checkpoint
 from .images import ImageError, load_image, to_uint8_image
 from .models import SuperResolution
 
@@ -436,16 +436,7 @@ class _StagedFiles:
         for tmp, final in self.pending:
             os.replace(tmp, final)
         self.pending = []
-        try:
-            fd = os.open(self.directory, os.O_RDONLY)
-        except OSError:  # pragma: no cover - platforms without directory fds
-            return
-        try:
-            os.fsync(fd)
-        except OSError:  # pragma: no cover
-            pass
-        finally:
-            os.close(fd)
+        fsync_directory(self.directory)
 
     def abort(self):
         for tmp, _ in self.pending:

@@ -769,14 +769,14 @@ def _draw_figures(model, test_images, history, out_dir, config, num_images=8):
     return paths
 
 
-def summary_table(metrics):
-    """A short plain-text table of the final test metrics."""
-    test = metrics["test"]
-    config = metrics["config"]
-    name = "vae" if config["model"] == "vae" else f"srvae ({config['guide']} guide)"
+def model_label(config):
+    """'vae' or 'srvae (full guide)', for summaries."""
+    return "vae" if config["model"] == "vae" else f"srvae ({config['guide']} guide)"
+
+
+def test_metric_rows(test, coverage_note=""):
+    """(label, value) rows of the test metrics, shared by the training and evaluation summaries."""
     rows = [
-        ("model", f"{name}, {config['prior']} prior, {config['elbo']} ELBO"),
-        ("epochs / steps", f"{len(metrics['epochs'])} / {metrics['epochs'][-1]['step'] if metrics['epochs'] else 0}"),
         ("test ELBO", f"{test['elbo_bpd']:.4f} bits/dim"),
         (f"test IW (K={test['iw_samples']})", f"{test['iw_bpd']:.4f} bits/dim"),
     ]
@@ -784,13 +784,28 @@ def summary_table(metrics):
         rows += [
             ("SR PSNR", f"{test['sr_psnr']:.2f} dB (bicubic {test['bicubic_psnr']:.2f} dB)"),
             ("SR SSIM", f"{test['sr_ssim']:.4f} (bicubic {test['bicubic_ssim']:.4f})"),
-            ("SR 90% coverage", f"{test['sr_coverage90']:.3f}"),
+            ("SR 90% coverage", f"{test['sr_coverage90']:.3f}{coverage_note}"),
         ]
+    return rows
+
+
+def format_rows(rows):
+    width = max(len(label) for label, _ in rows)
+    return "\n".join(f"  {label.ljust(width)}  {value}" for label, value in rows)
+
+
+def summary_table(metrics):
+    """A short plain-text table of the final test metrics."""
+    config = metrics["config"]
+    rows = [
+        ("model", f"{model_label(config)}, {config['prior']} prior, {config['elbo']} ELBO"),
+        ("epochs / steps", f"{len(metrics['epochs'])} / {metrics['epochs'][-1]['step'] if metrics['epochs'] else 0}"),
+    ]
+    rows += test_metric_rows(metrics["test"])
     if metrics["gamma_x"] is not None:  # the learned scalar scale of the spec's Gaussian likelihood
         rows.append(("gamma_x" + (" / gamma_y" if metrics["gamma_y"] is not None else ""), _gammas(metrics)))
     rows.append(("wall time", f"{metrics['wall_seconds']:.0f} s"))
-    width = max(len(label) for label, _ in rows)
-    return "\n".join(f"  {label.ljust(width)}  {value}" for label, value in rows)
+    return format_rows(rows)
 
 
 def _scalar(tensor):
