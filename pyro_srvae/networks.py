@@ -155,13 +155,8 @@ class ImageDecoder(nn.Module):
 
     def __init__(self, latent_dim, out_shape, hidden=32, out_channels=None):
         super().__init__()
-        channels, height, width = out_shape
-        self.out_shape = tuple(out_shape)
-        self.out_channels = channels if out_channels is None else out_channels
-        self.sizes = _decoder_sizes(height, width)
-        self.base_channels = 2 * hidden
-        h0, w0 = self.sizes[0]
-        self.project = nn.Sequential(nn.Linear(latent_dim, self.base_channels * h0 * w0), nn.SiLU())
+        self._build_projection(latent_dim, out_shape, hidden, out_channels, nn.SiLU())
+        self.stage0 = nn.Identity()  # the quarter-resolution stage; the dense decoder has one
         self.stage1 = nn.Sequential(nn.Conv2d(2 * hidden, hidden, 3, padding=1), nn.SiLU())
         self.stage2 = nn.Sequential(
             nn.Conv2d(hidden, hidden, 3, padding=1),
@@ -169,9 +164,19 @@ class ImageDecoder(nn.Module):
             nn.Conv2d(hidden, self.out_channels, 3, padding=1),
         )
 
+    def _build_projection(self, latent_dim, out_shape, hidden, out_channels, activation):
+        """The linear layer from the latent to ``2 hidden`` maps at quarter resolution."""
+        channels, height, width = out_shape
+        self.out_shape = tuple(out_shape)
+        self.out_channels = channels if out_channels is None else out_channels
+        self.sizes = _decoder_sizes(height, width)
+        self.base_channels = 2 * hidden
+        h0, w0 = self.sizes[0]
+        self.project = nn.Sequential(nn.Linear(latent_dim, self.base_channels * h0 * w0), activation)
+
     def forward(self, latent):
         flat, batch_shape = _merge_leading(latent, 1)
-        h = self.project(flat).view(-1, self.base_channels, *self.sizes[0])
+        h = self.stage0(self.project(flat).view(-1, self.base_channels, *self.sizes[0]))
         h = self.stage1(F.interpolate(h, size=self.sizes[1], mode="nearest"))
         h = self.stage2(F.interpolate(h, size=self.sizes[2], mode="nearest"))
         return _split_leading(h, batch_shape)
@@ -349,14 +354,8 @@ class DenseImageDecoder(ImageDecoder):
     """
 
     def __init__(self, latent_dim, out_shape, hidden=32, out_channels=None):
-        nn.Module.__init__(self)
-        channels, height, width = out_shape
-        self.out_shape = tuple(out_shape)
-        self.out_channels = channels if out_channels is None else out_channels
-        self.sizes = _decoder_sizes(height, width)
-        self.base_channels = 2 * hidden
-        h0, w0 = self.sizes[0]
-        self.project = nn.Sequential(nn.Linear(latent_dim, self.base_channels * h0 * w0), nn.ELU())
+        nn.Module.__init__(self)  # ImageDecoder's own stages are not built, only replaced
+        self._build_projection(latent_dim, out_shape, hidden, out_channels, nn.ELU())
         self.stage0 = _dense_stage(2 * hidden, 2 * hidden, hidden)
         self.stage1 = _dense_stage(2 * hidden, hidden, hidden)
         self.stage2 = nn.Sequential(
@@ -364,14 +363,6 @@ class DenseImageDecoder(ImageDecoder):
             nn.ELU(),
             nn.Conv2d(hidden, self.out_channels, 3, padding=1),
         )
-
-    def forward(self, latent):
-        flat, batch_shape = _merge_leading(latent, 1)
-        h = self.project(flat).view(-1, self.base_channels, *self.sizes[0])
-        h = self.stage0(h)
-        h = self.stage1(F.interpolate(h, size=self.sizes[1], mode="nearest"))
-        h = self.stage2(F.interpolate(h, size=self.sizes[2], mode="nearest"))
-        return _split_leading(h, batch_shape)
 
 
 class DenseSuperResolutionDecoder(SuperResolutionDecoder):
