@@ -10,6 +10,13 @@ says whether Pyro built the same number as the hand-written formula.
 
     python benchmarks/step_time.py --quick          # < 2 minutes on a 2-core CPU
     python benchmarks/step_time.py --json           # last line: a JSON list of records
+    python benchmarks/step_time.py --device cuda --arch densenet --hidden 32 --shape 3,32,32 \
+        --precision bf16 --compile                  # the CIFAR-10-shaped GPU configuration
+
+``--shape C,H,W`` times random uint8 images of that shape (no download) instead of the
+embedded Fashion-MNIST. ``--precision``, ``--compile`` and the optimizer (fused Adam on a
+GPU, ``pyro_srvae.training.make_optimizer``) apply to both steps alike, so the ratio
+measures Pyro's share and the absolute times what the options buy.
 """
 
 import argparse
@@ -29,12 +36,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from torch_reference import reference_loss  # noqa: E402
 
 from pyro_srvae import make_elbo  # noqa: E402
+from pyro_srvae.networks import ARCHS  # noqa: E402
 from pyro_srvae.data import dequantize, load_dataset  # noqa: E402
 from pyro_srvae.distributed import DistributedContext  # noqa: E402
 from pyro_srvae.training import (  # noqa: E402
+    PRECISIONS,
     DataParallelElbo,
     TrainConfig,
     build_model,
+    make_optimizer,
+    network_precision,
     resolve_device,
     training_mode,
     training_step,
@@ -56,9 +67,10 @@ def _peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def _torch_step(model, optimizer, x, elbo_name):
+def _torch_step(model, optimizer, x, elbo_name, precision="fp32"):
     optimizer.zero_grad(set_to_none=True)
-    loss = reference_loss(model, x, elbo_name)
+    with network_precision(x.device, precision):
+        loss = reference_loss(model, x, elbo_name)
     loss.backward()
     optimizer.step()
     return loss.detach()
@@ -81,14 +93,18 @@ def _alternate(pyro_step, torch_step, batches, args, device, pyro_times, torch_t
 
 def benchmark_variant(model_name, guide, prior, elbo_name, images, args, device):
     config = TrainConfig(
-        model=model_name, guide=guide or "simple", prior=prior, elbo=elbo_name, hidden=args.hidden, seed=0
+        model=model_name, guide=guide or "simple", prior=prior, elbo=elbo_name, hidden=args.hidden, seed=0,
+        arch=args.arch, precision=args.precision,
     )
     pyro.clear_param_store()
     torch.manual_seed(0)
     pyro_model = build_model(config, tuple(images.shape[1:])).to(device)
     torch_model = copy.deepcopy(pyro_model)
-    pyro_optimizer = torch.optim.Adam(pyro_model.parameters(), lr=config.lr)
-    torch_optimizer = torch.optim.Adam(torch_model.parameters(), lr=config.lr)
+    if args.compile:
+        pyro_model.compile_networks()
+        torch_model.compile_networks()
+    pyro_optimizer = make_optimizer(pyro_model, config.lr, device)
+    torch_optimizer = make_optimizer(torch_model, config.lr, device)
     elbo = make_elbo(elbo_name)
     batches = [dequantize(images[torch.randint(len(images), (args.batch_size,))]) for _ in range(4)]
 
@@ -101,13 +117,13 @@ def benchmark_variant(model_name, guide, prior, elbo_name, images, args, device)
     loss_match = bool(torch.allclose(pyro_value, torch_value, rtol=1e-5, atol=1e-3))
 
     # As pyro_srvae.train builds it: the objective once per run, the loop under training_mode.
-    objective = DataParallelElbo(pyro_model, elbo, DistributedContext())
+    objective = DataParallelElbo(pyro_model, elbo, DistributedContext(), args.precision)
 
     def pyro_step(x):
         return training_step(pyro_model, pyro_optimizer, objective, x)
 
     def torch_step(x):
-        return _torch_step(torch_model, torch_optimizer, x, elbo_name)
+        return _torch_step(torch_model, torch_optimizer, x, elbo_name, args.precision)
 
     pyro_times, torch_times = [], []
     if device.type == "cuda":
@@ -124,6 +140,10 @@ def benchmark_variant(model_name, guide, prior, elbo_name, images, args, device)
         "prior": prior,
         "elbo": elbo_name,
         "device": str(device),
+        "arch": args.arch,
+        "image_shape": list(images.shape[1:]),
+        "precision": args.precision,
+        "compile": args.compile,
         "batch_size": args.batch_size,
         "pyro_ms": round(pyro_ms, 3),
         "torch_ms": round(torch_ms, 3),
@@ -132,6 +152,16 @@ def benchmark_variant(model_name, guide, prior, elbo_name, images, args, device)
         "peak_mem_mb": round(_peak_memory_mb(device), 1),
         "loss_match": loss_match,
     }
+
+
+def _shape(text):
+    try:
+        shape = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected C,H,W, got {text!r}") from None
+    if len(shape) != 3 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected three positive integers C,H,W, got {text!r}")
+    return shape
 
 
 def main(argv=None):
@@ -143,6 +173,10 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=None, help="timed steps per variant [60, quick: 12]")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first [10, quick: 3]")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--arch", default="small", choices=ARCHS)
+    parser.add_argument("--shape", type=_shape, default=None, metavar="C,H,W", help="random images of this shape")
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the networks of both steps")
     parser.add_argument(
         "--register-every-step", action="store_true", help="keep pyro.module registration on every call (as SVI)"
     )
@@ -150,11 +184,18 @@ def main(argv=None):
     args.steps = args.steps or (12 if args.quick else 60)
     args.warmup = args.warmup if args.warmup is not None else (3 if args.quick else 10)
     device = resolve_device(args.device)
-    images = load_dataset("fashion-mnist-mini", "train").images[:2048].to(device)
+    if args.shape is None:
+        images = load_dataset("fashion-mnist-mini", "train").images[:2048].to(device)
+    else:
+        images = torch.randint(0, 256, (2048, *args.shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+        images = images.to(device)
 
     records = []
     header = f"{'model':6} {'guide':6} {'prior':8} {'elbo':9} {'pyro ms':>8} {'torch ms':>8} {'ratio':>6} {'img/s':>7} match"
-    print(f"device {device}, batch {args.batch_size}, torch threads {torch.get_num_threads()}")
+    print(
+        f"device {device}, batch {args.batch_size}, images {tuple(images.shape[1:])}, arch {args.arch}, "
+        f"precision {args.precision}, compile {args.compile}, torch threads {torch.get_num_threads()}"
+    )
     print(header)
     for model_name, guide in VARIANTS:
         for prior in PRIORS:

@@ -23,6 +23,7 @@ from .priors import PRIORS
 from .training import (
     DEVICES,
     MODELS,
+    PRECISIONS,
     ConfigError,
     TrainConfig,
     TrainingDiverged,
@@ -79,6 +80,9 @@ def build_train_parser(prog=None):
         "or a discretized mixture of logistics")
     add("--likelihood-components", type=int, default=defaults.likelihood_components, metavar="K",
         help="logistic components per pixel for --likelihood dlogistic-mix")
+    add("--precision", choices=PRECISIONS, default=defaults.precision,
+        help="bf16: the networks train under torch.autocast in bfloat16 (log-densities and loss stay float32)")
+    add("--compile", action="store_true", help="torch.compile the networks (not Pyro's tracing)")
     add("--no-figures", action="store_true", help="skip the PNG figures")
     add("--quiet", action="store_true", help="no progress bar")
     return parser
@@ -94,7 +98,7 @@ def config_from_args(parser, args):
             "model", "prior", "mog_components", "elbo", "num_particles", "dataset", "data_dir", "download",
             "max_steps", "batch_size", "lr", "kl_warmup", "clip_norm", "seed", "sr_samples", "eval_limit", "train_limit", "out",
             "checkpoint_every", "factor", "downscale_mode", "u_dim", "z_dim", "hidden",
-            "arch", "likelihood", "likelihood_components",
+            "arch", "likelihood", "likelihood_components", "precision", "compile",
         )
     }
     values["guide"] = args.guide or "simple"
@@ -122,6 +126,10 @@ def resume_overrides(args):
     }
     if args.no_figures:
         overrides["figures"] = False
+    if args.compile:
+        overrides["compile"] = True
+    if args.precision != TrainConfig.precision:
+        overrides["precision"] = args.precision
     return overrides
 
 
@@ -154,6 +162,7 @@ COMMANDS = {
     "train": "train and evaluate a VAE or srVAE (the flags of examples/train_srvae.py)",
     "evaluate": "re-run the test-set evaluation of a checkpoint, write evaluation.json",
     "superresolve": "super-resolve your own images with a trained srVAE, with per-pixel uncertainty",
+    "compare": "the paper's comparison: VAE vs srVAE (simple, full) x (Gaussian, MoG) under one budget",
 }
 
 
@@ -341,6 +350,98 @@ def evaluate_main(argv=None, prog=None):
     return 0
 
 
+# --------------------------------------------------------------------------- #
+# compare: examples/compare.py and pyro-srvae compare
+# --------------------------------------------------------------------------- #
+def build_compare_parser(prog=None):
+    from .comparison import BUDGETS, CELL_NAMES
+
+    default, quick = BUDGETS["default"], BUDGETS["quick"]
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Train and evaluate the grid {vae, srvae-simple, srvae-full} x {gaussian, mog} under one "
+        "budget and one seed; write OUT/results.json, OUT/results.md and OUT/samples.png. "
+        "Re-running with the same --out skips the cells already done.",
+        formatter_class=_DefaultsFormatter,
+    )
+    add = parser.add_argument
+    add("--quick", action="store_true",
+        help=f"tiny budget ({quick.epochs} epochs, width {quick.hidden}, K={quick.iw_samples} on "
+        f"{quick.eval_limit} test images): the whole grid in minutes")
+    add("--out", default=None, metavar="DIR", help="output directory [runs/compare, runs/compare-quick with --quick]")
+    add("--dataset", choices=DATASETS, default="fashion-mnist-mini")
+    add("--data-dir", default=None, metavar="DIR", help="root of the dataset's files")
+    add("--download", action="store_true", help="download the dataset if missing (needs internet)")
+    add("--seed", type=int, default=0, help="one seed for every cell")
+    add("--likelihood", choices=LIKELIHOODS, default="gaussian")
+    add("--likelihood-components", type=_positive_int, default=10, metavar="K")
+    add("--arch", choices=ARCHS, default="small")
+    add("--cells", default=None, metavar="A,B", help=f"run only these cells of {', '.join(CELL_NAMES)}")
+    add("--jobs", type=_positive_int, default=1, metavar="N", help="cells trained at once (CPU)")
+    add("--device", choices=DEVICES, default="auto")
+    add("--inception-weights", default=None, metavar="FILE",
+        help="local Inception weights for the optional Inception FID (torch-fidelity); never downloaded")
+    budget = parser.add_argument_group("budget overrides", f"defaults: the real experiment ({default})")
+    budget.add_argument("--epochs", type=_positive_int, default=None, metavar="N")
+    budget.add_argument("--hidden", type=_positive_int, default=None, metavar="W", help="network width")
+    budget.add_argument("--iw-samples", type=_positive_int, default=None, metavar="K")
+    budget.add_argument("--batch-size", type=_positive_int, default=None, metavar="B")
+    budget.add_argument("--train-limit", type=_limit, default=None, metavar="N|all")
+    budget.add_argument("--eval-limit", type=_limit, default=None, metavar="N|all")
+    budget.add_argument("--fd-samples", type=_int_at_least(2, "an integer >= 2"), default=None, metavar="N",
+                        help="generated images for fd [as many as test images]")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def compare_settings_from_args(args):
+    """The :class:`~pyro_srvae.comparison.ComparisonSettings` the flags describe."""
+    import dataclasses
+
+    from .comparison import BUDGETS, ComparisonSettings
+
+    budget = BUDGETS["quick" if args.quick else "default"]
+    overrides = {
+        name: getattr(args, name)
+        for name in ("epochs", "hidden", "iw_samples", "batch_size", "train_limit", "eval_limit", "fd_samples")
+        if getattr(args, name) is not None
+    }
+    for name in ("train_limit", "eval_limit"):
+        if overrides.get(name) == "all":
+            overrides[name] = None
+    return ComparisonSettings(
+        budget=dataclasses.replace(budget, **overrides), dataset=args.dataset, data_dir=args.data_dir,
+        download=args.download, seed=args.seed, likelihood=args.likelihood,
+        likelihood_components=args.likelihood_components, arch=args.arch,
+    )  # fmt: skip
+
+
+def compare_main(argv=None, prog=None):
+    from .comparison import results_markdown, run_comparison
+
+    parser = build_compare_parser(prog)
+    args = parser.parse_args(argv)
+    _check_device(parser, args.device)
+    settings = compare_settings_from_args(args)
+    out = args.out or ("runs/compare-quick" if args.quick else "runs/compare")
+    cells = None if args.cells is None else [cell.strip() for cell in args.cells.split(",") if cell.strip()]
+    try:
+        rows = run_comparison(
+            settings, out, cells=cells, jobs=args.jobs, device=args.device,
+            inception_weights=args.inception_weights, progress=not args.quiet,
+        )  # fmt: skip
+    except ConfigError as error:
+        parser.error(str(error))
+    except (CheckpointError, DatasetNotFoundError, TrainingDiverged) as error:
+        return _error(str(error))
+    except TrainingInterrupted as error:
+        print(f"{error}; run the same command again to go on", file=sys.stderr)
+        return EXIT_INTERRUPTED.get(error.signal_number, 1)
+    print(results_markdown(rows, settings))
+    print(f"outputs in {out}: results.json, results.md, samples.png")
+    return 0
+
+
 def build_console_parser():
     parser = argparse.ArgumentParser(
         prog="pyro-srvae",
@@ -376,6 +477,8 @@ def console_main(argv=None):
         return main(rest, prog=prog)
     if command == "evaluate":
         return evaluate_main(rest, prog=prog)
+    if command == "compare":
+        return compare_main(rest, prog=prog)
     return superresolve_main(rest, prog=prog)
 
 

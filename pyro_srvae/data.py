@@ -38,7 +38,7 @@ import math
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Tuple, Union
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -50,6 +50,7 @@ __all__ = [
     "ImageDataset",
     "load_dataset",
     "dequantize",
+    "DeviceImages",
     "epoch_permutation",
     "iterate_batches",
     "num_batches",
@@ -568,6 +569,62 @@ def _load_cifar10(root: Path, split: str, download: bool) -> Tuple[torch.Tensor,
 # ----------------------------------------------------------------------------
 # Dequantization
 # ----------------------------------------------------------------------------
+
+
+class DeviceImages:
+    """uint8 images served batch by batch on ``device``, with as little copying as possible.
+
+    * Resident (the CPU, or a set that fits in ``max_fraction`` of the GPU's free memory,
+      e.g. all of Fashion-MNIST or CIFAR-10 at ~47 / ~150 MB): the whole set is copied to
+      the device once, as uint8 (4x smaller than floats), and a batch is an index on the
+      device -- no host-to-device transfer per step.
+    * Streamed (a set too large for the GPU): the set stays in page-locked (pinned) host
+      memory; each batch is gathered into one of two pinned staging buffers and copied
+      with ``non_blocking=True``, so the copy overlaps the GPU's work on the step before.
+      A CUDA event recorded after each copy guards its buffer from being overwritten
+      before the copy has finished.
+
+    ``resident`` forces one mode (``None``: decide from the size).
+    """
+
+    def __init__(self, images: torch.Tensor, device, max_fraction: float = 0.5, resident: Optional[bool] = None):
+        self.device = torch.device(device)
+        cuda = self.device.type == "cuda"
+        if resident is None:
+            resident = not cuda or images.nbytes <= max_fraction * torch.cuda.mem_get_info(self.device)[0]
+        self.resident = bool(resident)
+        self._pinned = cuda and not self.resident
+        if self.resident:
+            self.images = images.to(self.device)
+        else:
+            self.images = images.pin_memory() if self._pinned else images
+        self._staging: List[Optional[torch.Tensor]] = [None, None]
+        self._copied: List[Optional[object]] = [None, None]
+        self._slot = 0
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def batch(self, indices: torch.Tensor) -> torch.Tensor:
+        """``images[indices]`` on the device (``indices``: a 1-D integer tensor)."""
+        if self.resident:
+            return self.images[indices.to(self.device, non_blocking=True)]
+        slot, self._slot = self._slot, 1 - self._slot
+        if self._copied[slot] is not None:
+            self._copied[slot].synchronize()  # the copy that last read this buffer is done
+        shape = (len(indices),) + tuple(self.images.shape[1:])
+        buffer = self._staging[slot]
+        if buffer is None or tuple(buffer.shape) != shape:
+            buffer = torch.empty(shape, dtype=self.images.dtype, pin_memory=self._pinned)
+            self._staging[slot] = buffer
+        torch.index_select(self.images, 0, indices.cpu(), out=buffer)
+        if not self._pinned:
+            return buffer.to(self.device, copy=True)
+        batch = buffer.to(self.device, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._copied[slot] = event
+        return batch
 
 
 def dequantize(

@@ -29,7 +29,7 @@ import pyro
 import pyro.distributions as dist
 
 from .likelihoods import LIKELIHOODS, make_likelihood
-from .networks import ARCHS, GaussianEncoder, make_image_decoder, make_sr_decoder
+from .networks import ARCHS, NETWORK_TYPES, GaussianEncoder, float32_outputs, make_image_decoder, make_sr_decoder
 from .priors import PRIORS, make_prior
 
 GUIDES = ("simple", "full")
@@ -166,6 +166,30 @@ class _ImageModel(nn.Module):
             self._check_registration()
         return images
 
+    def networks(self):
+        """The model's neural networks (encoders and decoders), outermost ones only."""
+        found = []
+        for module in self.modules():
+            if isinstance(module, NETWORK_TYPES) and not any(module in list(net.modules()) for net in found):
+                found.append(module)
+        return found
+
+    def _finish_networks(self):
+        # Called at the end of the subclasses' constructors, once every network exists.
+        for network in self.networks():
+            network.register_forward_hook(float32_outputs)
+
+    def compile_networks(self, **options):
+        """``torch.compile`` each network in place (``nn.Module.compile``), not Pyro's tracing.
+
+        Pyro's model and guide stay eager Python -- tracing them would break the graph at
+        every sample site -- while the convolutions, the bulk of a step, are compiled.
+        Parameter names, state dicts and the Pyro registration are unchanged.
+        """
+        for network in self.networks():
+            network.compile(**options)
+        return self
+
     def _check_registration(self):
         # pyro.module keeps the first module registered under a name: a second model
         # built under the same name would train the first one's parameters silently.
@@ -231,6 +255,7 @@ class VAE(_ImageModel):
         out_channels = self.likelihood.out_channels(channels)
         self.decoder_x = make_image_decoder(arch, z_dim, self.image_shape, hidden, out_channels)
         self.log_gamma_x = self._learned_scale(gamma_init)
+        self._finish_networks()
 
     @property
     def gamma_x(self):
@@ -358,6 +383,7 @@ class SRVAE(_ImageModel):
         )
         self.log_gamma_x = self._learned_scale(gamma_init)
         self.log_gamma_y = self._learned_scale(gamma_init)
+        self._finish_networks()
 
     @property
     def full(self):

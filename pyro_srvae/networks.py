@@ -47,6 +47,35 @@ ARCHS = ("small", "densenet")
 MIN_SCALE = 1e-4
 
 
+def set_channels_last(enabled):
+    """Run the convolutions on channels-last (NHWC) activations (default: on).
+
+    The weights keep torch's default layout: Pyro's param store stores a contiguous
+    copy of a parameter that is not (``ParamStoreDict.setdefault``), so channels-last
+    *parameters* would be trained as copies. Only the activations entering each
+    convolution stack are laid out NHWC; oneDNN on the CPU and cuDNN on the GPU then
+    keep that layout through the stack. The values computed are the same up to
+    floating-point rounding; ``benchmarks/eval_time.py --compare-layouts`` measures what
+    it buys.
+    """
+    global _CHANNELS_LAST
+    _CHANNELS_LAST = bool(enabled)
+
+
+def channels_last_enabled():
+    return _CHANNELS_LAST
+
+
+_CHANNELS_LAST = True
+
+
+def _conv_input(images):
+    """``images`` laid out for the convolutions that follow (see :func:`set_channels_last`)."""
+    if _CHANNELS_LAST:
+        return images.contiguous(memory_format=torch.channels_last)
+    return images
+
+
 def _merge_leading(tensor, event_dim):
     """Flatten all leading batch dims into one: ``(*batch, *event) -> (N, *event)``."""
     batch_shape = tensor.shape[: tensor.dim() - event_dim]
@@ -97,7 +126,7 @@ class ConvFeatures(nn.Module):
 
     def forward(self, images):
         flat, batch_shape = _merge_leading(images, 3)
-        return _split_leading(self.net(flat), batch_shape)
+        return _split_leading(self.net(_conv_input(flat)), batch_shape)
 
 
 class GaussianEncoder(nn.Module):
@@ -176,7 +205,7 @@ class ImageDecoder(nn.Module):
 
     def forward(self, latent):
         flat, batch_shape = _merge_leading(latent, 1)
-        h = self.stage0(self.project(flat).view(-1, self.base_channels, *self.sizes[0]))
+        h = self.stage0(_conv_input(self.project(flat).view(-1, self.base_channels, *self.sizes[0])))
         h = self.stage1(F.interpolate(h, size=self.sizes[1], mode="nearest"))
         h = self.stage2(F.interpolate(h, size=self.sizes[2], mode="nearest"))
         return _split_leading(h, batch_shape)
@@ -246,7 +275,7 @@ class SuperResolutionDecoder(nn.Module):
             [_expand_leading(y, batch_shape, 3), _expand_leading(latent_map, batch_shape, 3)], dim=-3
         )
         flat, _ = _merge_leading(inputs, 3)
-        return _split_leading(self._network(flat), batch_shape)
+        return _split_leading(self._network(_conv_input(flat)), batch_shape)
 
     def forward(self, y, z, u=None):
         residual = self.residual(y, z, u)
@@ -393,6 +422,26 @@ class DenseSuperResolutionDecoder(SuperResolutionDecoder):
         channels = self.out_shape[0]
         up = F.interpolate(inputs[:, :channels], size=self.out_shape[1:], mode="bilinear", align_corners=False)
         return self.hr_net(torch.cat([self.lr_net(inputs), up], dim=1))
+
+
+#: The network classes; a model's networks are its submodules of these types.
+NETWORK_TYPES = (GaussianEncoder, ImageDecoder, SuperResolutionDecoder)
+
+
+def float32_outputs(module, args, output):
+    """Forward hook: the network's floating-point outputs in float32.
+
+    Under ``torch.autocast`` (bf16 training) the convolutions and linear layers run in
+    bfloat16, but everything the ELBO computes from their outputs -- reparametrised
+    samples, log-densities, KL divergences, sums over thousands of pixels -- stays in
+    float32: the precision of the loss is not traded for speed, only that of the
+    networks' internals. In float32 the hook returns the same tensors (no copy).
+    """
+    if isinstance(output, torch.Tensor):
+        return output.float() if output.is_floating_point() else output
+    if isinstance(output, tuple):
+        return tuple(float32_outputs(module, args, item) for item in output)
+    return output
 
 
 def make_image_decoder(arch, latent_dim, out_shape, hidden=32, out_channels=None):

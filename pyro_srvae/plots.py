@@ -47,6 +47,7 @@ __all__ = [
     "plot_mog_components",
     "plot_uncertainty",
     "plot_sample_strip",
+    "plot_model_samples",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -603,4 +604,33 @@ def plot_sample_strip(
             ax.set_axis_off()
     fig.suptitle(_with_note(title or f"{s.shape[0]} samples of one image",
                             s.shape[1]))
+    return _save_figure(fig, path)
+
+
+def plot_model_samples(
+    samples: Sequence[torch.Tensor], titles: Sequence[str], path: PathLike,
+    per_row: int = 4, columns: int = 3,
+) -> PathLike:
+    """Samples of several models side by side: one panel (a grid of ``per_row``
+    images a row) per model, ``columns`` panels a row, each titled."""
+    if len(samples) != len(titles):
+        raise ValueError(f"{len(samples)} sample sets but {len(titles)} titles")
+    if not samples:
+        raise ValueError("no samples to draw")
+    grids = [image_grid(_check_images(s, f"samples[{i}]"), nrow=per_row) for i, s in enumerate(samples)]
+    channels = {g.shape[0] for g in grids}
+    ncols = min(int(columns), len(grids))
+    nrows = int(math.ceil(len(grids) / ncols))
+    height, width = max(g.shape[1] for g in grids), max(g.shape[2] for g in grids)
+    scale = 3.2 / max(height, width)
+    fig = _new_figure(ncols * width * scale + 0.2, nrows * (height * scale + 0.35) + 0.2)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    for i in range(nrows * ncols):
+        ax = axes[divmod(i, ncols)]
+        if i < len(grids):
+            _show(ax, grids[i])
+            ax.set_title(titles[i], fontsize=10)
+        else:
+            ax.set_axis_off()
+    fig.suptitle(_with_note("Samples, same seed for every model", max(channels)))
     return _save_figure(fig, path)

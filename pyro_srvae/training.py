@@ -47,7 +47,7 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from .data import DATASETS, dequantize, iterate_batches, load_dataset, num_batches
+from .data import DATASETS, DeviceImages, dequantize, iterate_batches, load_dataset, num_batches
 from .elbo import ELBO_NAMES, make_elbo
 from .evaluation import bicubic_upsample, bits_per_dim, evaluate_model
 from .likelihoods import LIKELIHOODS
@@ -57,6 +57,9 @@ from .priors import PRIORS
 
 MODELS = ("vae", "srvae")
 DEVICES = ("auto", "cpu", "cuda")
+#: fp32: everything in float32. bf16: the networks run under torch.autocast in bfloat16
+#: while samples, log-densities and the loss stay float32 (networks.float32_outputs).
+PRECISIONS = ("fp32", "bf16")
 # Steps between host syncs (divergence check, progress bar, and in a data-parallel run the
 # moment all ranks agree to stop on a signal): rare enough not to stall a GPU queue.
 SYNC_EVERY = 10
@@ -117,9 +120,14 @@ class TrainConfig:
     likelihood_components: int = 10
     arch: str = "small"
     figures: bool = True
+    precision: str = "fp32"
+    compile: bool = False
 
     # Fields that may change when a run is resumed; every other field is the run's identity.
-    RESUMABLE = ("epochs", "max_steps", "device", "out", "checkpoint_every", "eval_samples", "eval_limit", "figures")
+    RESUMABLE = (
+        "epochs", "max_steps", "device", "out", "checkpoint_every", "eval_samples", "eval_limit", "figures",
+        "precision", "compile",
+    )  # fmt: skip
 
     def validate(self):
         """Raise :class:`ConfigError` with one line for an impossible combination."""
@@ -134,6 +142,7 @@ class TrainConfig:
             "downscale_mode": DOWNSCALE_MODES,
             "likelihood": LIKELIHOODS,
             "arch": ARCHS,
+            "precision": PRECISIONS,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -273,6 +282,24 @@ def kl_scale(config, epoch, batch, batches_per_epoch):
     return min(1.0, (epoch + batch / batches_per_epoch) / config.kl_warmup)
 
 
+def network_precision(device, precision):
+    """The context of the networks' forward passes: ``torch.autocast`` to bf16, or nothing.
+
+    Only training uses it; evaluation always computes in float32.
+    """
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}")
+    device_type = torch.device(device).type
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def make_optimizer(model, lr, device):
+    """Adam; fused into a few kernels on a GPU (one launch per step instead of several per tensor)."""
+    if torch.device(device).type == "cuda":
+        return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
+    return torch.optim.Adam(model.parameters(), lr=lr)
+
+
 class ElboObjective(torch.nn.Module):
     """The training loss as a module: ``forward(x, kl_scale)`` is Pyro's differentiable ELBO loss.
 
@@ -283,15 +310,17 @@ class ElboObjective(torch.nn.Module):
     ``pyro.module`` still registers the original VAE, the same parameter objects.
     """
 
-    def __init__(self, vae, elbo):
+    def __init__(self, vae, elbo, precision="fp32"):
         super().__init__()
         self.vae = vae
         self.elbo = elbo
+        self.precision = precision
 
     def forward(self, x, kl_scale=1.0):
         model_fn = scale_latents(self.vae.model, kl_scale)
         guide_fn = scale_latents(self.vae.guide, kl_scale)
-        return self.elbo.differentiable_loss(model_fn, guide_fn, x)
+        with network_precision(x.device, self.precision):
+            return self.elbo.differentiable_loss(model_fn, guide_fn, x)
 
 
 class DataParallelElbo:
@@ -312,13 +341,14 @@ class DataParallelElbo:
     In a single process (``sync`` is ``None``) this is exactly the plain Pyro call.
     """
 
-    def __init__(self, vae, elbo, context):
+    def __init__(self, vae, elbo, context, precision="fp32"):
         self.vae = vae
         self.elbo = elbo
         self.context = context
+        self.precision = precision
         self.objective = None
         if hasattr(elbo, "differentiable_loss"):
-            self.objective = context.data_parallel(ElboObjective(vae, elbo))
+            self.objective = context.data_parallel(ElboObjective(vae, elbo, precision))
         self.sync = None if not context.enabled else "ddp" if self.objective is not None else "all-reduce"
 
     def loss_and_backward(self, x, kl_scale=1.0):
@@ -328,7 +358,8 @@ class DataParallelElbo:
             (loss * self.context.world_size).backward()  # x1 in a single process: exact
             return loss.detach()
         model_fn, guide_fn = scale_latents(self.vae.model, kl_scale), scale_latents(self.vae.guide, kl_scale)
-        loss = torch.tensor(self.elbo.loss_and_grads(model_fn, guide_fn, x))
+        with network_precision(x.device, self.precision):
+            loss = torch.tensor(self.elbo.loss_and_grads(model_fn, guide_fn, x))
         self.context.all_reduce_gradients(self.vae.parameters())
         return loss
 
@@ -476,11 +507,13 @@ def _train(config, payload, resume, context, started, progress, log):
     torch.manual_seed(config.seed)
     pyro.set_rng_seed(config.seed)
     model = build_model(config, train_set.image_shape).to(device)
+    if config.compile:
+        model.compile_networks()
     if context.rank > 0:
         # Same initial weights on every rank (seeded above; DDP broadcasts rank 0's anyway),
         # but each rank draws its own latent and dequantization noise from here on.
         pyro.set_rng_seed(derive_seed(config.seed, "rank", context.rank))
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    optimizer = make_optimizer(model, config.lr, device)
     history = {"epochs": [], "steps": [], "wall_seconds": 0.0}
     epoch, batch_start, step = 0, 0, 0
     # The run's loss so far (all ranks) of an epoch cut by a checkpoint.
@@ -509,9 +542,9 @@ def _train(config, payload, resume, context, started, progress, log):
 
     # Pixels are uint8 on the device, validated once here; each batch is dequantized
     # on the device, so the per-call checks inside the model can be skipped.
-    train_images = train_set.images.to(device)
+    train_images = DeviceImages(train_set.images, device)
     elbo = make_elbo(config.elbo, num_particles=config.num_particles, vectorize_particles=config.num_particles > 1)
-    objective = DataParallelElbo(model, elbo, context)
+    objective = DataParallelElbo(model, elbo, context, config.precision)
     batches_per_epoch = num_batches(len(train_set), config.batch_size, drop_last=True, world_size=context.world_size)
     num_dims = train_set.images[0].numel()
     if context.is_main:
@@ -572,7 +605,7 @@ def _train(config, payload, resume, context, started, progress, log):
                     len(train_set), config.batch_size, config.seed, epoch, start_batch=batch_start, drop_last=True,
                     rank=context.rank, world_size=context.world_size,
                 ):  # fmt: skip
-                    x = dequantize(train_images[indices.to(device)])
+                    x = dequantize(train_images.batch(indices))
                     beta = kl_scale(config, epoch, batch, batches_per_epoch)
                     loss = training_step(model, optimizer, objective, x, beta, config.clip_norm)
                     loss_sum = loss_sum + loss

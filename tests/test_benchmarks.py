@@ -39,3 +39,33 @@ def test_eval_benchmark_reports_throughput(capsys):
     assert [r["model"] for r in records] == ["vae", "srvae", "srvae"]
     for record in records:
         assert record["iw_samples"] == 8 and record["images_per_s"] > 0 and record["iw_bpd"] > 0
+
+
+def test_step_benchmark_runs_the_cifar_shaped_densenet_in_bf16(capsys):
+    step_time.main([
+        "--steps", "1", "--warmup", "0", "--batch-size", "4", "--hidden", "4", "--json", "--device", "cpu",
+        "--arch", "densenet", "--shape", "3,8,8", "--precision", "bf16",
+    ])  # fmt: skip
+    records = _json_records(capsys)
+    assert len(records) == 12
+    for record in records:
+        assert record["image_shape"] == [3, 8, 8] and record["arch"] == "densenet" and record["precision"] == "bf16"
+        assert record["loss_match"], record  # the cross-check itself runs in float32
+
+
+def test_eval_benchmark_compares_layouts_in_one_run(capsys):
+    eval_time.main(["--num-images", "2", "--samples", "4", "--hidden", "4", "--json", "--device", "cpu",
+                    "--compare-layouts", "--shape", "3,8,8"])  # fmt: skip
+    records = _json_records(capsys)
+    for record in records:
+        assert record["nchw_seconds"] > 0 and record["channels_last_seconds"] > 0
+        assert record["channels_last_speedup"] == pytest.approx(
+            record["nchw_seconds"] / record["channels_last_seconds"], rel=1e-2
+        )
+
+
+@pytest.mark.parametrize("script", [step_time, eval_time])
+def test_benchmarks_refuse_a_bad_shape(script, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(["--shape", "3,32"])
+    assert exit_info.value.code == 2 and "C,H,W" in capsys.readouterr().err

@@ -120,7 +120,12 @@ def test_tile_plan_covers_the_image_on_a_regular_grid():
 
 
 def test_tiling_is_exact_on_a_multiple_of_the_tile_size(checkpoint):
-    """overlap=0 on 2x3 tiles: bit for bit the model's own output on each tile, same latent draws."""
+    """overlap=0 on 2x3 tiles: the model's own output on each tile, same latent draws.
+
+    Equal to float rounding, not bit for bit: oneDNN may pick another convolution kernel
+    for another batch size or input layout (channels-last activations). Another latent
+    draw would differ by orders of magnitude more than the tolerance.
+    """
     model = load_model(checkpoint)
     y = torch.rand(1, 28, 42, generator=torch.Generator().manual_seed(1))
     sr = superresolve_image(model, y, 5, overlap=0, seed=3)
@@ -130,13 +135,14 @@ def test_tiling_is_exact_on_a_multiple_of_the_tile_size(checkpoint):
     torch.manual_seed(3)
     reference = model.super_resolve(tiles, num_samples=5).samples  # (S, 6, 1, 28, 28), tiles row-major
     expected = reference.view(5, 2, 3, 1, 28, 28).permute(0, 3, 1, 4, 2, 5).reshape(5, 1, 56, 84)
-    assert torch.equal(sr.samples, expected)
+    torch.testing.assert_close(sr.samples, expected, rtol=1e-5, atol=1e-6)
     assert sr.std.max() > 0  # the latents matter: the comparison above is not trivial
 
     # One tile exactly: the model's output on the image itself.
     torch.manual_seed(3)
     single = model.super_resolve(y[None, :, :14, :14], num_samples=5).samples[:, 0]
-    assert torch.equal(superresolve_image(model, y[:, :14, :14], 5, overlap=0, seed=3).samples, single)
+    torch.testing.assert_close(superresolve_image(model, y[:, :14, :14], 5, overlap=0, seed=3).samples, single,
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
 
 
 @pytest.mark.parametrize("size", [(28, 28), (23, 37), (5, 3), (14, 15)])

@@ -1,0 +1,193 @@
+"""The comparison grid of issue #4: rows, tables, targets, resuming and the CLI."""
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+from pyro_srvae import comparison
+from pyro_srvae.cli import build_compare_parser, compare_main, compare_settings_from_args
+from pyro_srvae.comparison import (
+    BUDGETS,
+    CELL_NAMES,
+    ROW_KEYS,
+    Budget,
+    ComparisonSettings,
+    check_targets,
+    results_markdown,
+    run_comparison,
+)
+from pyro_srvae.plots import plot_model_samples
+from pyro_srvae.training import ConfigError
+
+TINY = Budget(
+    epochs=1, hidden=4, iw_samples=4, batch_size=32, train_limit=128, eval_limit=16, sr_samples=2,
+    fd_samples=16, classifier_epochs=1, classifier_train_limit=256,
+)  # fmt: skip
+TINY_FLAGS = [
+    "--epochs", "1", "--hidden", "4", "--iw-samples", "4", "--batch-size", "32", "--train-limit", "128",
+    "--eval-limit", "16", "--fd-samples", "16", "--quiet",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    """The whole grid, trained once at a tiny budget."""
+    out = tmp_path_factory.mktemp("compare")
+    settings = ComparisonSettings(budget=TINY)
+    rows = run_comparison(settings, out, progress=False, log=lambda message: None)
+    return out, settings, rows
+
+
+def test_the_grid_has_every_cell_with_the_issue_keys(grid):
+    out, _, rows = grid
+    assert [row["cell"] for row in rows] == CELL_NAMES
+    assert [(row["model"], row["guide"], row["prior"]) for row in rows] == [
+        (model, guide, prior) for _, model, guide, prior in comparison.CELLS
+    ]
+    for row in rows:
+        assert set(ROW_KEYS) <= set(row)
+        assert row["epochs"] == 1 and row["seconds"] > 0 and row["iw_samples"] == 4
+        assert row["num_test_images"] == 16
+        # The IW bound and the ELBO come from the same K samples: IW <= ELBO in bits, exactly.
+        assert row["iw_bpd"] <= row["elbo_bpd"]
+        assert math.isfinite(row["fd"]) and row["fd"] >= 0
+        if row["model"] == "vae":
+            assert row["guide"] is None and row["sr_psnr"] is None and row["bicubic_psnr"] is None
+        else:
+            assert row["guide"] in ("simple", "full")
+            assert math.isfinite(row["sr_psnr"]) and math.isfinite(row["bicubic_psnr"])
+            assert 0 < row["sr_ssim"] <= 1
+    # Same seed, same test images: every srVAE faces the same bicubic baseline.
+    assert len({row["bicubic_psnr"] for row in rows if row["model"] == "srvae"}) == 1
+    assert json.loads((out / "results.json").read_text()) == rows
+
+
+def test_results_md_has_the_table_the_targets_and_the_figure(grid):
+    out, _, rows = grid
+    text = (out / "results.md").read_text()
+    table_rows = [line for line in text.splitlines() if line.startswith("| VAE") or line.startswith("| srVAE (")]
+    assert len([line for line in table_rows if line.count("|") == 11]) == 6
+    assert "## Targets" in text and "![samples" in text and "Not run yet" not in text
+    assert (out / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"{rows[0]['iw_bpd']:.4f}" in text
+
+
+def test_a_finished_comparison_is_not_run_again(grid, monkeypatch):
+    out, settings, rows = grid
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished cell was trained again")
+
+    monkeypatch.setattr(comparison, "train", no_training)
+    assert run_comparison(settings, out, progress=False, log=lambda message: None) == rows
+
+
+def test_a_cell_without_its_row_is_finished_from_its_checkpoint(grid, tmp_path):
+    out, settings, rows = grid
+    row_path = out / "cells" / "srvae-full-mog" / comparison.ROW_FILE
+    saved = row_path.read_text()
+    row_path.unlink()
+    logged = []
+    again = run_comparison(settings, out, cells=["srvae-full-mog"], progress=False, log=logged.append)
+    assert any("resuming" in line for line in logged)  # from the checkpoint, not from scratch
+    new, old = again[-1], json.loads(saved)
+    # Same weights, same evaluation seed: the same numbers.
+    for key in ("iw_bpd", "elbo_bpd", "sr_psnr", "fd"):
+        assert new[key] == pytest.approx(old[key], rel=1e-6), key
+
+
+def test_a_directory_of_another_comparison_is_refused_and_kept(grid):
+    out, settings, _ = grid
+    before = (out / "results.json").read_text()
+    other = dataclasses.replace(settings, budget=dataclasses.replace(settings.budget, epochs=2), seed=1)
+    with pytest.raises(ConfigError, match=r"other settings \(budget, seed differ\)"):
+        run_comparison(other, out, progress=False, log=lambda message: None)
+    assert (out / "results.json").read_text() == before
+
+
+def _row(model, guide, prior, iw, fd, sr=None, bicubic=None):
+    return dict(cell="x", model=model, guide=guide, prior=prior, iw_bpd=iw, elbo_bpd=iw + 0.1, sr_psnr=sr,
+                bicubic_psnr=bicubic, sr_ssim=None, fd=fd, epochs=1, seconds=1.0)  # fmt: skip
+
+
+def test_targets_are_checked_per_prior_against_the_vae():
+    rows = [
+        _row("vae", None, "gaussian", 4.00, 10.0),
+        _row("srvae", "simple", "gaussian", 4.09, 9.0, sr=25.0, bicubic=22.0),  # all met
+        _row("srvae", "full", "gaussian", 4.11, 11.0, sr=23.5, bicubic=22.0),  # none met
+        _row("srvae", "full", "mog", 3.0, 1.0, sr=30.0, bicubic=20.0),  # no mog VAE: SR target only
+    ]
+    checks = check_targets(rows)
+    met = {(c["model"], c["target"]): c["met"] for c in checks}
+    assert met == {
+        ("srVAE (simple), gaussian prior", "IW bpd within 0.1 of the VAE's"): True,
+        ("srVAE (simple), gaussian prior", "fd below the VAE's"): True,
+        ("srVAE (simple), gaussian prior", "SR PSNR >= bicubic + 2 dB"): True,
+        ("srVAE (full), gaussian prior", "IW bpd within 0.1 of the VAE's"): False,
+        ("srVAE (full), gaussian prior", "fd below the VAE's"): False,
+        ("srVAE (full), gaussian prior", "SR PSNR >= bicubic + 2 dB"): False,
+        ("srVAE (full), mog prior", "SR PSNR >= bicubic + 2 dB"): True,
+    }
+    text = results_markdown(rows, ComparisonSettings(budget=TINY))
+    assert "+0.090" in text and "**no**" in text
+
+
+def test_unknown_cells_and_bad_jobs_are_refused_before_anything_is_written(tmp_path):
+    settings = ComparisonSettings(budget=TINY)
+    with pytest.raises(ConfigError, match="unknown cell 'vae-flow'"):
+        run_comparison(settings, tmp_path / "a", cells=["vae-flow"])
+    with pytest.raises(ConfigError, match="--jobs must be at least 1"):
+        run_comparison(settings, tmp_path / "b", jobs=0)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_cli_runs_some_cells_in_two_processes(tmp_path, capsys):
+    out = tmp_path / "cli"
+    code = compare_main([*TINY_FLAGS, "--out", str(out), "--jobs", "2", "--cells", "vae-gaussian,srvae-simple-gaussian"])
+    assert code == 0
+    rows = json.loads((out / "results.json").read_text())
+    assert [row["cell"] for row in rows] == ["vae-gaussian", "srvae-simple-gaussian"]
+    text = (out / "results.md").read_text()
+    assert "Not run yet: srvae-full-gaussian, vae-mog, srvae-simple-mog, srvae-full-mog." in text
+    assert "outputs in" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--jobs", "0"], "expected a positive integer"),
+        (["--cells", "vae-gaussian,nope"], "unknown cell 'nope'"),
+        (["--fd-samples", "1"], "expected an integer >= 2"),
+        (["--likelihood", "poisson"], "invalid choice"),
+    ],
+)
+def test_cli_refuses_bad_flags_with_exit_2(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        compare_main([*flags, "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_quick_and_default_budgets_and_overrides():
+    parser = build_compare_parser()
+    assert compare_settings_from_args(parser.parse_args(["--quick"])).budget == BUDGETS["quick"]
+    default = compare_settings_from_args(parser.parse_args([]))
+    # The real experiment: IW with K >= 1000 on the whole test set, the whole training set.
+    assert default.budget.iw_samples >= 1000 and default.budget.eval_limit is None and default.budget.train_limit is None
+    custom = compare_settings_from_args(
+        parser.parse_args(["--quick", "--hidden", "16", "--eval-limit", "all", "--likelihood", "dlogistic-mix"])
+    )
+    assert custom.budget.hidden == 16 and custom.budget.eval_limit is None
+    assert custom.budget.epochs == BUDGETS["quick"].epochs and custom.likelihood == "dlogistic-mix"
+
+
+def test_plot_model_samples_draws_one_panel_per_model(tmp_path):
+    images = [torch.rand(4, 1, 8, 8), torch.rand(4, 1, 8, 8)]
+    path = plot_model_samples(images, ["a", "b"], tmp_path / "s.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="2 sample sets but 1 titles"):
+        plot_model_samples(images, ["a"], tmp_path / "t.png")
