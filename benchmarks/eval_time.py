@@ -12,35 +12,25 @@ cost of the estimate does not depend on the weights.
 
 import argparse
 import json
-import resource
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 import pyro
 
-from pyro_srvae import evaluate_model, networks
-from pyro_srvae.data import load_dataset
-from pyro_srvae.training import TrainConfig, build_model, resolve_device
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import benchmark_images, image_shape, peak_memory_mb  # noqa: E402
+
+from pyro_srvae import evaluate_model, networks  # noqa: E402
+from pyro_srvae.training import TrainConfig, build_model, resolve_device  # noqa: E402
 
 VARIANTS = [("vae", "simple"), ("srvae", "simple"), ("srvae", "full")]
 
 
-def _peak_memory_mb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _shape(text):
-    try:
-        shape = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected C,H,W, got {text!r}") from None
-    if len(shape) != 3 or min(shape) < 1:
-        raise argparse.ArgumentTypeError(f"expected three positive integers C,H,W, got {text!r}")
-    return shape
 
 
 def _time_evaluation(model, images, args, batch_size, device):
@@ -67,7 +57,7 @@ def main(argv=None):
     parser.add_argument("--hidden", type=int, default=TrainConfig.hidden)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--arch", default="small", choices=networks.ARCHS)
-    parser.add_argument("--shape", type=_shape, default=None, metavar="C,H,W", help="random images of this shape")
+    parser.add_argument("--shape", type=image_shape, default=None, metavar="C,H,W", help="random images of this shape")
     parser.add_argument(
         "--compare-layouts", action="store_true",
         help="time each model with channels-last and with NCHW activations, alternating, in one run",
@@ -75,10 +65,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     num_images = args.num_images or (32 if args.quick else 256)
     device = resolve_device(args.device)
-    if args.shape is None:
-        images = load_dataset("fashion-mnist-mini", "test").images[:num_images]
-    else:
-        images = torch.randint(0, 256, (num_images, *args.shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    images = benchmark_images(num_images, args.shape, split="test")
     batch_size = args.batch_size or max(1, 4096 // args.samples)
 
     print(f"device {device}, {num_images} images, K = {args.samples}, batch {batch_size}, threads {torch.get_num_threads()}")
@@ -106,7 +93,7 @@ def main(argv=None):
             "seconds": round(seconds, 3),
             "images_per_s": round(num_images / seconds, 2),
             "image_samples_per_s": round(num_images * args.samples / seconds, 1),
-            "peak_mem_mb": round(_peak_memory_mb(device), 1),
+            "peak_mem_mb": round(peak_memory_mb(device), 1),
             "iw_bpd": round(result["iw_bpd"], 4),
         }
         if layout_seconds:

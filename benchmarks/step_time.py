@@ -22,7 +22,6 @@ measures Pyro's share and the absolute times what the options buy.
 import argparse
 import copy
 import json
-import resource
 import statistics
 import sys
 import time
@@ -33,11 +32,12 @@ import torch
 import pyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import benchmark_images, image_shape, peak_memory_mb  # noqa: E402
 from torch_reference import reference_loss  # noqa: E402
 
 from pyro_srvae import make_elbo  # noqa: E402
 from pyro_srvae.networks import ARCHS  # noqa: E402
-from pyro_srvae.data import dequantize, load_dataset  # noqa: E402
+from pyro_srvae.data import dequantize  # noqa: E402
 from pyro_srvae.distributed import DistributedContext  # noqa: E402
 from pyro_srvae.training import (  # noqa: E402
     PRECISIONS,
@@ -61,10 +61,6 @@ def _synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def _peak_memory_mb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def _torch_step(model, optimizer, x, elbo_name, precision="fp32"):
@@ -149,19 +145,11 @@ def benchmark_variant(model_name, guide, prior, elbo_name, images, args, device)
         "torch_ms": round(torch_ms, 3),
         "ratio": round(pyro_ms / torch_ms, 4),
         "images_per_s": round(args.batch_size / (pyro_ms / 1000), 1),
-        "peak_mem_mb": round(_peak_memory_mb(device), 1),
+        "peak_mem_mb": round(peak_memory_mb(device), 1),
         "loss_match": loss_match,
     }
 
 
-def _shape(text):
-    try:
-        shape = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected C,H,W, got {text!r}") from None
-    if len(shape) != 3 or min(shape) < 1:
-        raise argparse.ArgumentTypeError(f"expected three positive integers C,H,W, got {text!r}")
-    return shape
 
 
 def main(argv=None):
@@ -174,7 +162,7 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first [10, quick: 3]")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--arch", default="small", choices=ARCHS)
-    parser.add_argument("--shape", type=_shape, default=None, metavar="C,H,W", help="random images of this shape")
+    parser.add_argument("--shape", type=image_shape, default=None, metavar="C,H,W", help="random images of this shape")
     parser.add_argument("--precision", default="fp32", choices=PRECISIONS)
     parser.add_argument("--compile", action="store_true", help="torch.compile the networks of both steps")
     parser.add_argument(
@@ -184,11 +172,7 @@ def main(argv=None):
     args.steps = args.steps or (12 if args.quick else 60)
     args.warmup = args.warmup if args.warmup is not None else (3 if args.quick else 10)
     device = resolve_device(args.device)
-    if args.shape is None:
-        images = load_dataset("fashion-mnist-mini", "train").images[:2048].to(device)
-    else:
-        images = torch.randint(0, 256, (2048, *args.shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-        images = images.to(device)
+    images = benchmark_images(2048, args.shape).to(device)
 
     records = []
     header = f"{'model':6} {'guide':6} {'prior':8} {'elbo':9} {'pyro ms':>8} {'torch ms':>8} {'ratio':>6} {'img/s':>7} match"

@@ -170,11 +170,13 @@ def _test_images(settings: ComparisonSettings):
     return images if limit is None else images[:limit]
 
 
-def run_cell(settings: ComparisonSettings, cell: str, out_dir, *, device="auto", inception_weights=None,
-             progress=False, log: Callable[[str], None] = print) -> dict:
+def run_cell(settings: ComparisonSettings, cell: str, out_dir, *, device="auto", inception=False,
+             inception_weights=None, progress=False, log: Callable[[str], None] = print) -> dict:
     """Train and evaluate one cell into ``out_dir/cells/<cell>``; return (and write) its row.
 
-    A cell with a checkpoint but no row (cut short) resumes from the checkpoint.
+    A cell with a checkpoint but no row (cut short) resumes from the checkpoint. With
+    ``inception`` the row's ``inception_fid`` is the Inception FID from the local weights
+    ``inception_weights`` (:func:`pyro_srvae.frechet.inception_fid`); otherwise it is None.
     """
     start = time.time()
     cell_dir = Path(out_dir) / "cells" / cell
@@ -194,14 +196,10 @@ def run_cell(settings: ComparisonSettings, cell: str, out_dir, *, device="auto",
     test_images = _test_images(settings)
     budget = settings.budget
     fd = frechet.compute_fd(model, test_images, classifier, num_samples=budget.fd_samples, seed=settings.seed)
-    inception = None
-    if inception_weights is not None:
-        reason = frechet.inception_fid_unavailable_reason(inception_weights)
-        if reason is None:
-            generated = frechet.generate_images(model, len(test_images), seed=settings.seed)
-            inception = frechet.inception_fid(test_images, generated, inception_weights, device=str(device))
-        else:
-            cell_log(f"Inception FID skipped: {reason}")
+    inception_fid = None
+    if inception:
+        generated = frechet.generate_images(model, len(test_images), seed=settings.seed)
+        inception_fid = frechet.inception_fid(test_images, generated, inception_weights, device=str(device))
     samples = frechet.generate_images(model, FIGURE_SAMPLES, seed=settings.seed)
     atomic_write_bytes(cell_dir / SAMPLES_FILE, lambda handle: torch.save(samples, handle))
 
@@ -218,7 +216,7 @@ def run_cell(settings: ComparisonSettings, cell: str, out_dir, *, device="auto",
         "sr_ssim": test_metrics.get("sr_ssim"),
         "bicubic_ssim": test_metrics.get("bicubic_ssim"),
         "fd": fd,
-        "inception_fid": inception,
+        "inception_fid": inception_fid,
         "epochs": len(result.metrics["epochs"]),
         "steps": result.metrics["steps"][-1][0] if result.metrics["steps"] else 0,
         "seconds": round(time.time() - start, 1),
@@ -289,7 +287,10 @@ def run_comparison(
     ``jobs > 1`` trains that many cells at once in worker processes, each with
     ``torch.get_num_threads() // jobs`` threads (CPU only: on these small networks two
     single-threaded processes outrun one process with two threads). Cells already done
-    in ``out_dir`` are skipped. Returns the rows of every finished cell, in grid order.
+    in ``out_dir`` are skipped. The optional Inception FID is computed where torch-fidelity
+    and local Inception weights (``inception_weights``, ``$PYRO_SRVAE_INCEPTION_WEIGHTS`` or
+    torch.hub's cache) are found, and skipped with one logged line otherwise -- never
+    downloaded. Returns the rows of every finished cell, in grid order.
     """
     out_dir = Path(out_dir)
     cells = list(CELL_NAMES if cells is None else cells)
@@ -311,7 +312,10 @@ def run_comparison(
     for cell in cells:
         if cell not in todo:
             log(f"[{cell}] already done, skipped ({out_dir / 'cells' / cell / ROW_FILE})")
-    kwargs = dict(device=device, inception_weights=inception_weights)
+    reason = frechet.inception_fid_unavailable_reason(inception_weights)
+    if reason is not None:
+        log(reason)
+    kwargs = dict(device=device, inception=reason is None, inception_weights=inception_weights)
     if jobs == 1 or len(todo) <= 1:
         for cell in todo:
             run_cell(settings, cell, out_dir, progress=progress, log=log, **kwargs)

@@ -191,3 +191,23 @@ def test_plot_model_samples_draws_one_panel_per_model(tmp_path):
     assert path.read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match="2 sample sets but 1 titles"):
         plot_model_samples(images, ["a"], tmp_path / "t.png")
+
+
+def test_inception_fid_without_local_weights_is_skipped_with_a_message(grid, tmp_path):
+    out, settings, rows = grid
+    logged = []
+    run_comparison(settings, out, inception_weights=tmp_path / "missing.pth", progress=False, log=logged.append)
+    assert any(line.startswith("Inception FID skipped") for line in logged)
+    assert all(row["inception_fid"] is None for row in rows)
+
+
+def test_the_console_command_has_compare(capsys):
+    from pyro_srvae.cli import console_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        console_main(["compare", "--help"])
+    assert exit_info.value.code == 0
+    assert "--jobs" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        console_main(["compare", "--cells", "vae-gaussian,nope"])
+    assert exit_info.value.code == 2 and "unknown cell 'nope'" in capsys.readouterr().err
