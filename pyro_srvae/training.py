@@ -49,7 +49,7 @@ from .checkpoint import (
 )
 from .data import DATASETS, DeviceImages, dequantize, iterate_batches, load_dataset, num_batches
 from .elbo import ELBO_NAMES, make_elbo
-from .evaluation import bicubic_upsample, bits_per_dim, evaluate_model
+from .evaluation import bicubic_upsample, bits_per_dim, evaluate_model, particle_budget
 from .likelihoods import LIKELIHOODS
 from .models import DOWNSCALE_FACTORS, DOWNSCALE_MODES, GUIDES, SRVAE, VAE
 from .networks import ARCHS
@@ -676,7 +676,7 @@ def _train(config, payload, resume, context, started, progress, log):
         elbo_samples=config.eval_samples,
         iw_samples=config.eval_samples,
         sr_samples=config.sr_samples,
-        batch_size=max(1, 2048 // config.eval_samples),
+        batch_size=max(1, 2 * particle_budget(device) // config.eval_samples),
         device=device,
         seed=config.seed,
         progress=progress,

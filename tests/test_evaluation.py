@@ -179,6 +179,14 @@ def test_chunk_size_does_not_change_result_and_bounds_batch():
     assert len(shapes) == math.ceil(1000 / expected_chunk)
 
 
+def test_a_gpu_pushes_more_particles_per_pass():
+    from pyro_srvae.evaluation import GPU_PARTICLE_BUDGET, particle_budget
+
+    assert particle_budget("cpu") == DEFAULT_PARTICLE_BUDGET
+    assert particle_budget("cuda") == particle_budget(torch.device("cuda", 0)) == GPU_PARTICLE_BUDGET
+    assert GPU_PARTICLE_BUDGET > DEFAULT_PARTICLE_BUDGET
+
+
 def test_weights_match_pyro_trace_elbo():
     lg = LinearGaussian()
     x = _batch(lg)
