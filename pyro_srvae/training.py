@@ -293,11 +293,15 @@ def network_precision(device, precision):
     return torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-def make_optimizer(model, lr, device):
-    """Adam; fused into a few kernels on a GPU (one launch per step instead of several per tensor)."""
-    if torch.device(device).type == "cuda":
+def make_optimizer(model, lr, device=None):
+    """Adam, fused (``fused=True``): one kernel per step over all parameters instead of
+    several per tensor -- on a GPU, one launch instead of hundreds; on the CPU (torch >= 2.4)
+    3.4x faster than the per-tensor loop on the srVAE's 56 tensors (0.63 vs 2.15 ms,
+    ``docs/performance.md``). Where torch has no fused Adam for the device, the default one."""
+    try:
         return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
-    return torch.optim.Adam(model.parameters(), lr=lr)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.Adam(model.parameters(), lr=lr)
 
 
 class ElboObjective(torch.nn.Module):
