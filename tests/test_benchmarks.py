@@ -69,3 +69,12 @@ def test_benchmarks_refuse_a_bad_shape(script, capsys):
     with pytest.raises(SystemExit) as exit_info:
         script.main(["--shape", "3,32"])
     assert exit_info.value.code == 2 and "C,H,W" in capsys.readouterr().err
+
+
+def test_optimizer_benchmark_times_the_three_adams(capsys):
+    import optimizer_time
+
+    optimizer_time.main(["--steps", "3", "--hidden", "4", "--device", "cpu", "--json"])
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["tensors"] > 10 and record["parameters"] > 0
+    assert record["fused_speedup"] == pytest.approx(record["loop_ms"] / record["fused_ms"], rel=1e-2)
