@@ -41,11 +41,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
+import pyro
 import torch
 
 from . import frechet, plots
 from .checkpoint import atomic_write_bytes, atomic_write_text, load_checkpoint
-from .data import load_dataset
+from .data import dequantize, load_dataset
+from .evaluation import elbo_terms
+from .superresolve import load_model
 from .training import ConfigError, TrainConfig, resolve_device, train
 
 __all__ = [
@@ -58,6 +61,7 @@ __all__ = [
     "run_cell",
     "run_comparison",
     "check_targets",
+    "bits_breakdown",
     "results_markdown",
 ]
 
@@ -332,8 +336,54 @@ def run_comparison(
     rows = [row for row in (_read_row(out_dir, cell) for cell in CELL_NAMES) if row is not None]
     atomic_write_text(out_dir / "results.json", json.dumps(rows, indent=2) + "\n")
     figure = _draw_samples(out_dir, rows)
-    atomic_write_text(out_dir / "results.md", results_markdown(rows, settings, figure))
+    breakdown = bits_breakdown(settings, out_dir, rows, device=resolved)
+    atomic_write_text(out_dir / "breakdown.json", json.dumps(breakdown, indent=2) + "\n")
+    atomic_write_text(out_dir / "results.md", results_markdown(rows, settings, figure, breakdown))
     return rows
+
+
+def bits_breakdown(settings: ComparisonSettings, out_dir, rows, device="cpu", batch_size=500) -> Dict[str, dict]:
+    """Where each model's bits go: the ELBO split into its terms, in bits per dimension of x.
+
+    For every finished cell, :func:`pyro_srvae.evaluation.elbo_terms` (one draw per image,
+    seeded) over the test images gives, per site, ``data(NAME) = -log p(NAME | parents)``
+    for the observed ``x`` and ``y`` and ``KL(NAME) = log q(NAME|.) - log p(NAME|.)`` for the
+    latents ``u`` and ``z``, each divided by ``D ln 2`` (``D`` = dimensions of x). They sum
+    to ``ELBO bpd - 8`` (:func:`pyro_srvae.evaluation.bits_per_dim`). This is what tells a
+    VAE's bits/dim from an srVAE's: the srVAE's include the density of y (``data(y)``).
+    """
+    test_images = _test_images(settings)
+    num_dims = test_images[0].numel()
+    result = {}
+    for row in rows:
+        checkpoint = Path(out_dir) / "cells" / row["cell"] / "checkpoint.pt"
+        if not checkpoint.exists():
+            continue
+        pyro.clear_param_store()
+        model = load_model(checkpoint, device=device, require_super_resolution=False)
+        sums: Dict[str, float] = {}
+        generator = torch.Generator().manual_seed(settings.seed)
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(settings.seed)
+            for start in range(0, len(test_images), batch_size):
+                x = dequantize(test_images[start : start + batch_size], generator=generator).to(model.device)
+                for name, value in elbo_terms(model.model, model.guide, x).items():
+                    sums[name] = sums.get(name, 0.0) + value.double().sum().item()
+        nats = {name: total / len(test_images) for name, total in sums.items()}
+        to_bits = 1.0 / (num_dims * math.log(2.0))
+        parts = {}
+        for name, value in nats.items():
+            site = name[name.index("(") + 1 : -1]
+            if name.startswith("-log q("):
+                continue
+            if f"-log q({site})" in nats:
+                parts[f"KL({site})"] = -(value + nats[f"-log q({site})"]) * to_bits
+            else:
+                parts[f"data({site})"] = -value * to_bits
+        parts["elbo_bpd"] = sum(parts.values()) + 8.0
+        result[row["cell"]] = parts
+    pyro.clear_param_store()
+    return result
 
 
 def _draw_samples(out_dir: Path, rows):
@@ -385,8 +435,8 @@ def check_targets(rows) -> List[dict]:
     return checks
 
 
-def results_markdown(rows, settings: ComparisonSettings, figure=None) -> str:
-    """``results.md``: settings, the table, the targets and the figure."""
+def results_markdown(rows, settings: ComparisonSettings, figure=None, breakdown=None) -> str:
+    """``results.md``: settings, the table, the targets, the bits breakdown and the figure."""
     budget = settings.budget
     test = "all" if budget.eval_limit is None else f"the first {budget.eval_limit}"
     train_images = "all" if budget.train_limit is None else f"the first {budget.train_limit}"
@@ -418,6 +468,20 @@ def results_markdown(rows, settings: ComparisonSettings, figure=None) -> str:
         lines += ["", "## Targets", "", "| model | target | met | numbers |", "|---|---|---|---|"]
         for check in checks:
             lines.append(f"| {check['model']} | {check['target']} | {'yes' if check['met'] else '**no**'} | {check['detail']} |")
+    if breakdown:
+        columns = ["data(y)", "data(x)", "KL(u)", "KL(z)"]
+        lines += [
+            "", "## Where the bits go", "",
+            "The ELBO per dimension of x, term by term (one draw per test image): data terms "
+            "-log p(y|u) and -log p(x|...), and the KL terms of u and z. They add up to ELBO bpd - 8.",
+            "", "| model | prior | " + " | ".join(columns) + " | ELBO bpd |", "|---|---|" + "---|" * (len(columns) + 1),
+        ]  # fmt: skip
+        for row in rows:
+            parts = breakdown.get(row["cell"])
+            if parts is None:
+                continue
+            cells = " | ".join(_number(parts.get(column), 4) for column in columns)
+            lines.append(f"| {_label(row)} | {row['prior']} | {cells} | {_number(parts['elbo_bpd'], 4)} |")
     if figure is not None:
         lines += ["", "## Samples", "", f"![samples of each model, side by side]({Path(figure).name})"]
     missing = [name for name in CELL_NAMES if name not in {row["cell"] for row in rows}]

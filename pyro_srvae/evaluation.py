@@ -47,6 +47,7 @@ __all__ = [
     "log_importance_weights",
     "iw_log_likelihood",
     "iw_and_elbo",
+    "elbo_terms",
     "bits_per_dim",
     "psnr",
     "ssim",
@@ -169,6 +170,12 @@ def _site_log_prob(site, num_particles: int, batch_size: int, max_plate_nesting:
 
 def _chunk_log_weights(model, guide, x, num_particles: int, max_plate_nesting: int) -> torch.Tensor:
     """``log p(x, z_k) - log q(z_k | x)`` for ``num_particles`` vectorized draws."""
+    return sum(_chunk_log_terms(model, guide, x, num_particles, max_plate_nesting).values())
+
+
+def _chunk_log_terms(model, guide, x, num_particles: int, max_plate_nesting: int) -> Dict[str, torch.Tensor]:
+    """The terms of the log-weights, each ``(num_particles, B)``, signed so that they sum
+    to ``log w``: ``"log p(NAME)"`` for model sites, ``"-log q(NAME)"`` for guide sites."""
     batch_size = x.shape[0]
     dim = -(max_plate_nesting + 1)
     with torch.no_grad(), poutine.block():
@@ -177,7 +184,7 @@ def _chunk_log_weights(model, guide, x, num_particles: int, max_plate_nesting: i
             poutine.replay(_vectorize(model, num_particles, dim), trace=guide_trace)
         ).get_trace(x)
 
-        log_w = x.new_zeros(num_particles, batch_size)
+        terms: Dict[str, torch.Tensor] = {}
         model_latents = set()
         for name, site in model_trace.nodes.items():
             if site["type"] != "sample" or site_is_subsample(site):
@@ -185,10 +192,10 @@ def _chunk_log_weights(model, guide, x, num_particles: int, max_plate_nesting: i
             if site["is_observed"]:
                 if name in guide_trace.nodes and not site_is_subsample(guide_trace.nodes[name]):
                     raise ValueError(f"Site '{name}' is observed in the model but also appears in the guide.")
-                log_w = log_w + _site_log_prob(site, num_particles, batch_size, max_plate_nesting)
+                terms[f"log p({name})"] = _site_log_prob(site, num_particles, batch_size, max_plate_nesting)
             elif name in guide_trace.nodes:
                 model_latents.add(name)
-                log_w = log_w + _site_log_prob(site, num_particles, batch_size, max_plate_nesting)
+                terms[f"log p({name})"] = _site_log_prob(site, num_particles, batch_size, max_plate_nesting)
             # else: a latent the guide does not sample.  The model then drew it
             # from its own (conditional) prior, i.e. the proposal *is* the
             # prior for that site and the p/q terms cancel exactly: skip it.
@@ -219,8 +226,26 @@ def _chunk_log_weights(model, guide, x, num_particles: int, max_plate_nesting: i
                     f"variables with infer={{'is_auxiliary': True}} (only valid when they are a "
                     f"bijective reparametrisation of model latents) or remove them."
                 )
-            log_w = log_w - _site_log_prob(site, num_particles, batch_size, max_plate_nesting)
-    return log_w
+            terms[f"-log q({name})"] = -_site_log_prob(site, num_particles, batch_size, max_plate_nesting)
+    if not terms:
+        terms["none"] = x.new_zeros(num_particles, batch_size)
+    return terms
+
+
+def elbo_terms(model, guide, x: torch.Tensor, num_samples: int = 1, max_plate_nesting: int = 1) -> Dict[str, torch.Tensor]:
+    """Where the ELBO's nats go: every term, per image, averaged over ``num_samples`` draws.
+
+    Returns ``{"log p(u)": (B,), "log p(y)": ..., "-log q(u)": ..., ...}`` in the order of
+    the sites (model first, then guide); the values sum to the per-image ELBO (the
+    ``elbo`` of :func:`iw_and_elbo`). For the srVAE, ``log p(y)`` and ``log p(x)`` are
+    the data terms of p(y|u) and p(x|y,z[,u]) and ``log p(u) - log q(u)`` and
+    ``log p(z) - log q(z)`` the single-sample KL estimates, as in eq. (17) and (20)-(21);
+    divided by ``D ln 2`` they say how many bits per dimension each part costs.
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    terms = _chunk_log_terms(model, guide, x, num_samples, max_plate_nesting)
+    return {name: value.double().mean(0).to(value.dtype) for name, value in terms.items()}
 
 
 def _iter_log_weight_chunks(

@@ -211,3 +211,18 @@ def test_the_console_command_has_compare(capsys):
     with pytest.raises(SystemExit) as exit_info:
         console_main(["compare", "--cells", "vae-gaussian,nope"])
     assert exit_info.value.code == 2 and "unknown cell 'nope'" in capsys.readouterr().err
+
+
+def test_the_bits_breakdown_splits_each_elbo_into_its_terms(grid):
+    out, _, rows = grid
+    breakdown = json.loads((out / "breakdown.json").read_text())
+    assert list(breakdown) == CELL_NAMES
+    for row in rows:
+        parts = breakdown[row["cell"]]
+        expected = {"data(x)", "KL(z)", "elbo_bpd"} | ({"data(y)", "KL(u)"} if row["model"] == "srvae" else set())
+        assert set(parts) == expected
+        assert parts["KL(z)"] > 0 and parts["data(x)"] != 0
+        assert parts["elbo_bpd"] == pytest.approx(sum(v for k, v in parts.items() if k != "elbo_bpd") + 8)
+        # a one-draw ELBO of the same model and test images: close to the K-draw ELBO of the row
+        assert parts["elbo_bpd"] == pytest.approx(row["elbo_bpd"], abs=0.05)
+    assert "## Where the bits go" in (out / "results.md").read_text()

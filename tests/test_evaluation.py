@@ -518,3 +518,22 @@ def test_evaluate_model_on_untrained_package_models():
         pyro.set_rng_seed(1)
         elbo = iw_and_elbo(model.model, model.guide, x, 4, chunk_size=4).elbo
         assert elbo.sum().item() == pytest.approx(-loss, rel=1e-5)
+
+
+def test_elbo_terms_name_every_site_and_sum_to_the_elbo():
+    from pyro_srvae import SRVAE
+    from pyro_srvae.evaluation import elbo_terms
+
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    model = SRVAE((1, 8, 8), guide="full", hidden=4, u_dim=3, z_dim=4)
+    x = torch.rand(5, 1, 8, 8)
+    pyro.set_rng_seed(4)
+    terms = elbo_terms(model.model, model.guide, x, num_samples=6)
+    pyro.set_rng_seed(4)
+    elbo = iw_and_elbo(model.model, model.guide, x, 6, chunk_size=6).elbo
+    assert list(terms) == ["log p(u)", "log p(y)", "log p(z)", "log p(x)", "-log q(u)", "-log q(z)"]
+    assert all(value.shape == (5,) for value in terms.values())
+    torch.testing.assert_close(sum(terms.values()), elbo, rtol=1e-5, atol=1e-3)
+    with pytest.raises(ValueError, match="num_samples must be >= 1"):
+        elbo_terms(model.model, model.guide, x, num_samples=0)
