@@ -99,8 +99,8 @@ def benchmark_variant(model_name, guide, prior, elbo_name, images, args, device)
     if args.compile:
         pyro_model.compile_networks()
         torch_model.compile_networks()
-    pyro_optimizer = make_optimizer(pyro_model, config.lr, device)
-    torch_optimizer = make_optimizer(torch_model, config.lr, device)
+    pyro_optimizer = make_optimizer(pyro_model, config.lr)
+    torch_optimizer = make_optimizer(torch_model, config.lr)
     elbo = make_elbo(elbo_name)
     batches = [dequantize(images[torch.randint(len(images), (args.batch_size,))]) for _ in range(4)]
 

@@ -167,12 +167,8 @@ class _ImageModel(nn.Module):
         return images
 
     def networks(self):
-        """The model's neural networks (encoders and decoders), outermost ones only."""
-        found = []
-        for module in self.modules():
-            if isinstance(module, NETWORK_TYPES) and not any(module in list(net.modules()) for net in found):
-                found.append(module)
-        return found
+        """The model's neural networks: its encoders and decoders (none holds another)."""
+        return [module for module in self.modules() if isinstance(module, NETWORK_TYPES)]
 
     def _finish_networks(self):
         # Called at the end of the subclasses' constructors, once every network exists.

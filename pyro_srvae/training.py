@@ -293,7 +293,7 @@ def network_precision(device, precision):
     return torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-def make_optimizer(model, lr, device=None):
+def make_optimizer(model, lr):
     """Adam, fused (``fused=True``): one kernel per step over all parameters instead of
     several per tensor -- on a GPU, one launch instead of hundreds; on the CPU (torch >= 2.4)
     3.4x faster than the per-tensor loop on the srVAE's 56 tensors (0.63 vs 2.15 ms,
@@ -517,7 +517,7 @@ def _train(config, payload, resume, context, started, progress, log):
         # Same initial weights on every rank (seeded above; DDP broadcasts rank 0's anyway),
         # but each rank draws its own latent and dequantization noise from here on.
         pyro.set_rng_seed(derive_seed(config.seed, "rank", context.rank))
-    optimizer = make_optimizer(model, config.lr, device)
+    optimizer = make_optimizer(model, config.lr)
     history = {"epochs": [], "steps": [], "wall_seconds": 0.0}
     epoch, batch_start, step = 0, 0, 0
     # The run's loss so far (all ranks) of an epoch cut by a checkpoint.

@@ -146,7 +146,7 @@ def test_the_fused_optimizer_takes_the_steps_of_the_plain_one():
 @cuda
 def test_the_gpu_optimizer_is_fused():
     model = _model("vae", "simple").cuda()
-    assert make_optimizer(model, 1e-3, "cuda").defaults["fused"]
+    assert make_optimizer(model, 1e-3).defaults["fused"]
 
 
 def test_cli_flags_reach_the_config():
