@@ -60,6 +60,8 @@ __all__ = [
     "cell_config",
     "run_cell",
     "run_comparison",
+    "fd_classifier",
+    "comparison_test_images",
     "check_targets",
     "bits_breakdown",
     "results_markdown",
@@ -132,6 +134,12 @@ class ComparisonSettings:
     def to_dict(self):
         return dataclasses.asdict(self)
 
+    @classmethod
+    def load(cls, out_dir):
+        """The settings of the comparison in ``out_dir`` (from its ``comparison.json``)."""
+        values = dict(json.loads((Path(out_dir) / SETTINGS_FILE).read_text())["settings"])
+        return cls(budget=Budget(**values.pop("budget")), **values)
+
     def identity(self):
         """The fields that make two comparisons' rows comparable (not the data's location)."""
         values = self.to_dict()
@@ -160,7 +168,8 @@ def _classifier_dir(out_dir):
     return Path(out_dir) / "fd-classifier"
 
 
-def _load_classifier(settings: ComparisonSettings, out_dir, device, log):
+def fd_classifier(settings: ComparisonSettings, out_dir, device, log=None):
+    """The comparison's ``fd`` classifier, cached in ``out_dir/fd-classifier`` (trained on first use)."""
     budget = settings.budget
     return frechet.load_or_train_classifier(
         _classifier_dir(out_dir), settings.dataset, settings.seed, data_dir=settings.data_dir,
@@ -168,7 +177,8 @@ def _load_classifier(settings: ComparisonSettings, out_dir, device, log):
     )  # fmt: skip
 
 
-def _test_images(settings: ComparisonSettings):
+def comparison_test_images(settings: ComparisonSettings):
+    """The uint8 test images every cell is evaluated on."""
     images = load_dataset(settings.dataset, "test", settings.data_dir).images
     limit = settings.budget.eval_limit
     return images if limit is None else images[:limit]
@@ -196,8 +206,8 @@ def run_cell(settings: ComparisonSettings, cell: str, out_dir, *, device="auto",
     model, test_metrics = result.model, result.metrics["test"]
 
     device = model.device
-    classifier = _load_classifier(settings, out_dir, device, cell_log)
-    test_images = _test_images(settings)
+    classifier = fd_classifier(settings, out_dir, device, cell_log)
+    test_images = comparison_test_images(settings)
     budget = settings.budget
     fd = frechet.compute_fd(model, test_images, classifier, num_samples=budget.fd_samples, seed=settings.seed)
     inception_fid = None
@@ -310,7 +320,7 @@ def run_comparison(
         cell_config(settings, cell, out_dir, device)  # every cell's configuration is valid before anything runs
     _check_settings_file(out_dir, settings)
     # Trained once here, before any worker asks for it from the cache.
-    _load_classifier(settings, out_dir, resolved, log)
+    fd_classifier(settings, out_dir, resolved, log)
 
     todo = [cell for cell in cells if _read_row(out_dir, cell) is None]
     for cell in cells:
@@ -352,7 +362,7 @@ def bits_breakdown(settings: ComparisonSettings, out_dir, rows, device="cpu", ba
     to ``ELBO bpd - 8`` (:func:`pyro_srvae.evaluation.bits_per_dim`). This is what tells a
     VAE's bits/dim from an srVAE's: the srVAE's include the density of y (``data(y)``).
     """
-    test_images = _test_images(settings)
+    test_images = comparison_test_images(settings)
     num_dims = test_images[0].numel()
     result = {}
     for row in rows:

@@ -226,3 +226,22 @@ def test_the_bits_breakdown_splits_each_elbo_into_its_terms(grid):
         # a one-draw ELBO of the same model and test images: close to the K-draw ELBO of the row
         assert parts["elbo_bpd"] == pytest.approx(row["elbo_bpd"], abs=0.05)
     assert "## Where the bits go" in (out / "results.md").read_text()
+
+
+def test_fd_seed_spread_script_reports_every_cell(grid, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "fd_seed_spread.py"
+    spec = importlib.util.spec_from_file_location("fd_seed_spread", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out, settings, rows = grid
+    assert ComparisonSettings.load(out) == settings
+    assert script.main([str(out), "--seeds", "2"]) == 0
+    spread = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert list(spread) == CELL_NAMES
+    for row in rows:
+        values = spread[row["cell"]]["values"]
+        assert values[0] == pytest.approx(row["fd"], rel=1e-6)  # seed 0 is the row's own fd
+        assert values[1] != values[0]
