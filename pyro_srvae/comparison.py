@@ -108,12 +108,12 @@ class Budget:
 #: ``default`` is the real experiment (``docs/results.md``): 10 epochs of the whole
 #: training set, IW bits/dim with K = 1000 on the whole test set. Networks of width 8
 #: make its 6 x 10^7 decoder passes of evaluation fit a CPU session (``--hidden``
-#: changes it). ``quick`` runs the grid in a few minutes on a 2-core CPU.
+#: changes it). ``quick`` runs the grid in about two and a half minutes on a 2-core CPU.
 BUDGETS = {
     "default": Budget(epochs=10, hidden=8, iw_samples=1000),
     "quick": Budget(
-        epochs=2, hidden=8, iw_samples=64, train_limit=None, eval_limit=500, sr_samples=8,
-        classifier_epochs=1, classifier_train_limit=4096,
+        epochs=4, hidden=8, iw_samples=64, train_limit=None, eval_limit=500, sr_samples=8,
+        classifier_epochs=2, classifier_train_limit=None,
     ),  # fmt: skip
 }
 
@@ -404,7 +404,7 @@ def _draw_samples(out_dir: Path, rows):
             images.append(torch.load(path, weights_only=True))
         except (OSError, RuntimeError, ValueError):
             continue
-        titles.append(_label(row))
+        titles.append(f"{_label(row)}, {row['prior']} prior")
     if not images:
         return None
     return plots.plot_model_samples(images, titles, out_dir / "samples.png")
