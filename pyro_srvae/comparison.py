@@ -209,10 +209,11 @@ def run_cell(settings: ComparisonSettings, cell: str, out_dir, *, device="auto",
     classifier = fd_classifier(settings, out_dir, device, cell_log)
     test_images = comparison_test_images(settings)
     budget = settings.budget
-    fd = frechet.compute_fd(model, test_images, classifier, num_samples=budget.fd_samples, seed=settings.seed)
+    # One set of generated images serves fd and the Inception FID (what compute_fd would draw).
+    generated = frechet.generate_images(model, budget.fd_samples or len(test_images), seed=settings.seed)
+    fd = frechet.compute_fd(generated, test_images, classifier, num_samples=len(generated), seed=settings.seed)
     inception_fid = None
     if inception:
-        generated = frechet.generate_images(model, len(test_images), seed=settings.seed)
         inception_fid = frechet.inception_fid(test_images, generated, inception_weights, device=str(device))
     samples = frechet.generate_images(model, FIGURE_SAMPLES, seed=settings.seed)
     atomic_write_bytes(cell_dir / SAMPLES_FILE, lambda handle: torch.save(samples, handle))
