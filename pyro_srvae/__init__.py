@@ -4,8 +4,8 @@ The derivation this package implements is ``../shared/seeds/000_73dd18991a948ff9
 ("SRVAE math"); ``docs/derivation.md`` maps each of its equations to the code.
 """
 
-from .elbo import ELBO_NAMES, MixtureKLBound_ELBO, make_elbo, mixture_kl_upper_bound
-from .models import SRVAE, VAE, SRSample, SuperResolution, check_images, downscale
+from .elbo import ELBO_NAMES, IWAE_DReG, MixtureKLBound_ELBO, make_elbo, mixture_kl_upper_bound
+from .models import SRVAE, VAE, X_GIVEN_Y, SRSample, SuperResolution, check_images, downscale
 from .priors import MixtureOfGaussiansPrior, StandardNormalPrior
 from .evaluation import bits_per_dim, evaluate_model, iw_log_likelihood
 from .training import ConfigError, TrainConfig, TrainResult, build_model, train
@@ -31,6 +31,7 @@ __all__ = [
     "superresolve",
     "superresolve_image",
     "ELBO_NAMES",
+    "IWAE_DReG",
     "MixtureKLBound_ELBO",
     "MixtureOfGaussiansPrior",
     "SRSample",
@@ -38,6 +39,7 @@ __all__ = [
     "StandardNormalPrior",
     "SuperResolution",
     "VAE",
+    "X_GIVEN_Y",
     "check_images",
     "downscale",
     "make_elbo",

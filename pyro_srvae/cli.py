@@ -17,7 +17,7 @@ from .checkpoint import CheckpointError
 from .data import DATASETS, DatasetNotFoundError
 from .elbo import ELBO_NAMES
 from .likelihoods import LIKELIHOODS
-from .models import DOWNSCALE_FACTORS, DOWNSCALE_MODES, GUIDES
+from .models import DOWNSCALE_FACTORS, DOWNSCALE_MODES, GUIDES, X_GIVEN_Y
 from .networks import ARCHS
 from .priors import PRIORS
 from .training import (
@@ -80,6 +80,10 @@ def build_train_parser(prog=None):
         "or a discretized mixture of logistics")
     add("--likelihood-components", type=int, default=defaults.likelihood_components, metavar="K",
         help="logistic components per pixel for --likelihood dlogistic-mix")
+    add("--x-given-y", choices=X_GIVEN_Y, default=defaults.x_given_y,
+        help="srVAE p(x|y,.): consistent (a normalized density of x: the Gaussian given its block means, "
+        "or y on the 8-bit grid where no closed form exists), quantized (the paper's 8-bit y), "
+        "or spec (the literal eq. 15: a joint of x and y, not a density of x)")
     add("--precision", choices=PRECISIONS, default=defaults.precision,
         help="bf16: the networks train under torch.autocast in bfloat16 (log-densities and loss stay float32)")
     add("--compile", action="store_true", help="torch.compile the networks (not Pyro's tracing)")
@@ -98,7 +102,7 @@ def config_from_args(parser, args):
             "model", "prior", "mog_components", "elbo", "num_particles", "dataset", "data_dir", "download",
             "max_steps", "batch_size", "lr", "kl_warmup", "clip_norm", "seed", "sr_samples", "eval_limit", "train_limit", "out",
             "checkpoint_every", "factor", "downscale_mode", "u_dim", "z_dim", "hidden",
-            "arch", "likelihood", "likelihood_components", "precision", "compile",
+            "arch", "likelihood", "likelihood_components", "x_given_y", "precision", "compile",
         )
     }
     values["guide"] = args.guide or "simple"
@@ -302,6 +306,8 @@ def build_evaluate_parser(prog=None):
     add("--seed", type=int, default=None, help="[the run's]")
     add("--device", choices=DEVICES, default="auto", help="where to compute (auto: a GPU if there is one)")
     add("--out", default=None, metavar="DIR", help="where to write evaluation.json [the checkpoint's folder]")
+    add("--x-given-y", choices=X_GIVEN_Y, default=None,
+        help="srVAE: re-score the same weights with this p(x|y,.) [the run's; runs older than the option: spec]")
     add("--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -337,6 +343,7 @@ def evaluate_main(argv=None, prog=None):
             seed=args.seed,
             out_dir=args.out,
             progress=not args.quiet,
+            x_given_y=args.x_given_y,
         )
     except (CheckpointError, DatasetNotFoundError) as error:
         return _error(error)
@@ -376,6 +383,7 @@ def build_compare_parser(prog=None):
     add("--likelihood", choices=LIKELIHOODS, default="gaussian")
     add("--likelihood-components", type=_positive_int, default=10, metavar="K")
     add("--arch", choices=ARCHS, default="small")
+    add("--x-given-y", choices=X_GIVEN_Y, default="consistent", help="the srVAE cells' p(x|y,.) (see train --help)")
     add("--cells", default=None, metavar="A,B", help=f"run only these cells of {', '.join(CELL_NAMES)}")
     add("--jobs", type=_positive_int, default=1, metavar="N", help="cells trained at once (CPU)")
     add("--device", choices=DEVICES, default="auto")
@@ -412,7 +420,7 @@ def compare_settings_from_args(args):
     return ComparisonSettings(
         budget=dataclasses.replace(budget, **overrides), dataset=args.dataset, data_dir=args.data_dir,
         download=args.download, seed=args.seed, likelihood=args.likelihood,
-        likelihood_components=args.likelihood_components, arch=args.arch,
+        likelihood_components=args.likelihood_components, arch=args.arch, x_given_y=args.x_given_y,
     )  # fmt: skip
 
 

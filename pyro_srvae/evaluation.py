@@ -378,8 +378,9 @@ def iw_log_likelihood(
     Average the per-image values returned here instead.
 
     For the SRVAE, ``x`` is the high-resolution image and the model also
-    observes ``y = downscale(x)``, so the quantity is the joint
-    ``log p(x, y)`` (see :func:`evaluate_model`).
+    observes ``y = downscale(x)``, so the quantity is ``log p(x, y = f(x))``:
+    a density of x under the default ``x_given_y="consistent"``, the spec's
+    joint under ``"spec"`` (see :func:`evaluate_model`).
     """
     return iw_and_elbo(model, guide, x, num_samples, chunk_size, max_plate_nesting).iw
 
@@ -665,11 +666,12 @@ def evaluate_model(
     ``iw_bpd <= elbo_bpd`` holds exactly.  Both are converted with
     :func:`bits_per_dim` using ``D = C*H*W`` of ``x``.
 
-    For the SRVAE the model observes both ``x`` and ``y = downscale(x)``, so
-    the estimate is of the joint ``log p(x, y)``, and dividing by the
-    dimension of ``x`` follows the srVAE paper's convention.  Since ``y`` is
-    a deterministic function of ``x``, this is *not* a normalised density
-    over ``x`` alone and is not strictly comparable with a VAE's bpd.
+    For the SRVAE the model observes both ``x`` and ``y = downscale(x)``; what
+    the estimate of ``log p(x, y = f(x))`` is as a function of x is the model's
+    ``x_density``, returned under that key: ``"exact"`` (the default
+    ``x_given_y="consistent"``: a normalized density of x, comparable with a
+    VAE's), ``"bound"`` (y on the 8-bit grid: a lower bound on one) or
+    ``"joint"`` (``x_given_y="spec"``: y scored twice, not a density of x).
 
     For an SRVAE (detected by ``hasattr(model, "super_resolve")``) also
     reports ``sr_psnr``, ``bicubic_psnr``, ``sr_ssim``, ``bicubic_ssim``,
@@ -797,6 +799,8 @@ def evaluate_model(
         "elbo_samples": int(elbo_samples),
         "num_images": int(n),
     }
+    if getattr(model, "x_density", None) is not None:
+        result["x_density"] = model.x_density
     if is_sr:
         for key in sr_keys:
             result[key] = sums[key] / n

@@ -34,6 +34,16 @@ probability uniformly over the bin, ``log p(x) = log P(k = floor(256 x)) + D log
 model also scores y = downscale(x), this holds for the x term; y is a block average of
 dequantized pixels and is scored by the same piecewise-constant density, a valid density
 for a continuous y).
+
+Two more forms serve the srVAE's factorisation p(y|u) p(x|y, .) with y = f(x)
+(:class:`pyro_srvae.SRVAE`, ``x_given_y=``; docs/derivation.md, "A density of x"):
+
+* :class:`ConsistentGaussian`: the Gaussian of x *conditioned on its block means*,
+  ``log N(x; mu, Sigma) - log N(A x; A mu, A Sigma A^T)`` for the area downscaling A, so that
+  ``log p(y = A x | u) + log p(x | y, .)`` is a normalized density of x (the literal
+  ``N(x; mu, Sigma)`` scores the block means a second time);
+* :class:`DiscretizedGaussian` and ``DiscretizedLogisticMixture(..., pmf=True)``: a pmf over the
+  256 bins for a y on the 8-bit grid (the srVAE paper's route), where no closed form exists.
 """
 
 import math
@@ -88,7 +98,9 @@ class DiscretizedLogisticMixture(TorchDistribution):
         P(k) = sum_j w_j [F_j((k+1)/256) - F_j(k/256)],  F_j(-inf) = 0, F_j(+inf) = 1.
 
     ``log_prob(x)`` is the log-density of the piecewise-constant density on [0, 1] that
-    spreads each bin's mass uniformly over the bin: ``log P(floor(256 x)) + log 256``.
+    spreads each bin's mass uniformly over the bin: ``log P(floor(256 x)) + log 256``;
+    with ``pmf=True`` it is the bin's probability ``log P(floor(256 x))`` itself (for a y on
+    the 8-bit grid, scored as a discrete variable).
     It is computed without cancellation: for an interior bin with a = (k/256 - mu)/s and
     b = a + 1/(256 s), ``sigmoid(b) - sigmoid(a) = sigmoid(b) sigmoid(-a) (1 - exp(-(b - a)))``,
     so ``log P = logsigmoid(b) + logsigmoid(-a) + log1mexp(b - a)`` is accurate even for
@@ -108,8 +120,9 @@ class DiscretizedLogisticMixture(TorchDistribution):
     support = constraints.unit_interval
     has_rsample = False
 
-    def __init__(self, logits, locs, scales, validate_args=None):
+    def __init__(self, logits, locs, scales, pmf=False, validate_args=None):
         logits, locs, scales = torch.broadcast_tensors(logits, locs, scales)
+        self.pmf = pmf
         if logits.dim() < 1:
             raise ValueError("DiscretizedLogisticMixture parameters need a trailing mixture dimension")
         self.logits = logits
@@ -132,6 +145,7 @@ class DiscretizedLogisticMixture(TorchDistribution):
         new.logits = self.logits.expand(shape)
         new.locs = self.locs.expand(shape)
         new.scales = self.scales.expand(shape)
+        new.pmf = self.pmf
         super(DiscretizedLogisticMixture, new).__init__(batch_shape, torch.Size(), validate_args=False)
         new._validate_args = self._validate_args
         return new
@@ -158,7 +172,7 @@ class DiscretizedLogisticMixture(TorchDistribution):
             self._validate_sample(value)
         k = self.bin_index(value).unsqueeze(-1)
         log_mass = torch.logsumexp(self.log_weights + self._component_bin_log_mass(k), dim=-1)
-        return log_mass + math.log(NUM_BINS)
+        return log_mass if self.pmf else log_mass + math.log(NUM_BINS)
 
     def bin_log_probs(self):
         """log P(k) for all 256 bins, shape ``batch_shape + (256,)``; sums (exp) to one.
@@ -232,6 +246,179 @@ def _discretized_logistic_expected_bin(locs, scales):
     return result
 
 
+def block_mean(images, factor):
+    """A x: the mean of each ``factor x factor`` block of ``(*, C, H, W)`` images."""
+    blocks = images.unflatten(-1, (images.shape[-1] // factor, factor))
+    blocks = blocks.unflatten(-3, (images.shape[-2] // factor, factor))  # (*, C, h, f, w, f)
+    return blocks.mean(dim=(-3, -1))
+
+
+def nearest_upsample(images, factor):
+    """Each pixel of ``(*, C, h, w)`` repeated over a ``factor x factor`` block (A^T up to f^2)."""
+    return images.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
+
+
+def bin_centres(values):
+    """Continuous values in [0, 1] snapped to the centres (k + 1/2) / 256 of their 8-bit bins."""
+    return (torch.clamp(torch.floor(values * NUM_BINS), 0, NUM_BINS - 1) + 0.5) * BIN_WIDTH
+
+
+class ConsistentGaussian(TorchDistribution):
+    """x ~ N(loc, diag scale^2) conditioned on its block means: the x consistent with y = A x.
+
+    A is the ``factor x factor`` block average (the srVAE's area downscaling). Writing
+    x in coordinates (A x, details), ``N(x; loc, S) = N(A x; A loc, A S A^T) N(details | A x) J``
+    with a constant Jacobian J, so
+
+        log p(x | y) = log N(x; loc, S) - log N(A x; A loc, A S A^T),
+        A S A^T = diag(sum_block scale^2 / f^4)   (gamma^2 / f^2 for a scalar gamma),
+
+    is the conditional density of the details given the block means, and multiplied by any
+    density of y = A x it gives a density of x that integrates to one over R^D. The literal
+    ``N(x; loc, S)`` of eq. (15) scores the block means a second time (docs/derivation.md,
+    "A density of x").
+
+    The conditional Gaussian's mean and draws have block means exactly ``y``:
+
+        mean  = loc + w * up(y - A loc),      w = scale^2 / up(block mean of scale^2)
+        draw  = x0 + w * up(y - A x0),        x0 ~ N(loc, S)
+        var   = scale^2 (1 - scale^2 / up(sum_block scale^2))   (gamma^2 (1 - 1/f^2) for a scalar)
+
+    with ``up`` the nearest upsampling (w = 1 for a scalar gamma: ``mean = loc + up(y - A loc)``).
+    Event shape ``(C, H, W)``; batch shape the broadcast of ``loc``'s and ``y``'s leading dims.
+    """
+
+    arg_constraints = {"loc": constraints.real, "scale": constraints.positive, "y": constraints.real}
+    support = constraints.independent(constraints.real, 3)
+    has_rsample = True
+
+    def __init__(self, loc, scale, y, factor, validate_args=None):
+        batch_shape = torch.broadcast_shapes(loc.shape[:-3], y.shape[:-3])
+        event_shape = loc.shape[-3:]
+        self.factor = int(factor)
+        self.loc = loc.expand(batch_shape + event_shape)
+        self.scale = torch.as_tensor(scale, dtype=loc.dtype, device=loc.device).expand(batch_shape + event_shape)
+        self.y = y.expand(batch_shape + y.shape[-3:])
+        super().__init__(batch_shape=batch_shape, event_shape=event_shape, validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(ConsistentGaussian, _instance)
+        batch_shape = torch.Size(batch_shape)
+        new.factor = self.factor
+        new.loc = self.loc.expand(batch_shape + self.event_shape)
+        new.scale = self.scale.expand(batch_shape + self.event_shape)
+        new.y = self.y.expand(batch_shape + self.y.shape[-3:])
+        super(ConsistentGaussian, new).__init__(batch_shape, self.event_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    @property
+    def _block_variance(self):
+        """The diagonal of A S A^T, ``(*, C, h, w)``: sum_block scale^2 / f^4."""
+        return block_mean(self.scale.square(), self.factor) / self.factor**2
+
+    @property
+    def _weights(self):
+        """w = S A^T (A S A^T)^-1 per pixel, in units of ``up``: 1 for a uniform scale."""
+        variance = self.scale.square()
+        return variance / nearest_upsample(block_mean(variance, self.factor), self.factor)
+
+    def _condition(self, x0):
+        """x0 moved along S A^T onto the affine subspace A x = y."""
+        return x0 + self._weights * nearest_upsample(self.y - block_mean(x0, self.factor), self.factor)
+
+    @property
+    def mean(self):
+        return self._condition(self.loc)
+
+    @property
+    def variance(self):
+        return self.scale.square() * (1.0 - self._weights / self.factor**2)
+
+    def rsample(self, sample_shape=torch.Size()):
+        shape = self._extended_shape(sample_shape)
+        x0 = self.loc + self.scale * torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
+        return self._condition(x0)
+
+    def log_prob(self, value):
+        full = dist.Normal(self.loc, self.scale).log_prob(value).sum((-3, -2, -1))
+        blocks = dist.Normal(block_mean(self.loc, self.factor), self._block_variance.sqrt())
+        return full - blocks.log_prob(block_mean(value, self.factor)).sum((-3, -2, -1))
+
+
+def _log_difference_of_normal_cdfs(lower, upper):
+    """log(Phi(upper) - Phi(lower)) for lower < upper, accurate in both tails.
+
+    Above the mean the difference of survival functions is used instead, so neither side
+    subtracts two numbers close to one.
+    """
+    above = (lower + upper) > 0
+    first = torch.where(above, torch.special.log_ndtr(-lower), torch.special.log_ndtr(upper))
+    second = torch.where(above, torch.special.log_ndtr(-upper), torch.special.log_ndtr(lower))
+    gap = torch.clamp(first - second, min=torch.finfo(first.dtype).tiny)
+    return first + _log1mexp(gap)
+
+
+class DiscretizedGaussian(TorchDistribution):
+    """N(loc, scale^2) discretized to the 256 8-bit bins [k/256, (k+1)/256): a pmf.
+
+    The first and last bins extend to -inf and +inf, so the 256 probabilities sum to one.
+    ``log_prob(v)`` is ``log P(k = floor(256 v))``, a log-*probability* (no ``log 256``): the
+    srVAE's y on the 8-bit grid is a discrete variable (the paper's route), and
+    ``log P(y) + log p(x | y) <= log p(x)`` for a normalized model. Draws are bin centres.
+    Event shape ``()``; use ``.to_event(3)`` for images.
+    """
+
+    arg_constraints = {"loc": constraints.real, "scale": constraints.positive}
+    support = constraints.unit_interval
+    has_rsample = False
+
+    def __init__(self, loc, scale, validate_args=None):
+        self.loc, self.scale = torch.broadcast_tensors(loc, torch.as_tensor(scale, dtype=loc.dtype, device=loc.device))
+        super().__init__(batch_shape=self.loc.shape, event_shape=torch.Size(), validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(DiscretizedGaussian, _instance)
+        batch_shape = torch.Size(batch_shape)
+        new.loc = self.loc.expand(batch_shape)
+        new.scale = self.scale.expand(batch_shape)
+        super(DiscretizedGaussian, new).__init__(batch_shape, torch.Size(), validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    def _bin_log_mass(self, k):
+        lower = (k * BIN_WIDTH - self.loc) / self.scale
+        upper = lower + BIN_WIDTH / self.scale
+        interior = _log_difference_of_normal_cdfs(lower, upper)
+        return torch.where(
+            k <= 0, torch.special.log_ndtr(upper), torch.where(k >= NUM_BINS - 1, torch.special.log_ndtr(-lower), interior)
+        )
+
+    def log_prob(self, value):
+        if self._validate_args:
+            self._validate_sample(value)
+        return self._bin_log_mass(DiscretizedLogisticMixture.bin_index(value))
+
+    def bin_log_probs(self):
+        """log P(k) for all 256 bins, shape ``batch_shape + (256,)``."""
+        k = torch.arange(NUM_BINS, dtype=self.loc.dtype, device=self.loc.device)
+        k = k.reshape((NUM_BINS,) + (1,) * self.loc.dim())
+        return self._bin_log_mass(k).movedim(0, -1)
+
+    def sample(self, sample_shape=torch.Size()):
+        shape = self._extended_shape(sample_shape)
+        with torch.no_grad():
+            draw = self.loc + self.scale * torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
+            return bin_centres(draw)
+
+    @property
+    def mean(self):
+        """E[(k + 1/2) / 256] = (1/2 + sum_{i=1}^{255} Phi((loc - i/256) / scale)) / 256 (tail sum)."""
+        edges = torch.arange(1, NUM_BINS, dtype=self.loc.dtype, device=self.loc.device) * BIN_WIDTH
+        tail = torch.special.ndtr((self.loc.unsqueeze(-1) - edges) / self.scale.unsqueeze(-1)).sum(-1)
+        return (tail + 0.5) * BIN_WIDTH
+
+
 class Likelihood:
     """Base class: maps a decoder's raw output to an observation distribution."""
 
@@ -239,6 +426,8 @@ class Likelihood:
     params_per_channel = 1
     #: True when the model must pass its learned scalar gamma as ``scale``.
     uses_global_scale = False
+    #: True when :meth:`consistent_distribution` exists: the closed form of p(x | y = A x, .).
+    has_consistent_form = False
 
     def out_channels(self, channels):
         """Decoder output channels needed for an image with ``channels`` channels."""
@@ -264,6 +453,14 @@ class Likelihood:
     def sample(self, raw, offset=None, scale=None):
         return self.distribution(raw, offset, scale).sample()
 
+    def consistent_distribution(self, raw, offset, scale, y, factor):
+        """p(x | y = A x, .) for the area downscaling A: a :class:`ConsistentGaussian`."""
+        raise NotImplementedError(f"the {self.name} likelihood has no closed form given the block means")
+
+    def pmf_distribution(self, raw, offset=None, scale=None):
+        """The likelihood discretized to the 256 8-bit bins: a pmf, event ``(C, H, W)``."""
+        raise NotImplementedError
+
     def __repr__(self):
         return f"{type(self).__name__}()"
 
@@ -286,9 +483,17 @@ class GaussianLikelihood(Likelihood):
     def mean(self, raw, offset=None):
         return self._locate(raw, offset)
 
+    has_consistent_form = True
+
     def sample(self, raw, offset=None, scale=None):
         loc = self.mean(raw, offset)
         return loc + scale * torch.randn_like(loc)
+
+    def consistent_distribution(self, raw, offset, scale, y, factor):
+        return ConsistentGaussian(self._locate(raw, offset), scale, y, factor)
+
+    def pmf_distribution(self, raw, offset=None, scale=None):
+        return DiscretizedGaussian(self._locate(raw, offset), scale).to_event(3)
 
 
 class GaussianPixelLikelihood(Likelihood):
@@ -319,6 +524,14 @@ class GaussianPixelLikelihood(Likelihood):
 
     def mean(self, raw, offset=None):
         return self.loc_and_scale(raw, offset)[0]
+
+    has_consistent_form = True
+
+    def consistent_distribution(self, raw, offset, scale, y, factor):
+        return ConsistentGaussian(*self.loc_and_scale(raw, offset), y, factor)
+
+    def pmf_distribution(self, raw, offset=None, scale=None):
+        return DiscretizedGaussian(*self.loc_and_scale(raw, offset)).to_event(3)
 
     def __repr__(self):
         return f"GaussianPixelLikelihood(min_scale={self.min_scale})"
@@ -365,6 +578,9 @@ class DiscretizedLogisticMixtureLikelihood(Likelihood):
 
     def mean(self, raw, offset=None):
         return self.pixel_distribution(raw, offset).mean
+
+    def pmf_distribution(self, raw, offset=None, scale=None):
+        return DiscretizedLogisticMixture(*self.parameters(raw, offset), pmf=True).to_event(3)
 
     def __repr__(self):
         return f"DiscretizedLogisticMixtureLikelihood(num_components={self.num_components})"

@@ -12,6 +12,14 @@ Unlike the spec, which drops constants "par proportionnalité", Pyro's ``Normal`
 keeps the ``-(k/2) log 2 pi`` term of eq. (3)/(13): the losses are true negative
 ELBOs, so they convert to honest bits per dimension.
 
+What the srVAE's bits/dim are depends on ``x_given_y`` (:data:`X_GIVEN_Y`, docs/derivation.md,
+"A density of x"). The literal eq. (15) ``N(x; mu, gamma^2 I)`` is a density over all of x,
+block means included, which y = f(x) already fixed: ``log p(y|u) + log p(x|y,z)`` scores y twice
+and is not a density of x. The default ``"consistent"`` restricts p(x|y,.) to the x whose block
+means are y (:class:`~pyro_srvae.likelihoods.ConsistentGaussian`), an exact normalized density of
+x; where no closed form exists it takes the paper's route, y on the 8-bit grid scored by a pmf (a
+lower bound on one). ``"spec"`` keeps the literal joint, for the derivation's checks.
+
 Beyond the spec, both models take ``likelihood=`` (:data:`~pyro_srvae.likelihoods.LIKELIHOODS`:
 the spec's ``"gaussian"``, the default, or ``"gaussian-pixel"`` / ``"dlogistic-mix"``, used for
 every observed image site, x and y) and ``arch=`` (:data:`~pyro_srvae.networks.ARCHS`:
@@ -28,13 +36,18 @@ from torch import nn
 import pyro
 import pyro.distributions as dist
 
-from .likelihoods import LIKELIHOODS, make_likelihood
+from .likelihoods import LIKELIHOODS, NUM_BINS, bin_centres, make_likelihood
 from .networks import ARCHS, NETWORK_TYPES, GaussianEncoder, float32_outputs, make_image_decoder, make_sr_decoder
 from .priors import PRIORS, make_prior
 
 GUIDES = ("simple", "full")
 DOWNSCALE_MODES = ("area", "bilinear")
 DOWNSCALE_FACTORS = (2, 4)
+#: How the srVAE scores x given y = f(x); see :class:`SRVAE`.
+X_GIVEN_Y = ("consistent", "quantized", "spec")
+#: What a model's log-likelihood of x is: a normalized density of x, a lower bound on one,
+#: or the spec's literal joint (not a density of x, not comparable with a VAE's).
+X_DENSITIES = ("exact", "bound", "joint")
 
 
 class SRSample(NamedTuple):
@@ -67,6 +80,18 @@ def downscale(x, factor=2, mode="area"):
     else:
         raise ValueError(f"unknown downscale mode {mode!r}; expected one of {', '.join(DOWNSCALE_MODES)}")
     return y.reshape(batch_shape + y.shape[1:])
+
+
+def quantized_downscale(x, factor=2, mode="area"):
+    """y on the 8-bit grid, from the integer pixels of x: the srVAE paper's y (a PIL resize).
+
+    ``k = floor(256 x)`` are the 8-bit pixels behind the dequantized ``x = (k + U) / 256``;
+    ``y = (round(f(k)) + 1/2) / 256``, the centre of the bin of the downscaled integer image,
+    so that y is a discrete variable that a pmf scores.
+    """
+    pixels = torch.clamp(torch.floor(x * NUM_BINS), 0, NUM_BINS - 1)
+    levels = torch.clamp(torch.round(downscale(pixels, factor, mode)), 0, NUM_BINS - 1)
+    return (levels + 0.5) / NUM_BINS
 
 
 def check_images(images, expected_shape, name="x"):
@@ -253,6 +278,9 @@ class VAE(_ImageModel):
         self.log_gamma_x = self._learned_scale(gamma_init)
         self._finish_networks()
 
+    #: p(x|z) is a density of x: the VAE's bits/dim are always a normalized density (or bound).
+    x_density = "exact"
+
     @property
     def gamma_x(self):
         """The learned scale of eq. (3); None for likelihoods with predicted scales."""
@@ -310,6 +338,21 @@ class SRVAE(_ImageModel):
     both p(y|u) and p(x|y,z[,u]) use that likelihood; the x decoder's location parameters
     stay a residual over the bilinear upsampling of y.
 
+    ``x_given_y`` (departs from the spec by default, see the module docstring):
+
+    * ``"consistent"`` (default): for the Gaussian likelihoods with area downscaling,
+      p(x|y,.) = N(x; mu, S) / N(A x; A mu, A S A^T), the Gaussian restricted to the x whose
+      block means are y (:class:`~pyro_srvae.likelihoods.ConsistentGaussian`); then
+      log p(y|u) + log p(x|y,.) is a normalized density of x (``x_density == "exact"``), and
+      the decoder means and draws have block means exactly y. Where that closed form does not
+      apply (bilinear downscaling, ``dlogistic-mix``) it falls back to ``"quantized"``.
+    * ``"quantized"``: the srVAE paper's route: y = the downscaled integer image on the 8-bit
+      grid (:func:`quantized_downscale`), scored by a pmf (the discretized likelihood), and that
+      y is what every network reads; log P(y) + log p(x|y,.) <= log p(x) of a normalized model
+      (``x_density == "bound"``).
+    * ``"spec"``: eq. (12) and (15) as written: y and x both scored by densities; the joint
+      log p(x, y) at y = f(x) is not a density of x (``x_density == "joint"``).
+
     Args:
         image_shape: (C, H, W) of x; H and W must be divisible by ``factor``.
         guide: "simple" (section 3) or "full" (section 4).
@@ -325,6 +368,7 @@ class SRVAE(_ImageModel):
         likelihood: "gaussian" (the spec, eq. 12 and 15), "gaussian-pixel" or "dlogistic-mix".
         likelihood_components: mixture components K of ``"dlogistic-mix"``.
         arch: "small" (CPU-sized conv nets) or "densenet".
+        x_given_y: "consistent" (default), "quantized" or "spec" (:data:`X_GIVEN_Y`).
     """
 
     def __init__(
@@ -344,9 +388,11 @@ class SRVAE(_ImageModel):
         likelihood="gaussian",
         likelihood_components=10,
         arch="small",
+        x_given_y="consistent",
     ):
         super().__init__(image_shape, name, validate_inputs, likelihood, likelihood_components, arch, gamma_init)
         _check_choice("guide", guide, GUIDES)
+        _check_choice("x_given_y", x_given_y, X_GIVEN_Y)
         _check_choice("prior", prior, PRIORS)
         _check_choice("downscale factor", factor, DOWNSCALE_FACTORS)
         _check_choice("downscale mode", downscale_mode, DOWNSCALE_MODES)
@@ -358,6 +404,7 @@ class SRVAE(_ImageModel):
             )
         self.guide_name = guide
         self.prior_name = prior
+        self.x_given_y = x_given_y
         self.factor = factor
         self.downscale_mode = downscale_mode
         self.u_dim, self.z_dim = u_dim, z_dim
@@ -386,6 +433,24 @@ class SRVAE(_ImageModel):
         return self.guide_name == "full"
 
     @property
+    def exact_consistent(self):
+        """True when p(x|y,.) is the closed-form Gaussian given the block means (x_density "exact")."""
+        closed_form = self.likelihood.has_consistent_form and self.downscale_mode == "area"
+        return self.x_given_y == "consistent" and closed_form
+
+    @property
+    def quantized_y(self):
+        """True when y lives on the 8-bit grid and p(y|u) is a pmf (x_density "bound")."""
+        return self.x_given_y != "spec" and not self.exact_consistent
+
+    @property
+    def x_density(self):
+        """What log p(x, y = f(x)) is as a function of x: "exact", "bound" or "joint" (:data:`X_DENSITIES`)."""
+        if self.x_given_y == "spec":
+            return "joint"
+        return "exact" if self.exact_consistent else "bound"
+
+    @property
     def gamma_x(self):
         """The learned scale of eq. (15); None for likelihoods with predicted scales."""
         return self._scale(self.log_gamma_x)
@@ -396,11 +461,18 @@ class SRVAE(_ImageModel):
         return self._scale(self.log_gamma_y)
 
     def downscale(self, x):
-        """y = f(x), deterministic (section 3.1): the low-resolution copy of x."""
+        """y = f(x), deterministic (section 3.1): the low-resolution copy of x (on the 8-bit grid
+        when :attr:`quantized_y`)."""
+        if self.quantized_y:
+            return quantized_downscale(x, self.factor, self.downscale_mode)
         return downscale(x, self.factor, self.downscale_mode)
 
     def y_distribution(self, u):
-        """p(y|u): eq. (12) N(mu_theta(u), gamma_y^2 I), or the chosen likelihood; event (C, H/f, W/f)."""
+        """p(y|u): eq. (12) N(mu_theta(u), gamma_y^2 I), or the chosen likelihood; event (C, H/f, W/f).
+
+        A pmf over the 8-bit bins when :attr:`quantized_y` (the discretized likelihood)."""
+        if self.quantized_y:
+            return self.likelihood.pmf_distribution(self.decoder_y(u), scale=self.gamma_y)
         return self.likelihood.distribution(self.decoder_y(u), scale=self.gamma_y)
 
     def decode_y(self, u):
@@ -413,12 +485,21 @@ class SRVAE(_ImageModel):
 
     def x_distribution(self, y, z, u):
         """p(x|y,z) (eq. 15) or p(x|y,z,u) (sec. 4.3.1): N(upsample(y) + residual, gamma_x^2 I),
-        or the chosen likelihood with locations upsample(y) + raw; event (C, H, W)."""
+        or the chosen likelihood with locations upsample(y) + raw; event (C, H, W).
+
+        With :attr:`exact_consistent`, that Gaussian given its block means A x = y
+        (:class:`~pyro_srvae.likelihoods.ConsistentGaussian`)."""
         raw, offset = self._x_parameters(y, z, u)
+        if self.exact_consistent:
+            return self.likelihood.consistent_distribution(raw, offset, self.gamma_x, y, self.factor)
         return self.likelihood.distribution(raw, offset, scale=self.gamma_x)
 
     def decode_x(self, y, z, u):
-        """Mean of p(x|y,z) (eq. 15) or p(x|y,z,u) (full guide, section 4.3.1)."""
+        """Mean of p(x|y,z) (eq. 15) or p(x|y,z,u) (full guide, section 4.3.1).
+
+        With :attr:`exact_consistent`, the conditional mean: its block means are exactly y."""
+        if self.exact_consistent:
+            return self.x_distribution(y, z, u).mean
         return self.likelihood.mean(*self._x_parameters(y, z, u))
 
     def encode_z(self, x, y, u):
@@ -453,10 +534,14 @@ class SRVAE(_ImageModel):
         """Ancestral sampling u ~ p(u), y = mu(u), z ~ p(z|y,u), x = mu(y,z[,u]).
 
         Returns ``SRSample(x, y)`` of decoder means (means of the likelihood),
-        (n, C, H, W) and (n, C, H/f, W/f).
+        (n, C, H, W) and (n, C, H/f, W/f). With :attr:`quantized_y`, y is snapped to the
+        centres of its 8-bit bins (the values the networks were trained on); with
+        :attr:`exact_consistent`, x's block means are y.
         """
         u = self.prior_u().sample((n,))
         y = self.decode_y(u)
+        if self.quantized_y:
+            y = bin_centres(y)
         z_loc, z_scale = self.prior_z(y, u)
         z = dist.Normal(z_loc, z_scale).sample()
         return SRSample(x=self.decode_x(y, z, u), y=y)
@@ -468,8 +553,9 @@ class SRVAE(_ImageModel):
         x itself is never seen, so z comes from the conditional prior, not from q(z|.).
         Each of the ``num_samples`` draws is a decoder mean (with ``observation_noise=True``
         a draw from the likelihood instead: N(0, gamma_x^2) pixel noise added for the
-        spec's Gaussian); ``mean`` and ``std`` are taken over the draws, so ``std`` is the
-        uncertainty the latents carry about the missing detail.
+        spec's Gaussian, projected onto the x consistent with y under ``"consistent"``);
+        ``mean`` and ``std`` are taken over the draws, so ``std`` is the uncertainty the
+        latents carry about the missing detail.
         """
         y = self._prepare(y, self.lr_shape, "y")
         if int(num_samples) != num_samples or num_samples < 1:
@@ -478,11 +564,10 @@ class SRVAE(_ImageModel):
         u = dist.Normal(u_loc, u_scale).sample((int(num_samples),))
         z_loc, z_scale = self.prior_z(y, u)
         z = dist.Normal(z_loc, z_scale).sample()
-        raw, offset = self._x_parameters(y, z, u)
         if observation_noise:
-            samples = self.likelihood.sample(raw, offset, scale=self.gamma_x)
+            samples = self.x_distribution(y, z, u).sample()
         else:
-            samples = self.likelihood.mean(raw, offset)
+            samples = self.decode_x(y, z, u)
         std = samples.std(dim=0, correction=0) if num_samples > 1 else torch.zeros_like(samples[0])
         return SuperResolution(mean=samples.mean(dim=0), std=std, samples=samples)
 

@@ -152,8 +152,12 @@ def _image_shape(config, state):
     return (channels, side * config.factor, side * config.factor) if side * side == cells else None
 
 
-def _load(checkpoint, device=None, require_super_resolution=True):
-    """(model, config, payload) from a training checkpoint; CheckpointError with one line."""
+def _load(checkpoint, device=None, require_super_resolution=True, x_given_y=None):
+    """(model, config, payload) from a training checkpoint; CheckpointError with one line.
+
+    ``x_given_y`` rebuilds an srVAE with another p(x|y,.) around the same weights: the
+    consistent density is normalized for any parameters, so a checkpoint trained on the
+    spec's joint can be re-scored as a density of x."""
     from .training import ConfigError, TrainConfig, build_model
 
     path = Path(checkpoint)
@@ -165,6 +169,10 @@ def _load(checkpoint, device=None, require_super_resolution=True):
         config = TrainConfig.from_dict(dict(payload["config"]))
     except (TypeError, ValueError, ConfigError) as error:
         raise CheckpointError(f"{path} has an unusable configuration: {error}") from None
+    if x_given_y is not None and x_given_y != config.x_given_y:
+        if config.model != "srvae":
+            raise CheckpointError(f"{path} is a plain VAE's checkpoint: --x-given-y applies to an srVAE only")
+        config.x_given_y = x_given_y
     if require_super_resolution and config.model != "srvae":
         raise CheckpointError(
             f"{path} is a checkpoint of a plain VAE (--model {config.model}), which cannot super-resolve; "
@@ -674,6 +682,7 @@ def evaluate_checkpoint(
     seed=None,
     out_dir=None,
     progress=False,
+    x_given_y=None,
 ):
     """The test-set evaluation of "Train and evaluate", run on a saved checkpoint.
 
@@ -682,7 +691,9 @@ def evaluate_checkpoint(
     ``metrics.json`` ``test`` section on the same device; ``eval_limit="all"`` lifts the
     run's limit. Writes ``evaluation.json`` into ``out_dir`` (default: the checkpoint's
     folder), atomically, and returns its content: ``checkpoint``, ``step``, ``epoch``,
-    ``config``, ``evaluation`` (the settings used) and ``test`` (the metrics of
+    ``config`` (with ``x_given_y`` as evaluated: pass ``x_given_y="consistent"`` to re-score a
+    checkpoint of the spec's joint as a normalized density of x), ``evaluation``, ``test``;
+    ``evaluation`` (the settings used) and ``test`` (the metrics of
     :func:`pyro_srvae.evaluate_model`, ``sr_coverage90`` included for an srVAE).
 
     Raises ``CheckpointError`` and ``DatasetNotFoundError`` with one-line messages.
@@ -690,7 +701,7 @@ def evaluate_checkpoint(
     from .data import load_dataset
     from .evaluation import evaluate_model
 
-    model, config, payload = _load(checkpoint, device, require_super_resolution=False)
+    model, config, payload = _load(checkpoint, device, require_super_resolution=False, x_given_y=x_given_y)
     eval_samples = config.eval_samples if eval_samples is None else int(eval_samples)
     sr_samples = config.sr_samples if sr_samples is None else int(sr_samples)
     seed = config.seed if seed is None else int(seed)

@@ -51,7 +51,7 @@ from .data import DATASETS, DeviceImages, dequantize, iterate_batches, load_data
 from .elbo import ELBO_NAMES, make_elbo
 from .evaluation import bicubic_upsample, bits_per_dim, evaluate_model, particle_budget
 from .likelihoods import LIKELIHOODS
-from .models import DOWNSCALE_FACTORS, DOWNSCALE_MODES, GUIDES, SRVAE, VAE
+from .models import DOWNSCALE_FACTORS, DOWNSCALE_MODES, GUIDES, SRVAE, VAE, X_GIVEN_Y
 from .networks import ARCHS
 from .priors import PRIORS
 
@@ -119,6 +119,7 @@ class TrainConfig:
     likelihood: str = "gaussian"
     likelihood_components: int = 10
     arch: str = "small"
+    x_given_y: str = "consistent"
     figures: bool = True
     precision: str = "fp32"
     compile: bool = False
@@ -143,16 +144,19 @@ class TrainConfig:
             "likelihood": LIKELIHOODS,
             "arch": ARCHS,
             "precision": PRECISIONS,
+            "x_given_y": X_GIVEN_Y,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(map(str, allowed))}")
         if self.model == "vae" and self.guide != "simple":
             raise ConfigError("--guide full is an srVAE guide (section 4); the VAE has only q(z|x)")
+        if self.model == "vae" and self.x_given_y != "consistent":
+            raise ConfigError("--x-given-y is the srVAE's p(x|y,.); the VAE has no y (its p(x|z) is a density of x)")
         if self.elbo == "meanfield-mog-bound" and self.prior != "mog":
             raise ConfigError("--elbo meanfield-mog-bound bounds a mixture KL (eq. 23): it needs --prior mog")
-        if self.elbo == "renyi" and self.num_particles < 2:
-            raise ConfigError("--elbo renyi (alpha=0, the IWAE bound) needs --num-particles >= 2")
+        if self.elbo in ("renyi", "iwae-dreg") and self.num_particles < 2:
+            raise ConfigError(f"--elbo {self.elbo} (the IWAE bound) needs --num-particles >= 2")
         positive = ["mog_components", "num_particles", "epochs", "batch_size", "eval_samples", "sr_samples"]
         positive += ["u_dim", "z_dim", "hidden", "likelihood_components"]
         for name in positive:
@@ -177,6 +181,9 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values):
+        values = dict(values)
+        # srVAE runs stored before x_given_y existed trained the spec's literal joint (eq. 12, 15).
+        values.setdefault("x_given_y", "consistent" if values.get("model") == "vae" else "spec")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(values) - known
         if unknown:
@@ -217,6 +224,7 @@ def build_model(config, image_shape):
         downscale_mode=config.downscale_mode,
         u_dim=config.u_dim,
         z_dim=config.z_dim,
+        x_given_y=config.x_given_y,
         **common,
     )
 
@@ -548,6 +556,8 @@ def _train(config, payload, resume, context, started, progress, log):
     # on the device, so the per-call checks inside the model can be skipped.
     train_images = DeviceImages(train_set.images, device)
     elbo = make_elbo(config.elbo, num_particles=config.num_particles, vectorize_particles=config.num_particles > 1)
+    if config.elbo == "meanfield-mog-bound":
+        log(MIXTURE_BOUND_WARNING)
     objective = DataParallelElbo(model, elbo, context, config.precision)
     batches_per_epoch = num_batches(len(train_set), config.batch_size, drop_last=True, world_size=context.world_size)
     num_dims = train_set.images[0].numel()
@@ -742,13 +752,52 @@ def _test_elbo_bpd(model, images, config, context):
     return result["elbo_bpd"]
 
 
+TEST_KEYS = [
+    "elbo_bpd", "iw_bpd", "iw_samples", "x_density", "sr_psnr", "bicubic_psnr", "sr_ssim", "bicubic_ssim",
+    "sr_coverage90", "sr_coverage90_expected", "num_images",
+]  # fmt: skip
+
+#: What each ``x_density`` means, printed next to every bits/dim.
+X_DENSITY_NOTES = {
+    "exact": "a normalized density of x",
+    "bound": "a lower bound on a normalized density of x (y on the 8-bit grid)",
+    "joint": "the spec's joint p(x, y=f(x)): not a density of x, not comparable with a VAE",
+}
+
+
+MIXTURE_BOUND_WARNING = (
+    "warning: --elbo meanfield-mog-bound minimises the eq. (23) bound, which is linear in the mixture "
+    "weights: training on it concentrates them on one component (see mixture.effective_components in "
+    "metrics.json and docs/derivation.md)"
+)
+
+
+def mixture_summary(prior):
+    """The weights of a mixture prior and their effective number of components, exp(entropy).
+
+    Training on the eq. (23) bound concentrates the weights (docs/derivation.md): an effective
+    number near 1 says the "mixture" has become one Gaussian. None for a non-mixture prior.
+    """
+    weights = getattr(prior, "weights", None)
+    if weights is None:
+        return None
+    weights = weights.detach().double().cpu()
+    entropy = -(weights * torch.log(weights.clamp_min(1e-300))).sum().item()
+    return {"weights": weights.tolist(), "effective_components": math.exp(entropy)}
+
+
+def top_prior(model):
+    """p(u) of an srVAE, p(z) of a VAE."""
+    return model.prior_u if isinstance(model, SRVAE) else model.prior_z
+
+
 def _metrics(config, model, history, test, context, state_digests):
-    test_keys = ["elbo_bpd", "iw_bpd", "iw_samples", "sr_psnr", "bicubic_psnr", "sr_ssim", "bicubic_ssim"]
-    test_keys += ["sr_coverage90", "sr_coverage90_expected", "num_images"]
+    test = dict(test, x_density=getattr(model, "x_density", None))
     metrics = {
         "config": config.to_dict(),
         "epochs": history["epochs"],
-        "test": {key: test.get(key) for key in test_keys},
+        "test": {key: test.get(key) for key in TEST_KEYS},
+        "mixture": mixture_summary(top_prior(model)),
         "gamma_x": _scalar(model.gamma_x),
         "gamma_y": _scalar(getattr(model, "gamma_y", None)),
         "world_size": context.world_size,
@@ -811,11 +860,18 @@ def model_label(config):
     return "vae" if config["model"] == "vae" else f"srvae ({config['guide']} guide)"
 
 
+def bits_note(test):
+    """' (exact density of x)' and the like: what a bits/dim of this run is."""
+    density = test.get("x_density")
+    return f" ({X_DENSITY_NOTES[density]})" if density in X_DENSITY_NOTES else ""
+
+
 def test_metric_rows(test, coverage_note=""):
     """(label, value) rows of the test metrics, shared by the training and evaluation summaries."""
+    note = bits_note(test)
     rows = [
-        ("test ELBO", f"{test['elbo_bpd']:.4f} bits/dim"),
-        (f"test IW (K={test['iw_samples']})", f"{test['iw_bpd']:.4f} bits/dim"),
+        ("test ELBO", f"{test['elbo_bpd']:.4f} bits/dim{note}"),
+        (f"test IW (K={test['iw_samples']})", f"{test['iw_bpd']:.4f} bits/dim{note}"),
     ]
     if test.get("sr_psnr") is not None:
         rows += [
@@ -839,6 +895,10 @@ def summary_table(metrics):
         ("epochs / steps", f"{len(metrics['epochs'])} / {metrics['epochs'][-1]['step'] if metrics['epochs'] else 0}"),
     ]
     rows += test_metric_rows(metrics["test"])
+    mixture = metrics.get("mixture")
+    if mixture is not None:
+        rows.append(("mixture weights", f"effective number of components {mixture['effective_components']:.2f} "
+                     f"of {len(mixture['weights'])}"))  # fmt: skip
     if metrics["gamma_x"] is not None:  # the learned scalar scale of the spec's Gaussian likelihood
         rows.append(("gamma_x" + (" / gamma_y" if metrics["gamma_y"] is not None else ""), _gammas(metrics)))
     rows.append(("wall time", f"{metrics['wall_seconds']:.0f} s"))

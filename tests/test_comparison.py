@@ -69,8 +69,14 @@ def test_results_md_has_the_table_the_targets_and_the_figure(grid):
     out, _, rows = grid
     text = (out / "results.md").read_text()
     table_rows = [line for line in text.splitlines() if line.startswith("| VAE") or line.startswith("| srVAE (")]
-    assert len([line for line in table_rows if line.count("|") == 11]) == 6
+    main_table = [line for line in table_rows if line.count("|") == 12]
+    assert len(main_table) == 6
+    assert all("| exact |" in line for line in main_table)  # every bits/dim says it is a density of x
     assert "## Targets" in text and "![samples" in text and "Not run yet" not in text
+    # the fd of real training images against the test images: below every model's
+    floor = json.loads((out / "fd-floor.json").read_text())["fd_floor"]
+    assert 0 <= floor < min(row["fd"] for row in rows)
+    assert f"fd floor (training images against the test images, what a perfect sampler scores): {floor:.3f}" in text
     assert (out / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"{rows[0]['iw_bpd']:.4f}" in text
 
@@ -108,9 +114,15 @@ def test_a_directory_of_another_comparison_is_refused_and_kept(grid):
     assert (out / "results.json").read_text() == before
 
 
-def _row(model, guide, prior, iw, fd, sr=None, bicubic=None):
+def _row(model, guide, prior, iw, fd, sr=None, bicubic=None, x_density="exact"):
     return dict(cell="x", model=model, guide=guide, prior=prior, iw_bpd=iw, elbo_bpd=iw + 0.1, sr_psnr=sr,
-                bicubic_psnr=bicubic, sr_ssim=None, fd=fd, epochs=1, seconds=1.0)  # fmt: skip
+                bicubic_psnr=bicubic, sr_ssim=None, fd=fd, epochs=1, seconds=1.0, x_density=x_density)  # fmt: skip
+
+
+def test_the_spec_joint_never_meets_the_likelihood_target():
+    rows = [_row("vae", None, "gaussian", 4.00, 10.0), _row("srvae", "simple", "gaussian", 4.01, 9.0, x_density="joint")]
+    bpd = next(c for c in check_targets(rows) if c["target"] == "IW bpd within 0.1 of the VAE's")
+    assert not bpd["met"] and "(joint)" in bpd["detail"]
 
 
 def test_targets_are_checked_per_prior_against_the_vae():

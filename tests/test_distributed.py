@@ -287,7 +287,10 @@ def test_sharded_evaluation_equals_the_single_process_evaluation(two_rank_result
         sharded = results["evaluation"]
         assert set(sharded) == set(single)
         for key, value in single.items():
-            assert sharded[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+            if isinstance(value, str):  # x_density
+                assert sharded[key] == value, key
+            else:
+                assert sharded[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
 
 
 def test_closing_the_context_stops_the_gloo_threads(two_rank_results):

@@ -79,6 +79,14 @@ def test_loss_falls_over_a_short_run(tmp_path):
     assert epochs[-1]["test_elbo_bpd"] < epochs[0]["test_elbo_bpd"]
 
 
+def test_iwae_dreg_trains_the_srvae_from_the_command_line(tmp_path):
+    result = train(TrainConfig(epochs=2, guide="full", elbo="iwae-dreg", num_particles=4, **FAST), out=str(tmp_path),
+                   progress=False, log=lambda *_: None)  # fmt: skip
+    epochs = result.metrics["epochs"]
+    assert epochs[-1]["train_elbo_bpd"] < epochs[0]["train_elbo_bpd"]
+    assert result.metrics["test"]["iw_bpd"] <= result.metrics["test"]["elbo_bpd"]
+
+
 def _state(result):
     return {k: v.clone() for k, v in result.model.state_dict().items()}
 
@@ -165,6 +173,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
         (["--model", "vae", "--guide", "full"], "the VAE has only q(z|x)"),
         (["--elbo", "meanfield-mog-bound"], "needs --prior mog"),
         (["--elbo", "renyi"], "--num-particles >= 2"),
+        (["--elbo", "iwae-dreg"], "--num-particles >= 2"),
         (["--epochs", "0"], "--epochs must be a positive integer"),
         (["--lr", "-1"], "--lr must be a positive number"),
         (["--batch-size", "0"], "--batch-size must be a positive integer"),
@@ -213,7 +222,7 @@ def _param_sites(fn, x):
     return [name for name, site in trace.nodes.items() if site["type"] == "param"]
 
 
-@pytest.mark.parametrize("elbo_name, registers_each_call", [("meanfield", False), ("renyi", True)])
+@pytest.mark.parametrize("elbo_name, registers_each_call", [("meanfield", False), ("renyi", True), ("iwae-dreg", False)])
 def test_training_mode_registers_once_where_autograd_carries_the_gradients(elbo_name, registers_each_call):
     model = SRVAE((1, 8, 8), hidden=4)
     x = tiny_images()
