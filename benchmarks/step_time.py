@@ -3,10 +3,38 @@
 For each variant (vae; srvae simple/full) x prior (gaussian/mog) x ELBO (trace,
 meanfield), two copies of the same networks train side by side: one through the
 library's training step (a Pyro ELBO builds loss and gradients), one through
-``torch_reference.reference_loss`` (the same ELBO written by hand). Steps alternate
-between the two in one run, so machine noise hits both alike; the figures are medians.
-Before timing, both losses are computed under the same RNG state: ``loss_match``
-says whether Pyro built the same number as the hand-written formula.
+``torch_reference.reference_loss`` (the same ELBO written by hand). Before timing, both
+losses are computed under the same RNG state: ``loss_match`` says whether Pyro built the
+same number as the hand-written formula.
+
+Paired design. The two steps alternate in one run, and each adjacent (pyro, torch) step
+is one *pair*; pyro runs first in even pairs and torch first in odd ones, so neither side
+always gets the cache (or the clock boost) of going first. A record's ``ratio`` is the
+median over pairs of pyro_time / torch_time, and ``overhead_ms`` the median over pairs of
+pyro_ms - torch_ms (what Pyro adds to a step, in milliseconds). Why pairs: a slow moment
+of the machine (another process, a frequency change) lasts across both members of a pair
+and cancels in its ratio; one that hits a single step spoils one pair's ratio, which the
+median ignores. The ratio of the two separate medians has neither property: the medians
+are taken over different steps, so a slowdown that covers part of the run can put one
+side's median among the slow steps and the other's among the fast ones, and one such
+moment decides the record (see tests/test_benchmarks.py for such a run).
+
+``ratio_low``, ``ratio_high``: a distribution-free 95% confidence interval for the median
+paired ratio, from order statistics: with the n ratios sorted, the interval runs from the
+k-th smallest to the k-th largest, k the largest rank for which a binomial(n, 1/2)
+variable falls below k with probability at most 2.5% (coverage >= 95%, for any
+distribution of the ratios, as long as the pairs are independent). With fewer than 6
+pairs no such rank exists; the interval is then the min and max of the ratios and covers
+the median with only 1 - 2^(1-n) probability (``ratio_coverage`` holds the coverage of the
+interval reported, ``pairs`` the n). ``pyro_ms`` and ``torch_ms`` are each side's own
+median step time, ``images_per_s`` the batch over Pyro's median.
+
+Budget: ``--quick`` times 50 pairs per record after 5 warm-up pairs; ranks 18 and 33 of 50
+bound the median, so the interval spans the middle third of the paired ratios. It is sized
+for back-to-back ``--quick`` runs on a quiet machine to agree on every record's ratio within
+0.05. At the defaults on a 2-core CPU (steps of 33-52 ms, docs/performance.md) that is
+12 x 55 pairs x ~90 ms, about a minute of stepping; the default, 150 pairs after 10
+(ranks 63 and 88), about 3 minutes (estimates from those step times, not timed runs).
 
     python benchmarks/step_time.py --quick          # < 2 minutes on a 2-core CPU
     python benchmarks/step_time.py --json           # last line: a JSON list of records
@@ -22,6 +50,7 @@ measures Pyro's share and the absolute times what the options buy.
 import argparse
 import copy
 import json
+import math
 import statistics
 import sys
 import time
@@ -72,11 +101,65 @@ def _torch_step(model, optimizer, x, elbo_name, precision="fp32"):
     return loss.detach()
 
 
-def _alternate(pyro_step, torch_step, batches, args, device, pyro_times, torch_times):
-    """Run the two steps in turns; record their times after the warm-up steps."""
+def median_interval(values, confidence=0.95):
+    """The median of ``values`` and a distribution-free interval for it, from order statistics.
+
+    Returns ``(median, low, high, coverage)``. With the n values sorted, ``low`` is the k-th
+    smallest and ``high`` the k-th largest, k the largest rank with
+    P(Binomial(n, 1/2) <= k - 1) <= (1 - confidence) / 2, so that [low, high] covers the
+    population median with probability ``coverage`` = 1 - 2 P(Binomial(n, 1/2) <= k - 1)
+    >= ``confidence``. When n is too small for any such k (n < 6 at 95%), ``low`` and
+    ``high`` are the min and max and ``coverage`` = 1 - 2^(1-n) falls short of ``confidence``.
+    """
+    ordered = sorted(values)
+    n = len(ordered)
+    if n == 0:
+        raise ValueError("no values")
+    tail = (1 - confidence) / 2
+    k, cdf = 0, 0.0  # cdf = P(B <= k - 1) for the current k
+    while True:
+        next_cdf = cdf + math.comb(n, k) / 2**n  # P(B <= k)
+        if next_cdf > tail or k + 1 > (n + 1) // 2:
+            break
+        k, cdf = k + 1, next_cdf
+    if k == 0:  # too few values: report the range, whose coverage is below `confidence`
+        k, cdf = 1, 1 / 2**n
+    return statistics.median(ordered), ordered[k - 1], ordered[n - k], 1 - 2 * cdf
+
+
+def paired_ratio_summary(pyro_times, torch_times, confidence=0.95):
+    """Summarise paired step times (seconds; ``pyro_times[i]`` and ``torch_times[i]`` ran back to back).
+
+    ``ratio`` is the median of the paired ratios pyro / torch, ``ratio_low`` and ``ratio_high``
+    its order-statistic interval (``median_interval``), ``overhead_ms`` the median of the
+    paired differences pyro - torch in milliseconds; ``pyro_ms`` and ``torch_ms`` are each
+    side's own median, in milliseconds. Not rounded.
+    """
+    if len(pyro_times) != len(torch_times) or not pyro_times:
+        raise ValueError(f"need equally many paired times, got {len(pyro_times)} and {len(torch_times)}")
+    pairs = list(zip(pyro_times, torch_times))
+    ratio, low, high, coverage = median_interval([p / t for p, t in pairs], confidence)
+    return {
+        "pyro_ms": 1000 * statistics.median(pyro_times),
+        "torch_ms": 1000 * statistics.median(torch_times),
+        "ratio": ratio,
+        "ratio_low": low,
+        "ratio_high": high,
+        "ratio_coverage": coverage,
+        "overhead_ms": 1000 * statistics.median([p - t for p, t in pairs]),
+        "pairs": len(pairs),
+    }
+
+
+def _alternate(pyro_step, torch_step, batches, args, device):
+    """Run the two steps in adjacent pairs; return their times (seconds) after the warm-up pairs.
+
+    Pyro goes first in even pairs and torch in odd ones, so neither always runs on a warmer
+    cache. ``pyro_times[i]`` and ``torch_times[i]`` are the two members of timed pair i.
+    """
+    pyro_times, torch_times = [], []
     for i in range(args.warmup + args.steps):
         x = batches[i % len(batches)]
-        # Alternate which goes first, so neither always runs on a warmer cache.
         order = [(pyro_step, pyro_times), (torch_step, torch_times)]
         for step, times in order if i % 2 == 0 else order[::-1]:
             _synchronize(device)
@@ -85,6 +168,7 @@ def _alternate(pyro_step, torch_step, batches, args, device, pyro_times, torch_t
             _synchronize(device)
             if i >= args.warmup:
                 times.append(time.perf_counter() - start)
+    return pyro_times, torch_times
 
 
 def benchmark_variant(model_name, guide, prior, elbo_name, images, args, device):
@@ -121,15 +205,13 @@ def benchmark_variant(model_name, guide, prior, elbo_name, images, args, device)
     def torch_step(x):
         return _torch_step(torch_model, torch_optimizer, x, elbo_name, args.precision)
 
-    pyro_times, torch_times = [], []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with training_mode(pyro_model, elbo):
         if args.register_every_step:  # the per-call pyro.module registration that SVI needs
             pyro_model.pyro_registration = True
-        _alternate(pyro_step, torch_step, batches, args, device, pyro_times, torch_times)
-    pyro_ms = 1000 * statistics.median(pyro_times)
-    torch_ms = 1000 * statistics.median(torch_times)
+        pyro_times, torch_times = _alternate(pyro_step, torch_step, batches, args, device)
+    summary = paired_ratio_summary(pyro_times, torch_times)
     return {
         "model": model_name,
         "guide": guide,
@@ -141,10 +223,15 @@ def benchmark_variant(model_name, guide, prior, elbo_name, images, args, device)
         "precision": args.precision,
         "compile": args.compile,
         "batch_size": args.batch_size,
-        "pyro_ms": round(pyro_ms, 3),
-        "torch_ms": round(torch_ms, 3),
-        "ratio": round(pyro_ms / torch_ms, 4),
-        "images_per_s": round(args.batch_size / (pyro_ms / 1000), 1),
+        "pyro_ms": round(summary["pyro_ms"], 3),
+        "torch_ms": round(summary["torch_ms"], 3),
+        "ratio": round(summary["ratio"], 4),  # the median paired ratio, not pyro_ms / torch_ms
+        "ratio_low": round(summary["ratio_low"], 4),
+        "ratio_high": round(summary["ratio_high"], 4),
+        "ratio_coverage": round(summary["ratio_coverage"], 4),
+        "overhead_ms": round(summary["overhead_ms"], 3),
+        "pairs": summary["pairs"],
+        "images_per_s": round(args.batch_size / (summary["pyro_ms"] / 1000), 1),
         "peak_mem_mb": round(peak_memory_mb(device), 1),
         "loss_match": loss_match,
     }
@@ -152,14 +239,22 @@ def benchmark_variant(model_name, guide, prior, elbo_name, images, args, device)
 
 
 
+def _interval(record):
+    return f"[{record['ratio_low']:.3f},{record['ratio_high']:.3f}]"
+
+
+def _name(record):
+    return " ".join(str(record[key]) for key in ("model", "guide", "prior", "elbo") if record[key] is not None)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer steps: under 2 minutes on a 2-core CPU")
+    parser.add_argument("--quick", action="store_true", help="fewer pairs: under 2 minutes on a 2-core CPU")
     parser.add_argument("--json", action="store_true", help="print the records as a JSON list on the last line")
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     parser.add_argument("--hidden", type=int, default=TrainConfig.hidden)
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per variant [60, quick: 12]")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first [10, quick: 3]")
+    parser.add_argument("--steps", type=int, default=None, help="timed (pyro, torch) pairs per record [150, quick: 50]")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed pairs first [10, quick: 5]")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--arch", default="small", choices=ARCHS)
     parser.add_argument("--shape", type=image_shape, default=None, metavar="C,H,W", help="random images of this shape")
@@ -169,16 +264,21 @@ def main(argv=None):
         "--register-every-step", action="store_true", help="keep pyro.module registration on every call (as SVI)"
     )
     args = parser.parse_args(argv)
-    args.steps = args.steps or (12 if args.quick else 60)
-    args.warmup = args.warmup if args.warmup is not None else (3 if args.quick else 10)
+    args.steps = args.steps or (50 if args.quick else 150)
+    args.warmup = args.warmup if args.warmup is not None else (5 if args.quick else 10)
     device = resolve_device(args.device)
     images = benchmark_images(2048, args.shape).to(device)
 
     records = []
-    header = f"{'model':6} {'guide':6} {'prior':8} {'elbo':9} {'pyro ms':>8} {'torch ms':>8} {'ratio':>6} {'img/s':>7} match"
+    header = (
+        f"{'model':6} {'guide':6} {'prior':8} {'elbo':9} {'pyro ms':>8} {'torch ms':>8} {'ratio':>6} "
+        f"{'95% interval':>15} {'+ms':>8} {'img/s':>7} match"
+    )
     print(
         f"device {device}, batch {args.batch_size}, images {tuple(images.shape[1:])}, arch {args.arch}, "
-        f"precision {args.precision}, compile {args.compile}, torch threads {torch.get_num_threads()}"
+        f"precision {args.precision}, compile {args.compile}, torch threads {torch.get_num_threads()}, "
+        f"{args.steps} timed pairs after {args.warmup}; ratio: median of the paired pyro/torch ratios, "
+        f"+ms: median paired pyro - torch"
     )
     print(header)
     for model_name, guide in VARIANTS:
@@ -188,11 +288,17 @@ def main(argv=None):
                 records.append(r)
                 print(
                     f"{r['model']:6} {str(r['guide'] or '-'):6} {r['prior']:8} {r['elbo']:9} {r['pyro_ms']:8.2f} "
-                    f"{r['torch_ms']:8.2f} {r['ratio']:6.3f} {r['images_per_s']:7.0f} {r['loss_match']}",
+                    f"{r['torch_ms']:8.2f} {r['ratio']:6.3f} {_interval(r):>15} {r['overhead_ms']:8.2f} "
+                    f"{r['images_per_s']:7.0f} {r['loss_match']}",
                     flush=True,
                 )
-    worst = max(r["ratio"] for r in records)
-    print(f"worst ratio {worst:.3f}; all losses match: {all(r['loss_match'] for r in records)}")
+    worst = max(records, key=lambda r: r["ratio"])
+    enough = min(r["ratio_coverage"] for r in records) >= 0.95
+    note = "95% interval" if enough else "min-max of the paired ratios: too few pairs for a 95% interval"
+    print(
+        f"worst ratio {worst['ratio']:.3f} {_interval(worst)} ({note}; {_name(worst)}); "
+        f"all losses match: {all(r['loss_match'] for r in records)}"
+    )
     if args.json:
         print(json.dumps(records))
     return 0

@@ -3,11 +3,15 @@
 Only behaviour is asserted here; the timings the scripts print belong to the benchmarks.
 """
 
+import argparse
 import json
+import math
+import statistics
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
@@ -21,7 +25,7 @@ def _json_records(capsys):
 
 
 def test_step_benchmark_losses_match_the_hand_written_elbo(capsys):
-    step_time.main(["--steps", "1", "--warmup", "0", "--batch-size", "8", "--hidden", "4", "--json", "--device", "cpu"])
+    step_time.main(["--steps", "3", "--warmup", "0", "--batch-size", "8", "--hidden", "4", "--json", "--device", "cpu"])
     records = _json_records(capsys)
     assert len(records) == 12  # 3 variants x 2 priors x 2 ELBOs
     assert {(r["model"], r["guide"], r["prior"], r["elbo"]) for r in records} == {
@@ -30,7 +34,95 @@ def test_step_benchmark_losses_match_the_hand_written_elbo(capsys):
     for record in records:
         assert record["loss_match"], record
         assert record["pyro_ms"] > 0 and record["torch_ms"] > 0
-        assert record["ratio"] == pytest.approx(record["pyro_ms"] / record["torch_ms"], rel=1e-2)
+        # The ratio is the median of the 3 paired ratios, with its interval (the min and max, at 3 pairs).
+        assert record["pairs"] == 3 and 0 < record["ratio_low"] <= record["ratio"] <= record["ratio_high"]
+        assert record["ratio_coverage"] == pytest.approx(0.75)  # 1 - 2^(1-3): too few pairs for 95%
+        assert math.isfinite(record["overhead_ms"])
+        assert record["images_per_s"] == pytest.approx(8 / (record["pyro_ms"] / 1000), rel=1e-2)
+
+
+def test_steps_alternate_in_pairs_with_the_first_member_alternating(monkeypatch):
+    clock, calls = [0.0], []
+
+    def fake_step(name, seconds):
+        def step(x):
+            calls.append(name)
+            clock[0] += seconds(len(calls))
+
+        return step
+
+    monkeypatch.setattr(step_time.time, "perf_counter", lambda: clock[0])
+    # Each call lasts as long as its own call number (ms), so a time tells which call it was.
+    pyro_step, torch_step = fake_step("pyro", lambda n: n / 1000), fake_step("torch", lambda n: n / 1000)
+    args = argparse.Namespace(warmup=1, steps=4)
+    pyro_times, torch_times = step_time._alternate(pyro_step, torch_step, [None], args, torch.device("cpu"))
+    assert calls == ["pyro", "torch", "torch", "pyro", "pyro", "torch", "torch", "pyro", "pyro", "torch"]
+    # Timed pairs 1..4 (after one warm-up pair): calls 3-4, 5-6, 7-8, 9-10, each pair's two members together.
+    assert [round(1000 * t) for t in pyro_times] == [4, 5, 8, 9]
+    assert [round(1000 * t) for t in torch_times] == [3, 6, 7, 10]
+
+
+def test_median_interval_uses_the_binomial_order_statistics():
+    values = [float(v) for v in range(1, 41)][::-1]  # 1..40, unsorted
+    median, low, high, coverage = step_time.median_interval(values)
+    # Binomial(40, 1/2): P(B <= 13) = 0.019 <= 0.025 < P(B <= 14) = 0.040, so ranks 14 and 27.
+    assert (median, low, high) == (20.5, 14.0, 27.0)
+    assert coverage == pytest.approx(1 - 2 * sum(math.comb(40, i) for i in range(14)) / 2**40)
+    assert coverage == pytest.approx(0.9615, abs=1e-4)
+    # n = 10: P(B <= 1) = 11/1024 <= 0.025 < P(B <= 2) = 56/1024: ranks 2 and 9.
+    assert step_time.median_interval(range(1, 11))[1:3] == (2, 9)
+    # n = 6 is the smallest n with a 95% interval: the range, P(B = 0) = 1/64 <= 0.025.
+    assert step_time.median_interval([3, 1, 2, 6, 5, 4]) == (3.5, 1, 6, pytest.approx(1 - 2 / 64))
+    # n = 5 has none: the range, with its coverage below 95%.
+    median, low, high, coverage = step_time.median_interval([5, 1, 4, 2, 3])
+    assert (median, low, high) == (3, 1, 5) and coverage == pytest.approx(1 - 2 / 32) and coverage < 0.95
+    assert step_time.median_interval([7.0]) == (7.0, 7.0, 7.0, 0.0)
+
+
+def test_paired_ratio_ignores_one_outlier_step():
+    torch_times = [0.010 + 0.0001 * i for i in range(41)]
+    pyro_times = [1.1 * t for t in torch_times]
+    pyro_times[7] *= 100  # one pyro step caught by a 100x stall
+    summary = step_time.paired_ratio_summary(pyro_times, torch_times)
+    assert summary["ratio"] == pytest.approx(1.1)
+    assert summary["ratio_low"] == pytest.approx(1.1) and summary["ratio_high"] == pytest.approx(1.1)
+    assert summary["pairs"] == 41
+    # Each side's own median, and the median paired difference 0.1 t, move up by one rank (pair 21).
+    assert summary["torch_ms"] == pytest.approx(12.0)
+    assert summary["pyro_ms"] == pytest.approx(1.1 * 12.1)
+    assert summary["overhead_ms"] == pytest.approx(0.1 * 12.1)
+
+
+def test_paired_ratio_holds_through_a_slow_phase_that_the_ratio_of_medians_does_not():
+    """The machine slows down 2x in the middle of pair 20 (after its pyro step) and stays slow.
+
+    Every pair's ratio is 1.1 but pair 20's (pyro fast, torch slow). The separate medians
+    land on opposite sides of the slowdown: torch's among the slow steps (21 of 41 are slow),
+    pyro's among the fast ones (21 of 41 are fast), and their ratio is 0.55.
+    """
+    slow = [1.0] * 20 + [2.0] * 21  # the torch steps: pair 20's ran after the slowdown
+    torch_times = [0.010 * s for s in slow]
+    pyro_times = [0.011 * s for s in slow[:20]] + [0.011] + [0.011 * s for s in slow[21:]]
+    ratio_of_medians = statistics.median(pyro_times) / statistics.median(torch_times)
+    assert ratio_of_medians == pytest.approx(0.55)  # what the old statistic reported
+    summary = step_time.paired_ratio_summary(pyro_times, torch_times)
+    assert summary["ratio"] == pytest.approx(1.1)
+    assert summary["ratio_low"] == pytest.approx(1.1) and summary["ratio_high"] == pytest.approx(1.1)
+    assert summary["pyro_ms"] / summary["torch_ms"] == pytest.approx(0.55)  # per-side medians, as reported
+
+
+def test_paired_ratio_interval_brackets_spread_ratios():
+    ratios = [1.0 + 0.01 * i for i in range(40)]  # 1.00 .. 1.39
+    torch_times = [0.02 + 0.001 * ((7 * i) % 40) for i in range(40)]  # scrambled, so pairs matter
+    pyro_times = [r * t for r, t in zip(ratios, torch_times)]
+    summary = step_time.paired_ratio_summary(pyro_times, torch_times)
+    assert summary["ratio"] == pytest.approx(1.195)  # median of 1.00 .. 1.39
+    assert summary["ratio_low"] == pytest.approx(1.13) and summary["ratio_high"] == pytest.approx(1.26)  # ranks 14, 27
+    assert summary["ratio_coverage"] >= 0.95
+    differences = sorted(1000 * (p - t) for p, t in zip(pyro_times, torch_times))
+    assert summary["overhead_ms"] == pytest.approx((differences[19] + differences[20]) / 2)
+    with pytest.raises(ValueError):
+        step_time.paired_ratio_summary(pyro_times, torch_times[:-1])
 
 
 def test_eval_benchmark_reports_throughput(capsys):
