@@ -222,9 +222,10 @@ def build_superresolve_parser(prog=None):
         prog=prog,
         description=(
             "Super-resolve low-resolution images with a trained srVAE, in overlapping tiles of the "
-            "training size, and write for each INPUT NAME.EXT into DIR: NAME_sr_mean.png/.npy (posterior "
-            "mean), NAME_sr_std.npy and NAME_uncertainty.png (per-pixel std over the samples), "
-            "NAME_sr_samples.npy/.png (the samples). The output is factor x the input size."
+            "training size, and write for each INPUT NAME.EXT into DIR: NAME_sr_mean.png/.npy (predictive "
+            "mean), NAME_sr_std.npy (total per-pixel predictive std), NAME_sr_std_latent.npy and "
+            "NAME_sr_std_noise.npy (its parts: latents and likelihood noise), NAME_uncertainty.png (the three "
+            "maps, one colour bar), NAME_sr_samples.npy/.png (the samples). The output is factor x the input size."
         ),
         formatter_class=_DefaultsFormatter,
     )
@@ -319,10 +320,7 @@ def evaluation_summary(report):
         ("model", f"{model_label(config)}, {config['prior']} prior, step {report['step']}"),
         ("test images", f"{settings['num_images']} of {settings['dataset']}"),
     ]
-    coverage_note = ""
-    if test.get("sr_psnr") is not None:
-        coverage_note = f" (expected {test['sr_coverage90_expected']:.3f} for {settings['sr_samples']} samples)"
-    return format_rows(rows + test_metric_rows(test, coverage_note))
+    return format_rows(rows + test_metric_rows(test))
 
 
 def evaluate_main(argv=None, prog=None):

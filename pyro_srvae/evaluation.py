@@ -25,7 +25,6 @@ model can be run under an outer, vectorized "particle" plate.
 
 from __future__ import annotations
 
-import inspect
 import math
 from typing import Callable, Dict, Iterator, NamedTuple, Optional, Union
 
@@ -56,6 +55,14 @@ __all__ = [
     "interval_coverage",
     "expected_interval_coverage",
     "super_resolution_metrics",
+    "crps_samples",
+    "interval_coverages",
+    "iw_conditional_log_likelihood",
+    "make_consistent",
+    "bilinear_upsample",
+    "detail_mask",
+    "fit_baseline_scale",
+    "baseline_log_likelihood",
     "evaluate_model",
 ]
 
@@ -385,6 +392,19 @@ def iw_log_likelihood(
     return iw_and_elbo(model, guide, x, num_samples, chunk_size, max_plate_nesting).iw
 
 
+def iw_conditional_log_likelihood(model, guide, lr_model, lr_guide, x: torch.Tensor, num_samples: int,
+                                  chunk_size: Optional[int] = None) -> torch.Tensor:
+    """Per-image estimate of log p(x | y) = log p(x, y) - log p(y), each importance-weighted.
+
+    ``model``/``guide`` score (x, y); ``lr_model``/``lr_guide`` the low-resolution half alone
+    (for the srVAE: :meth:`~pyro_srvae.SRVAE.lr_model`, :meth:`~pyro_srvae.SRVAE.lr_guide`,
+    p(u) p(y|u) and q(u|y)). Exact for any ``K`` when both guides are exact posteriors;
+    :func:`evaluate_model` computes the same from the weights it already has.
+    """
+    joint = iw_log_likelihood(model, guide, x, num_samples, chunk_size)
+    return joint - iw_log_likelihood(lr_model, lr_guide, x, num_samples, chunk_size)
+
+
 # ---------------------------------------------------------------------------
 # Bits per dimension
 # ---------------------------------------------------------------------------
@@ -567,62 +587,216 @@ def expected_interval_coverage(num_samples: int, level: float = 0.9) -> float:
     return (hi - lo) / (num_samples + 1)
 
 
-def _accepts_keyword(fn: Callable, name: str) -> bool:
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+#: The central intervals whose coverage the SR evaluation reports.
+COVERAGE_LEVELS = (0.5, 0.8, 0.9, 0.95)
+
+#: An HR pixel is a "detail" pixel when it differs from its low-resolution block's mean by
+#: more than one grey level: the pixels where super-resolution has something to add.
+DETAIL_THRESHOLD = 1.0 / 256
 
 
-def super_resolution_metrics(model, x: torch.Tensor, num_samples: int = 16) -> Dict[str, float]:
-    """Super-resolution quality of an SRVAE on one batch of HR images ``x``.
+def bilinear_upsample(y: torch.Tensor, factor: int) -> torch.Tensor:
+    """Bilinear upsampling of ``y`` by ``factor`` (no clamp needed: no overshoot)."""
+    return F.interpolate(y, scale_factor=factor, mode="bilinear", align_corners=False)
 
-    ``y = model.downscale(x)`` is super-resolved by the model
-    (``model.super_resolve(y, num_samples)``) and by bicubic interpolation;
-    both are compared with ``x``.  The SR point estimate is the mean of the
-    draws, ``sr.mean``, clamped to ``[0, 1]`` (the predictive mean minimises
-    the expected MSE, i.e. maximises expected PSNR, which is why it rather
-    than a single sample is scored).
 
-    ``sr_coverage90`` checks the spread of the predictive distribution: the
-    fraction of HR pixels inside their per-pixel central 90% interval of
-    ``sr.samples`` (:func:`interval_coverage`).  If ``super_resolve``
-    accepts ``observation_noise`` (the package's SRVAE does), the samples
-    for the coverage are drawn in a second call with
-    ``observation_noise=True``: ``x`` is a draw from ``p(x | y, z, u)``
-    including its pixel noise, so an interval built from decoder means
-    alone would be too narrow by construction and coverage would say little
-    about calibration.  The point estimate still comes from the noise-free
-    draws (adding noise would only blur the mean).  A calibrated model
-    scores about ``sr_coverage90_expected`` (:func:`expected_interval_coverage`),
-    not 0.9, because of the finite number of samples.
+def make_consistent(upsampled: torch.Tensor, y: torch.Tensor, factor: int) -> torch.Tensor:
+    """``up + nearest_upsample(y - A up)``: an upsampling moved so its block means are ``y``."""
+    from .likelihoods import block_mean, nearest_upsample
 
-    Returns batch *means* as Python floats under ``sr_psnr``,
-    ``bicubic_psnr``, ``sr_ssim``, ``bicubic_ssim``, ``sr_coverage90`` and
-    ``sr_coverage90_expected``, plus ``num_images`` so that batches can be
-    combined with weights.  Runs under ``torch.no_grad()``.
+    return upsampled + nearest_upsample(y - block_mean(upsampled, factor), factor)
+
+
+def detail_mask(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """True where an HR pixel differs from its block's mean by more than one grey level."""
+    from .likelihoods import block_mean, nearest_upsample
+
+    return (x - nearest_upsample(block_mean(x, factor), factor)).abs() > DETAIL_THRESHOLD
+
+
+def crps_samples(samples: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-pixel CRPS of the predictive behind ``samples`` (S, ...) at ``target`` (...), S >= 2.
+
+    The unbiased ("fair") sample estimator, mean |X - x| - sum_{s != t} |X_s - X_t| / (2 S (S - 1)),
+    with the pair sum from the sorted draws: sum_{s<t} |X_s - X_t| = sum_i (2i - S - 1) X_(i).
+    For a point forecast (S = 1) the CRPS is the absolute error.
+    """
+    n = samples.shape[0]
+    absolute = (samples - target).abs().mean(0)
+    if n == 1:
+        return absolute
+    ordered = samples.sort(dim=0).values
+    ranks = torch.arange(1, n + 1, dtype=samples.dtype, device=samples.device)
+    pair_sum = ((2 * ranks - n - 1).reshape((n,) + (1,) * target.dim()) * ordered).sum(0)
+    return absolute - pair_sum / (n * (n - 1))
+
+
+def coverage_levels(num_samples: int) -> Dict[str, float]:
+    """``{"0.5": expected, ...}``: the coverage a calibrated predictive gets from ``num_samples`` draws."""
+    return {str(level): expected_interval_coverage(num_samples, level) for level in COVERAGE_LEVELS}
+
+
+def interval_coverages(samples: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                       levels=COVERAGE_LEVELS) -> Dict[str, float]:
+    """``{"0.5": fraction, ...}``: how often ``target`` lies inside the central interval of each level.
+
+    Over all pixels, or the pixels where ``mask`` is True. The intervals are those of
+    :func:`interval_coverage` (enclosing order statistics of the ``S`` draws), so a target
+    exchangeable with the draws is covered :func:`expected_interval_coverage` of the time.
+    """
+    counts = _coverage_counts(samples, target, mask, levels)
+    total = counts.pop("pixels")
+    return {level: count / max(total, 1) for level, count in counts.items()}
+
+
+def _coverage_counts(samples, target, mask=None, levels=COVERAGE_LEVELS) -> Dict[str, float]:
+    if samples.shape[1:] != target.shape:
+        raise ValueError(f"samples {tuple(samples.shape)} do not match target {tuple(target.shape)}")
+    ordered = samples.sort(dim=0).values
+    mask = torch.ones_like(target, dtype=torch.bool) if mask is None else mask
+    counts = {"pixels": mask.sum().item()}
+    for level in levels:
+        i, j = _order_statistic_ranks(samples.shape[0], level)
+        inside = (target >= ordered[i]) & (target <= ordered[j]) & mask
+        counts[str(level)] = inside.sum().item()
+    return counts
+
+
+def _sr_sums(model, x: torch.Tensor, num_samples: int) -> Dict[str, float]:
+    """Sums over one batch of every SR metric (PSNR/SSIM per image; coverage and CRPS per pixel)."""
+    factor = model.factor
+    y = model.downscale(x)
+    sr = model.super_resolve(y, num_samples)
+    sr_mean = sr.mean.clamp(0.0, 1.0)
+    bicubic = bicubic_upsample(y, factor)
+    if bicubic.shape != x.shape:
+        raise ValueError(f"bicubic upsampling gave {tuple(bicubic.shape)}, expected {tuple(x.shape)}")
+    bilinear = bilinear_upsample(y, factor)
+    points = {
+        "sr": sr_mean,
+        "bicubic": bicubic,
+        "bilinear": bilinear,
+        "consistent_bicubic": make_consistent(bicubic, y, factor),
+        "consistent_bilinear": make_consistent(bilinear, y, factor),
+    }
+    sums: Dict[str, float] = {"num_images": float(x.shape[0]), "num_pixels": float(x.numel())}
+    for name, estimate in points.items():
+        sums[f"{name}_psnr"] = psnr(estimate, x).sum().item()
+        sums[f"{name}_ssim"] = ssim(estimate, x).sum().item()
+    for subset, mask in (("all", None), ("detail", detail_mask(x, factor))):
+        counts = _coverage_counts(sr.samples, x, mask)
+        if subset == "detail":
+            sums["num_detail_pixels"] = counts["pixels"]
+        for level in COVERAGE_LEVELS:
+            sums[f"coverage_{subset}_{level}"] = counts[str(level)]
+    sums["sr_crps"] = crps_samples(sr.samples, x).sum().item()
+    sums["bicubic_mae"] = (bicubic - x).abs().sum().item()
+    sums["sr_std_ms"] = sr.std.square().sum().item()
+    sums["sr_std_latent_ms"] = sr.std_latent.square().sum().item()
+    sums["sr_std_noise_ms"] = sr.std_noise.square().sum().item()
+    return sums
+
+
+def _sr_metrics_from_sums(sums: Dict[str, float], num_samples: int) -> Dict[str, object]:
+    images, pixels, details = sums["num_images"], sums["num_pixels"], max(sums["num_detail_pixels"], 1.0)
+    result: Dict[str, object] = {}
+    for name in ("sr", "bicubic", "bilinear", "consistent_bicubic", "consistent_bilinear"):
+        result[f"{name}_psnr"] = sums[f"{name}_psnr"] / images
+        result[f"{name}_ssim"] = sums[f"{name}_ssim"] / images
+    coverage = {
+        "all": {str(level): sums[f"coverage_all_{level}"] / pixels for level in COVERAGE_LEVELS},
+        "detail": {str(level): sums[f"coverage_detail_{level}"] / details for level in COVERAGE_LEVELS},
+        "expected": coverage_levels(num_samples),
+        "detail_fraction": sums["num_detail_pixels"] / pixels,
+        "num_samples": int(num_samples),
+    }
+    result["sr_coverage"] = coverage
+    result["sr_coverage90"] = coverage["all"]["0.9"]
+    result["sr_coverage90_expected"] = coverage["expected"]["0.9"]
+    result["sr_crps"] = sums["sr_crps"] / pixels
+    result["bicubic_mae"] = sums["bicubic_mae"] / pixels
+    for part in ("std", "std_latent", "std_noise"):
+        result[f"sr_{part}_rms"] = math.sqrt(sums[f"sr_{part}_ms"] / pixels)
+    return result
+
+
+_SR_SUM_KEYS = (
+    ["num_images", "num_pixels", "num_detail_pixels", "sr_crps", "bicubic_mae", "sr_std_ms", "sr_std_latent_ms", "sr_std_noise_ms"]
+    + [f"{name}_{metric}" for name in ("sr", "bicubic", "bilinear", "consistent_bicubic", "consistent_bilinear")
+       for metric in ("psnr", "ssim")]
+    + [f"coverage_{subset}_{level}" for subset in ("all", "detail") for level in COVERAGE_LEVELS]
+)  # fmt: skip
+
+
+def super_resolution_metrics(model, x: torch.Tensor, num_samples: int = 16) -> Dict[str, object]:
+    """Super-resolution quality and calibration of an SRVAE on one batch of HR images ``x``.
+
+    ``y = model.downscale(x)`` is super-resolved by the model (``model.super_resolve(y,
+    num_samples)``: draws of the full predictive, the likelihood's noise included) and by the
+    baselines bicubic and bilinear upsampling, each also made consistent with y
+    (:func:`make_consistent`). The SR point estimate is the predictive mean ``sr.mean``,
+    clamped to ``[0, 1]`` (it minimises the expected MSE, hence maximises expected PSNR).
+
+    Calibration is measured **on the draws a user gets**, the same ``sr.samples``: the fraction
+    of HR pixels inside their per-pixel central 50/80/90/95% intervals (order statistics,
+    :func:`interval_coverage`), over all pixels and over the "detail" pixels
+    (:func:`detail_mask`: flat background, which any interval covers, left out), beside the
+    coverage a calibrated predictive gets from ``num_samples`` draws (``expected``, not the
+    nominal level). ``sr_crps`` is the CRPS of the predictive (:func:`crps_samples`), to read
+    beside ``bicubic_mae``, the CRPS of the bicubic point forecast.
+
+    Returns batch means: ``{sr,bicubic,bilinear,consistent_bicubic,consistent_bilinear}_{psnr,ssim}``,
+    ``sr_coverage`` (``{"all": {"0.5": ...}, "detail": {...}, "expected": {...},
+    "detail_fraction", "num_samples"}``), ``sr_coverage90`` and ``sr_coverage90_expected``
+    (the all-pixel 90% entry), ``sr_crps``, ``bicubic_mae``, and the root mean squares of the
+    three std maps, ``sr_std_rms``, ``sr_std_latent_rms``, ``sr_std_noise_rms``. Runs under
+    ``torch.no_grad()``.
     """
     with torch.no_grad():
-        y = model.downscale(x)
-        sr = model.super_resolve(y, num_samples)
-        sr_mean = sr.mean.clamp(0.0, 1.0)
-        if _accepts_keyword(model.super_resolve, "observation_noise"):
-            coverage_samples = model.super_resolve(y, num_samples, observation_noise=True).samples
-        else:
-            coverage_samples = sr.samples
-        bicubic = bicubic_upsample(y, model.factor)
-        if bicubic.shape != x.shape:
-            raise ValueError(f"bicubic upsampling gave {tuple(bicubic.shape)}, expected {tuple(x.shape)}")
-        return {
-            "sr_psnr": psnr(sr_mean, x).mean().item(),
-            "bicubic_psnr": psnr(bicubic, x).mean().item(),
-            "sr_ssim": ssim(sr_mean, x).mean().item(),
-            "bicubic_ssim": ssim(bicubic, x).mean().item(),
-            "sr_coverage90": interval_coverage(coverage_samples, x, 0.9).mean().item(),
-            "sr_coverage90_expected": expected_interval_coverage(coverage_samples.shape[0], 0.9),
-            "num_images": int(x.shape[0]),
-        }
+        sums = _sr_sums(model, x, num_samples)
+    result = _sr_metrics_from_sums(sums, num_samples)
+    result["num_images"] = int(x.shape[0])
+    return result
+
+
+def fit_baseline_scale(images: torch.Tensor, factor: int, seed: int = 0) -> float:
+    """The one scale of the SR baseline, fitted on (training) images ``images`` (uint8).
+
+    The baseline is the Gaussian around the bicubic upsampling made consistent with y,
+    conditioned on the block means (:class:`~pyro_srvae.likelihoods.ConsistentGaussian`). Its
+    maximum-likelihood variance is the mean squared residual per dimension not fixed by y,
+    ``sum ||x - loc||^2 / (N (D - D_y))`` (the residual has zero block means).
+    """
+    from .data import dequantize
+    from .likelihoods import block_mean
+
+    generator = torch.Generator().manual_seed(seed)
+    total, count = 0.0, 0
+    for start in range(0, images.shape[0], 1000):
+        x = dequantize(images[start : start + 1000], generator=generator).double()
+        y = block_mean(x, factor)
+        loc = make_consistent(bicubic_upsample(y, factor), y, factor)
+        total += (x - loc).square().sum().item()
+        count += x.shape[0] * (x[0].numel() - y[0].numel())
+    return math.sqrt(total / count)
+
+
+def baseline_log_likelihood(x: torch.Tensor, factor: int, scale: float) -> torch.Tensor:
+    """log p(x | y) per image under the consistent-bicubic Gaussian baseline of one ``scale``."""
+    from .likelihoods import ConsistentGaussian, block_mean
+
+    y = block_mean(x, factor)
+    loc = make_consistent(bicubic_upsample(y, factor), y, factor)
+    return ConsistentGaussian(loc, torch.tensor(scale, dtype=x.dtype, device=x.device), y, factor).log_prob(x)
+
+
+def conditional_bits_per_dim(log_likelihood, num_dims: int):
+    """-log p(x | y) in bits per dimension of x not fixed by y (``num_dims = D - D_y``), dequantized.
+
+    The ``+ 8`` is the same change of variables as in :func:`bits_per_dim`: scaling x by 256
+    scales y by 256 too, so the conditional density gains ``(D - D_y) log 256``.
+    """
+    return bits_per_dim(log_likelihood, num_dims)
 
 
 # ---------------------------------------------------------------------------
@@ -654,6 +828,7 @@ def evaluate_model(
     super_resolution: bool = True,
     rank: int = 0,
     world_size: int = 1,
+    baseline_scale: Optional[float] = None,
 ) -> Dict[str, float]:
     """Evaluate a VAE or SRVAE on a uint8 test set ``images`` ``(N, C, H, W)``.
 
@@ -674,9 +849,16 @@ def evaluate_model(
     ``"joint"`` (``x_given_y="spec"``: y scored twice, not a density of x).
 
     For an SRVAE (detected by ``hasattr(model, "super_resolve")``) also
-    reports ``sr_psnr``, ``bicubic_psnr``, ``sr_ssim``, ``bicubic_ssim``,
-    ``sr_coverage90`` and ``sr_coverage90_expected`` (see
-    :func:`super_resolution_metrics`), computed on the same dequantized ``x``.
+    reports the metrics of :func:`super_resolution_metrics` (PSNR/SSIM of the SR mean
+    and of four baselines, coverage of the central intervals on the SR draws over all
+    and over detail pixels, CRPS), computed on the same dequantized ``x``, and, for a
+    model whose ``x_density`` is ``"exact"``, ``sr_bpd``: the conditional likelihood of
+    super-resolution, ``-log p(x | y)`` in bits per dimension of x not fixed by y
+    (``sr_bpd_dims = D - D_y``), from ``log p(x, y) - log p(y)``, each importance-weighted
+    with ``iw_samples`` (log p(y) with the model's ``lr_model``/``lr_guide``: p(u) p(y|u)
+    and q(u|y) alone). With ``baseline_scale`` (:func:`fit_baseline_scale` on the training
+    set), ``sr_bpd_baseline`` is the same score of the consistent-bicubic Gaussian
+    baseline (:func:`baseline_log_likelihood`). ``sr_bpd`` is None for a bound or joint.
 
     Reproducibility: latent samples are drawn through Pyro, i.e. torch's
     global RNG.  It is seeded for every batch from ``(seed, batch index)``
@@ -750,10 +932,9 @@ def evaluate_model(
     if device.type == "cuda":
         cuda_devices = [device.index if device.index is not None else torch.cuda.current_device()]
     was_training = model.training if isinstance(model, torch.nn.Module) else None
-    sums: Dict[str, float] = {"elbo": 0.0, "iw": 0.0}
-    sr_keys = ("sr_psnr", "bicubic_psnr", "sr_ssim", "bicubic_ssim", "sr_coverage90")
-    for key in sr_keys:
-        sums[key] = 0.0
+    sums: Dict[str, float] = {"elbo": 0.0, "iw": 0.0, "log_p_x_given_y": 0.0, "baseline_log_p_x_given_y": 0.0}
+    conditional = is_sr and getattr(model, "x_density", None) == "exact" and hasattr(model, "lr_model")
+    sr_sums: Dict[str, float] = {}
     try:
         if was_training is not None:
             model.eval()
@@ -773,20 +954,33 @@ def evaluate_model(
                         torch.cuda.manual_seed(batch_seed)
                 log_w = log_importance_weights(model.model, model.guide, x, k_total, chunk_size=chunk_size)
                 lw = log_w.double()
+                iw = torch.logsumexp(lw[:iw_samples], 0) - math.log(iw_samples)
                 sums["elbo"] += lw[:elbo_samples].mean(0).sum().item()
-                sums["iw"] += (torch.logsumexp(lw[:iw_samples], 0) - math.log(iw_samples)).sum().item()
+                sums["iw"] += iw.sum().item()
+                if conditional:  # log p(x | y) = log p(x, y) - log p(y), both importance-weighted
+                    lw_y = log_importance_weights(model.lr_model, model.lr_guide, x, iw_samples, chunk_size=chunk_size)
+                    iw_y = torch.logsumexp(lw_y.double(), 0) - math.log(iw_samples)
+                    sums["log_p_x_given_y"] += (iw - iw_y).sum().item()
+                    if baseline_scale is not None:
+                        baseline = baseline_log_likelihood(x.double(), model.factor, baseline_scale)
+                        sums["baseline_log_p_x_given_y"] += baseline.sum().item()
                 if is_sr:
-                    m = super_resolution_metrics(model, x, sr_samples)
-                    for key in sr_keys:
-                        sums[key] += m[key] * m["num_images"]
+                    for key, value in _sr_sums(model, x, sr_samples).items():
+                        sr_sums[key] = sr_sums.get(key, 0.0) + value
     finally:
         if was_training is not None:
             model.train(was_training)
+    if is_sr:
+        sums.update({f"sr.{key}": value for key, value in sr_sums.items()})
     if world_size > 1:
         # One all-reduce of every sum, on the evaluation device (nccl reduces GPU tensors).
-        totals = torch.tensor(list(sums.values()), dtype=torch.float64, device=device)
+        # A rank may have evaluated no batch: every rank's dict must have the same keys.
+        if is_sr and not sr_sums:
+            sums.update({f"sr.{key}": 0.0 for key in _SR_SUM_KEYS})
+        names = sorted(sums)
+        totals = torch.tensor([sums[name] for name in names], dtype=torch.float64, device=device)
         torch.distributed.all_reduce(totals, op=torch.distributed.ReduceOp.SUM)
-        sums = dict(zip(sums, totals.tolist()))
+        sums = dict(zip(names, totals.tolist()))
 
     elbo = sums["elbo"] / n
     iw = sums["iw"] / n
@@ -802,9 +996,14 @@ def evaluate_model(
     if getattr(model, "x_density", None) is not None:
         result["x_density"] = model.x_density
     if is_sr:
-        for key in sr_keys:
-            result[key] = sums[key] / n
-        result["sr_coverage90_expected"] = float(expected_interval_coverage(sr_samples, 0.9))
+        result.update(_sr_metrics_from_sums({k[3:]: v for k, v in sums.items() if k.startswith("sr.")}, sr_samples))
+        fixed = model.lr_shape[0] * model.lr_shape[1] * model.lr_shape[2]
+        result["sr_bpd_dims"] = num_dims - fixed
+        result["sr_bpd"] = float(conditional_bits_per_dim(sums["log_p_x_given_y"] / n, num_dims - fixed)) if conditional else None
+        result["sr_bpd_baseline"] = None
+        if conditional and baseline_scale is not None:
+            result["sr_bpd_baseline"] = float(conditional_bits_per_dim(sums["baseline_log_p_x_given_y"] / n, num_dims - fixed))
+            result["sr_baseline_scale"] = float(baseline_scale)
     return result
 
 

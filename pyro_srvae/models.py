@@ -58,11 +58,31 @@ class SRSample(NamedTuple):
 
 
 class SuperResolution(NamedTuple):
-    """x given y: posterior-predictive mean and per-pixel std over ``samples`` (S, B, C, H, W)."""
+    """x given y: the predictive q(u|y) p(z|y,u) p(x|y,z[,u]), summarised per pixel.
+
+    * ``samples`` ``(S, B, C, H, W)``: the draws, the likelihood's noise included (decoder
+      means only with ``observation_noise=False``);
+    * ``mean``: the predictive mean, estimated by the average of the draws' decoder means
+      (the same expectation as the samples' average, without the likelihood's noise in the
+      estimate);
+    * ``std``: the total predictive standard deviation, the unbiased spread of ``samples``;
+    * ``std_latent``: the unbiased spread of the decoder means over the latent draws (u, z);
+    * ``std_noise``: the root mean of the likelihood's per-pixel variance over the draws;
+      ``std^2 = std_latent^2 + std_noise^2`` up to sampling error (the law of total variance);
+    * ``means`` ``(S, B, C, H, W)``: each draw's decoder mean.
+    """
 
     mean: torch.Tensor
     std: torch.Tensor
     samples: torch.Tensor
+    std_latent: torch.Tensor
+    std_noise: torch.Tensor
+    means: torch.Tensor
+
+
+def _spread(draws):
+    """Unbiased per-pixel standard deviation over the first dim (zeros for a single draw)."""
+    return draws.std(dim=0, correction=1) if draws.shape[0] > 1 else torch.zeros_like(draws[0])
 
 
 def downscale(x, factor=2, mode="area"):
@@ -529,6 +549,26 @@ class SRVAE(_ImageModel):
             z_loc, z_scale = self.encode_z(x, y, u)
             pyro.sample("z", dist.Normal(z_loc, z_scale).to_event(1))
 
+    def lr_model(self, x):
+        """p(u) p(y|u) alone, y = f(x): the low-resolution half of :meth:`model`, for log p(y).
+
+        With :meth:`lr_guide` its importance weights estimate log p(y); log p(x, y) - log p(y)
+        is then the conditional likelihood of super-resolution, log p(x | y).
+        """
+        x = self._prepare(x, self.image_shape, "x")
+        y = self.downscale(x)
+        with pyro.plate("data", x.shape[0], dim=-1):
+            u = pyro.sample("u", self.prior_u())
+            pyro.sample("y", self.y_distribution(u), obs=y)
+
+    def lr_guide(self, x):
+        """q(u|y), the guide of :meth:`lr_model`."""
+        x = self._prepare(x, self.image_shape, "x")
+        y = self.downscale(x)
+        with pyro.plate("data", x.shape[0], dim=-1):
+            u_loc, u_scale = self.encoder_u(y)
+            pyro.sample("u", dist.Normal(u_loc, u_scale).to_event(1))
+
     @torch.no_grad()
     def sample(self, n):
         """Ancestral sampling u ~ p(u), y = mu(u), z ~ p(z|y,u), x = mu(y,z[,u]).
@@ -547,15 +587,17 @@ class SRVAE(_ImageModel):
         return SRSample(x=self.decode_x(y, z, u), y=y)
 
     @torch.no_grad()
-    def super_resolve(self, y, num_samples=16, observation_noise=False):
-        """x given a low-resolution y: u ~ q(u|y), z ~ p(z|y,u), x ~ p(x|y,z[,u]).
+    def super_resolve(self, y, num_samples=16, observation_noise=True):
+        """The predictive of x given a low-resolution y: u ~ q(u|y), z ~ p(z|y,u), x ~ p(x|y,z[,u]).
 
-        x itself is never seen, so z comes from the conditional prior, not from q(z|.).
-        Each of the ``num_samples`` draws is a decoder mean (with ``observation_noise=True``
-        a draw from the likelihood instead: N(0, gamma_x^2) pixel noise added for the
-        spec's Gaussian, projected onto the x consistent with y under ``"consistent"``);
-        ``mean`` and ``std`` are taken over the draws, so ``std`` is the uncertainty the
-        latents carry about the missing detail.
+        x itself is never seen, so z comes from the conditional prior, not from q(z|.). Each
+        of the ``num_samples`` draws is a draw of the likelihood (under the default
+        ``x_given_y="consistent"`` on the subspace of x whose block means are y), so
+        ``std`` is the whole predictive uncertainty, split into ``std_latent`` (what the
+        latents leave open about the missing detail) and ``std_noise`` (the likelihood's own
+        variance): see :class:`SuperResolution`. ``observation_noise=False`` returns the
+        decoder means as the draws (``std == std_latent``, ``std_noise == 0``): the
+        spread of the mean images only, which understates the predictive's.
         """
         y = self._prepare(y, self.lr_shape, "y")
         if int(num_samples) != num_samples or num_samples < 1:
@@ -564,12 +606,24 @@ class SRVAE(_ImageModel):
         u = dist.Normal(u_loc, u_scale).sample((int(num_samples),))
         z_loc, z_scale = self.prior_z(y, u)
         z = dist.Normal(z_loc, z_scale).sample()
-        if observation_noise:
-            samples = self.x_distribution(y, z, u).sample()
+        likelihood = self.x_distribution(y, z, u)
+        means = self.decode_x(y, z, u)
+        if not observation_noise:
+            samples, noise_variance = means, torch.zeros_like(means)
         else:
-            samples = self.decode_x(y, z, u)
-        std = samples.std(dim=0, correction=0) if num_samples > 1 else torch.zeros_like(samples[0])
-        return SuperResolution(mean=samples.mean(dim=0), std=std, samples=samples)
+            samples = likelihood.sample()
+            try:
+                noise_variance = likelihood.variance.expand_as(means)
+            except NotImplementedError:  # dlogistic-mix: the draws' own squared residuals
+                noise_variance = (samples - means).square()
+        return SuperResolution(
+            mean=means.mean(dim=0),
+            std=_spread(samples),
+            samples=samples,
+            std_latent=_spread(means),
+            std_noise=noise_variance.mean(dim=0).sqrt(),
+            means=means,
+        )
 
     @torch.no_grad()
     def reconstruct(self, x):

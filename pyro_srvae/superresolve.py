@@ -16,31 +16,67 @@ that lie on a regular grid of stride ``tile - overlap``. The image is first padd
 reflection (``overlap // 2`` pixels on each side, so border pixels also get context
 from the padding rather than sitting on a tile edge), then further, evenly on both
 sides, up to the smallest grid that covers it; tiles that reach outside the image see
-the reflection. Each tile's high-resolution output is weighted by a separable
-raised-cosine window ``w(i) = sin^2(pi (i + 1/2) / T)`` over its ``T = factor * tile``
-pixels, positive everywhere and smallest at the tile's edges, where convolutions see
-their zero padding; the weights of each output pixel are normalised to sum to one,
-then the padding is cropped: the result is exactly ``factor * H x factor * W``.
+the reflection. Each tile gets a separable raised-cosine window
+``w(i) = sin^2(pi (i + 1/2) / T)`` over its ``T = tile`` low-resolution pixels, positive
+everywhere and smallest at the tile's edges, where convolutions see their zero padding;
+the windows of each pixel are normalised to sum to one, ``sum_i w_i = 1``, then repeated
+over each ``factor x factor`` block of the high-resolution grid. After the blend (below)
+the padding is cropped: the result is exactly ``factor * H x factor * W``.
 
 * With ``overlap=0`` and an image a multiple of the tile size, no padding is needed,
   every output pixel comes from exactly one tile with weight exactly 1, and the result
-  is bit for bit the model's output on each tile.
-* Where tiles overlap, an output pixel is a convex combination of the tiles covering
-  it with weights that vary smoothly and vanish towards each tile's edge: no seams.
-  For a model whose output is local (each output pixel depends only on nearby input
-  pixels) the blend reproduces the output on the whole image exactly.
+  is the model's output on each tile (to float rounding of the network itself).
+* Where tiles overlap, the blend's weights vary smoothly and vanish towards each tile's
+  edge: no seams. For a model whose output is local (each output pixel depends only on
+  nearby input pixels) the blended mean is the output on the whole image.
 
-Samples and statistics
-----------------------
-Every tile of every draw is a decoder mean x = mu(y, z[, u]) with u ~ q(u|y) and
-z ~ p(z|y,u) drawn for that tile (:meth:`pyro_srvae.SRVAE.super_resolve`), batched
-over tiles and draws. Draw s of the image is the blend of draw s of its tiles; the
-posterior mean and the per-pixel standard deviation are then taken over the blended
-draws (population std, ``correction=0``, as ``super_resolve``). Blending draws first
-and computing statistics after is what makes the std the spread of whole-image
-samples; the std is exactly zero when the decoder ignores the latents. Latents are
-drawn from torch's RNG seeded with ``seed`` inside ``torch.random.fork_rng``: the
-same call gives the same result, each input of :func:`superresolve` is seeded alike,
+Blending draws, not only means
+------------------------------
+Draw s of tile i is a draw of the full predictive
+q(u|y) p(z|y,u) p(x|y,z[,u]) (:meth:`pyro_srvae.SRVAE.super_resolve`), likelihood noise
+included; u and z are drawn for each tile on its own, so the draws of overlapping tiles
+are independent. With ``m_i`` the tile's predictive mean (its ``mean``) and
+``r_{i,s} = X_{i,s} - m_i`` the residual of draw s, draw s of the image is
+
+    out_s = M + sum_i v_i r_{i,s},   M = sum_i w_i m_i,   v_i = w_i / sqrt(sum_j w_j^2).
+
+* The means get the convex weights ``w``: the predictive mean is an expectation, and a
+  convex blend of the tiles' means (each the same quantity seen from another context)
+  keeps its scale: a constant stays that constant.
+* The residuals get ``v``, normalised in squares (``sum_i v_i^2 = 1``): the residuals of
+  different tiles are independent with zero mean, so the variance of ``sum_i v_i r_{i,s}``
+  is ``sum_i v_i^2 var_i``, a convex combination of the tiles' variances, and equals the
+  variance of one tile's draw where the tiles agree. Blending the draws with ``w`` would
+  give ``sum_i w_i^2 var_i``: half the variance where two tiles overlap equally, a
+  quarter at a corner of four, an uncertainty map that draws the tile grid and
+  intervals that cover too little. (The mean of a v-blend of draws would, in turn, be
+  off by the factor ``sum_i v_i >= 1``; hence the split.)
+* The weights are constant over each ``factor x factor`` block, so the blend commutes
+  with the block average A: ``A out_s = sum_i w_i A m_i + sum_i v_i A r_{i,s}``. Under
+  ``x_given_y="consistent"`` every tile's draws and means have block means y, so
+  ``A m_i = y`` and ``A r_{i,s} = 0``, and every blended draw and the blended mean have
+  block means exactly y (to float rounding). Weights varying within a block, as a
+  high-resolution window would, would break that.
+
+The decoder means ``means`` (the latent part) are blended the same way, with the same
+``M``, so the output keeps their spread ``std_latent``. The likelihood's variance adds as
+the residuals do: ``std_noise = sqrt(sum_i v_i^2 std_noise_i^2)``, so that
+``std^2 = std_latent^2 + std_noise^2`` holds for the blend as for one tile, up to
+sampling error. ``mean`` is the average of the blended ``means`` (that is ``M``); ``std``
+and ``std_latent`` are the unbiased spreads (``correction=1``) of the blended ``samples``
+and ``means``, as :meth:`~pyro_srvae.SRVAE.super_resolve` reports them. The blend is
+computed as ``sum_i v_i X_{i,s} + sum_i (w_i - v_i) m_i`` (the same value): a pixel that
+one tile covers is that tile's draw exactly, and a decoder that ignores the latents gives
+equal blended means, ``std_latent`` exactly 0. ``observation_noise=False`` blends decoder
+means only (``std == std_latent``, ``std_noise == 0``).
+
+What the blend keeps is per pixel: the mean, the variance and its two parts, and the
+block means. Where tiles overlap, one blended draw is a weighted sum of independent
+tile draws: right in mean and variance, but its texture (the joint law of neighbouring
+pixels) is a mix of two draws rather than one draw.
+
+Latents are drawn from torch's RNG seeded with ``seed`` inside ``torch.random.fork_rng``:
+the same call gives the same result, each input of :func:`superresolve` is seeded alike,
 and the caller's RNG state is left as it was.
 """
 
@@ -84,6 +120,8 @@ OUTPUT_SUFFIXES = {
     "mean_png": "_sr_mean.png",
     "mean_npy": "_sr_mean.npy",
     "std_npy": "_sr_std.npy",
+    "std_latent_npy": "_sr_std_latent.npy",
+    "std_noise_npy": "_sr_std_noise.npy",
     "uncertainty_png": "_uncertainty.png",
     "samples_npy": "_sr_samples.npy",
     "samples_png": "_sr_samples.png",
@@ -107,8 +145,9 @@ class SuperResolveError(ValueError):
 class SuperResolvedImage:
     """The result for one input file.
 
-    ``mean`` and ``std`` are float32 ``(C, f*H, f*W)``, ``samples`` ``(S, C, f*H, f*W)``
-    (``None`` with ``return_arrays=False``);
+    ``mean``, ``std`` (the total predictive std), ``std_latent`` and ``std_noise`` (its
+    parts, ``std^2 ~= std_latent^2 + std_noise^2``) are float32 ``(C, f*H, f*W)``,
+    ``samples`` ``(S, C, f*H, f*W)`` (all ``None`` with ``return_arrays=False``);
     ``files`` maps the keys of :data:`OUTPUT_SUFFIXES` to the written paths (empty when
     nothing was written); ``note`` says how the image's channels were converted, if they were.
     """
@@ -119,6 +158,8 @@ class SuperResolvedImage:
     samples: Optional[np.ndarray]
     files: Dict[str, Path] = field(default_factory=dict)
     note: Optional[str] = None
+    std_latent: Optional[np.ndarray] = None
+    std_noise: Optional[np.ndarray] = None
 
 
 # --------------------------------------------------------------------------- #
@@ -261,17 +302,29 @@ def tile_window(size: int) -> torch.Tensor:
     return torch.sin(math.pi * (i + 0.5) / size) ** 2
 
 
-def _normalised_weights(plan: AxisPlan, factor: int) -> List[torch.Tensor]:
-    """Per tile, its window divided by the sum of all windows, along one high-resolution axis.
+def _blend_weights(plan: AxisPlan, factor: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """Per tile, ``(w, v)`` along one high-resolution axis, constant over each ``factor`` block.
 
-    A pixel covered by one tile gets weight ``w / w``, exactly 1.
+    ``w`` is the tile's low-resolution window divided by the sum of all windows at that
+    pixel (``sum_i w_i = 1``); ``v = w / sqrt(sum_j w_j^2)`` (``sum_i v_i^2 = 1``). Both are
+    computed on the low-resolution grid and repeated ``factor`` times, so that every
+    ``factor x factor`` block of the output gets one weight per tile. A pixel covered by
+    one tile gets ``w = v = 1`` exactly. The 2-D weights are the outer products of the
+    two axes' (sums and sums of squares over a grid of tiles factorise by axis).
     """
-    size = plan.tile * factor
-    window = tile_window(size)
-    total = torch.zeros(plan.padded * factor, dtype=torch.float64)
+    window = tile_window(plan.tile)
+    total = torch.zeros(plan.padded, dtype=torch.float64)
     for start in plan.starts:
-        total[start * factor : start * factor + size] += window
-    return [(window / total[s * factor : s * factor + size]).float() for s in plan.starts]
+        total[start : start + plan.tile] += window
+    normalised = [window / total[s : s + plan.tile] for s in plan.starts]
+    squares = torch.zeros(plan.padded, dtype=torch.float64)
+    for start, w in zip(plan.starts, normalised):
+        squares[start : start + plan.tile] += w.square()
+    pairs = []
+    for start, w in zip(plan.starts, normalised):
+        v = w / squares[start : start + plan.tile].sqrt()
+        pairs.append((w.repeat_interleave(factor).float(), v.repeat_interleave(factor).float()))
+    return pairs
 
 
 def _reflect_indices(length: int, before: int, after: int) -> torch.Tensor:
@@ -307,10 +360,11 @@ def _as_image_tensor(y, channels):
 
 
 def _sample_statistics(samples: torch.Tensor):
-    """Mean and population std over dim 0, computed around the first draw.
+    """Mean and unbiased std (``correction=1``) over dim 0, computed around the first draw.
 
     Shifting by draw 0 makes both exact when all draws are equal: the mean is the draw
-    and the std is 0, not a rounding residue. One draw at a time bounds the memory.
+    and the std is 0, not a rounding residue. One draw at a time bounds the memory. A
+    single draw has std 0 (as :meth:`pyro_srvae.SRVAE.super_resolve`).
     """
     first = samples[0]
     shift = torch.zeros_like(first)
@@ -318,18 +372,31 @@ def _sample_statistics(samples: torch.Tensor):
         shift += draw - first
     shift /= samples.shape[0]
     var = torch.zeros_like(first)
-    for draw in samples:
-        var += (draw - first - shift) ** 2
-    var /= samples.shape[0]
+    if samples.shape[0] > 1:
+        for draw in samples:
+            var += (draw - first - shift) ** 2
+        var /= samples.shape[0] - 1
     return first + shift, var.sqrt()
 
 
 @torch.no_grad()
-def superresolve_image(model, y, num_samples=DEFAULT_SAMPLES, *, overlap=None, seed=0, tile_batch=None, device=None):
+def superresolve_image(
+    model,
+    y,
+    num_samples=DEFAULT_SAMPLES,
+    *,
+    overlap=None,
+    seed=0,
+    tile_batch=None,
+    device=None,
+    observation_noise=True,
+):
     """Super-resolve one low-resolution image ``y`` of any size with an :class:`~pyro_srvae.SRVAE`.
 
     Args:
-        model: a trained SRVAE (any object with ``super_resolve``, ``lr_shape``, ``factor``).
+        model: a trained SRVAE (any object with ``lr_shape``, ``factor`` and
+            ``super_resolve(y, num_samples, observation_noise=...)`` returning a
+            :class:`~pyro_srvae.SuperResolution`).
         y: float tensor or array ``(C, H, W)`` (or ``(H, W)``) with values in [0, 1],
             ``C`` the model's channels and ``H, W >= model.factor``.
         num_samples: draws of x per tile (all blended per draw).
@@ -340,9 +407,14 @@ def superresolve_image(model, y, num_samples=DEFAULT_SAMPLES, *, overlap=None, s
         tile_batch: tiles per network call (each with ``num_samples`` draws); default
             ``256 // num_samples`` on a CPU, ``8192 // num_samples`` on a GPU (at least 1).
         device: where to compute (default: the model's device); the model is moved there.
+        observation_noise: passed to ``model.super_resolve``: ``True`` (default) draws
+            the full predictive, the likelihood's noise included; ``False`` takes the
+            decoder means as the draws (then ``std == std_latent`` and ``std_noise == 0``).
 
-    Returns a :class:`~pyro_srvae.SuperResolution` of CPU tensors: ``mean`` and ``std``
-    ``(C, f*H, f*W)`` and ``samples`` ``(S, C, f*H, f*W)``.
+    Returns a :class:`~pyro_srvae.SuperResolution` of CPU tensors: ``mean``, ``std``,
+    ``std_latent``, ``std_noise`` ``(C, f*H, f*W)``, ``samples`` and ``means``
+    ``(S, C, f*H, f*W)``; blended as described in the module docstring, so that each
+    draw has at every pixel the variance of one tile's draw.
     """
     model = _check_sr_model(model)
     if isinstance(num_samples, bool) or int(num_samples) != num_samples or num_samples < 1:
@@ -372,10 +444,18 @@ def superresolve_image(model, y, num_samples=DEFAULT_SAMPLES, *, overlap=None, s
     rows = _reflect_indices(height, plan_h.pad_before, plan_h.pad_after).to(device)
     cols = _reflect_indices(width, plan_w.pad_before, plan_w.pad_after).to(device)
     padded = y.to(device)[:, rows][:, :, cols]
-    weights_h = [w.to(device) for w in _normalised_weights(plan_h, factor)]
-    weights_w = [w.to(device) for w in _normalised_weights(plan_w, factor)]
+    weights_h = [(w.to(device), v.to(device)) for w, v in _blend_weights(plan_h, factor)]
+    weights_w = [(w.to(device), v.to(device)) for w, v in _blend_weights(plan_w, factor)]
     hr_h, hr_w = tile_h * factor, tile_w * factor
-    canvas = torch.zeros(num_samples, channels, plan_h.padded * factor, plan_w.padded * factor, device=device)
+    canvas_shape = (channels, plan_h.padded * factor, plan_w.padded * factor)
+    # out_s = sum_i v_i X_{i,s} + sum_i (w_i - v_i) m_i  (= M + sum_i v_i (X_{i,s} - m_i)),
+    # for the draws (X = samples) and for the decoder means (X = means); base holds the
+    # second sum, shared by both. Written this way a pixel covered by one tile
+    # (w = v = 1) is that tile's draw exactly, and equal draws give equal blends.
+    samples_canvas = torch.zeros((num_samples, *canvas_shape), device=device)
+    means_canvas = torch.zeros((num_samples, *canvas_shape), device=device)
+    base = torch.zeros(canvas_shape, device=device)
+    noise_variance = torch.zeros(canvas_shape, device=device)
     tiles = [(a, b) for a in range(len(plan_h.starts)) for b in range(len(plan_w.starts))]  # row-major
 
     cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
@@ -396,19 +476,34 @@ def superresolve_image(model, y, num_samples=DEFAULT_SAMPLES, *, overlap=None, s
                         for a, b in chunk
                     ]
                 )
-                draws = model.super_resolve(batch, num_samples=num_samples).samples  # (S, B, C, hr_h, hr_w)
+                sr = model.super_resolve(batch, num_samples=num_samples, observation_noise=observation_noise)
                 for k, (a, b) in enumerate(chunk):
                     top, left = plan_h.starts[a] * factor, plan_w.starts[b] * factor
-                    weight = weights_h[a][:, None] * weights_w[b][None, :]
-                    canvas[:, :, top : top + hr_h, left : left + hr_w] += draws[:, k] * weight
+                    where = (slice(None), slice(top, top + hr_h), slice(left, left + hr_w))
+                    (w_h, v_h), (w_w, v_w) = weights_h[a], weights_w[b]
+                    w, v = w_h[:, None] * w_w[None, :], v_h[:, None] * v_w[None, :]
+                    samples_canvas[(slice(None), *where)] += sr.samples[:, k] * v
+                    means_canvas[(slice(None), *where)] += sr.means[:, k] * v
+                    base[where] += sr.mean[k] * (w - v)
+                    noise_variance[where] += sr.std_noise[k].square() * v.square()
     finally:
         if was_training is not None and hasattr(model, "train"):
             model.train(was_training)
 
     top, left = plan_h.pad_before * factor, plan_w.pad_before * factor
-    samples = canvas[:, :, top : top + height * factor, left : left + width * factor]
-    mean, std = _sample_statistics(samples)
-    return SuperResolution(mean=mean.cpu(), std=std.cpu(), samples=samples.cpu().contiguous())
+    crop = (slice(None), slice(top, top + height * factor), slice(left, left + width * factor))
+    samples = samples_canvas[(slice(None), *crop)] + base[crop]
+    means = means_canvas[(slice(None), *crop)] + base[crop]
+    mean, std_latent = _sample_statistics(means)
+    _, std = _sample_statistics(samples)
+    return SuperResolution(
+        mean=mean.cpu(),
+        std=std.cpu(),
+        samples=samples.cpu().contiguous(),
+        std_latent=std_latent.cpu(),
+        std_noise=noise_variance[crop].sqrt().cpu(),
+        means=means.cpu().contiguous(),
+    )
 
 
 # --------------------------------------------------------------------------- #
@@ -489,7 +584,7 @@ def _save_npy(array):
 
 
 def _write_outputs(out_dir: Path, files: Dict[str, Path], result: SuperResolution, label: str):
-    """The six files of one input, all renamed into place at the end or none at all."""
+    """The eight files of one input, all renamed into place at the end or none at all."""
     from . import plots
 
     mean, std, samples = result.mean, result.std, result.samples
@@ -499,11 +594,14 @@ def _write_outputs(out_dir: Path, files: Dict[str, Path], result: SuperResolutio
         staged.write(files["mean_png"], lambda h: to_uint8_image(mean.numpy()).save(h, format="PNG"))
         staged.write(files["mean_npy"], _save_npy(mean.numpy()))
         staged.write(files["std_npy"], _save_npy(std.numpy()))
+        staged.write(files["std_latent_npy"], _save_npy(result.std_latent.numpy()))
+        staged.write(files["std_noise_npy"], _save_npy(result.std_noise.numpy()))
         staged.write(files["samples_npy"], _save_npy(samples.numpy()))
         staged.write_via_path(
             files["uncertainty_png"],
-            lambda tmp: plots.plot_uncertainty(
-                mean, std, tmp, title=f"{label}: SR mean and per-pixel std over {samples.shape[0]} samples"
+            lambda tmp: plots.plot_uncertainty_parts(
+                std, result.std_latent, result.std_noise, tmp,
+                title=f"{label}: per-pixel std of the SR predictive, {samples.shape[0]} samples",
             ),
         )
         count = f"{shown} of {samples.shape[0]}" if shown < samples.shape[0] else f"{shown}"
@@ -532,6 +630,7 @@ def superresolve(
     progress=False,
     log=None,
     return_arrays=True,
+    observation_noise=True,
 ) -> List[SuperResolvedImage]:
     """Super-resolve image files with a trained srVAE and, with ``out_dir``, write the results.
 
@@ -543,14 +642,17 @@ def superresolve(
             model's channels where that is unambiguous (:func:`pyro_srvae.images.match_channels`).
         num_samples: SR draws per image.
         out_dir: where to write, for an input ``name.ext``: ``name_sr_mean.png`` and
-            ``.npy`` (the posterior mean), ``name_sr_std.npy`` and ``name_uncertainty.png``
-            (per-pixel std, with a colour bar), ``name_sr_samples.npy`` and ``.png``
-            (the draws). ``None``: write nothing, only return the arrays.
-        overlap, seed, tile_batch, device: as in :func:`superresolve_image`.
+            ``.npy`` (the predictive mean), ``name_sr_std.npy`` (the total per-pixel
+            predictive std), ``name_sr_std_latent.npy`` and ``name_sr_std_noise.npy`` (its
+            parts: the spread of the decoder means over the latents, the likelihood's
+            noise), ``name_uncertainty.png`` (the three maps side by side, one shared colour
+            bar), ``name_sr_samples.npy`` and ``.png`` (the draws). ``None``: write nothing,
+            only return the arrays.
+        overlap, seed, tile_batch, device, observation_noise: as in :func:`superresolve_image`.
         progress: a progress bar over the inputs.
         log: called with one-line notes (channel conversions, files written).
-        return_arrays: ``False`` returns results without ``mean``, ``std`` and
-            ``samples`` (``None``), so that memory does not grow with the number of inputs.
+        return_arrays: ``False`` returns results without the arrays (``None``), so that
+            memory does not grow with the number of inputs.
 
     Every input is read and checked, and the output names are checked against the
     inputs, before anything is computed or written: a bad input raises
@@ -632,7 +734,14 @@ def superresolve(
             except ImageError as error:  # changed since it was checked
                 raise SuperResolveError(str(error)) from None
             sr = superresolve_image(
-                model, torch.from_numpy(pixels), num_samples, overlap=overlap, seed=seed, tile_batch=tile_batch, device=device
+                model,
+                torch.from_numpy(pixels),
+                num_samples,
+                overlap=overlap,
+                seed=seed,
+                tile_batch=tile_batch,
+                device=device,
+                observation_noise=observation_noise,
             )
             if files:
                 try:
@@ -643,10 +752,16 @@ def superresolve(
                     ) from None
                 (bar.write if progress else log)(
                     f"{path}: {pixels.shape[1]}x{pixels.shape[2]} -> {sr.mean.shape[1]}x{sr.mean.shape[2]}, "
-                    f"{num_samples} samples, mean std {sr.std.mean().item():.4g} -> {out_dir / name}_*"
+                    f"{num_samples} samples, mean std {sr.std.mean().item():.4g} "
+                    f"(latent {sr.std_latent.mean().item():.4g}, noise {sr.std_noise.mean().item():.4g}) "
+                    f"-> {out_dir / name}_*"
                 )
-            arrays = (sr.mean.numpy(), sr.std.numpy(), sr.samples.numpy()) if return_arrays else (None, None, None)
-            results.append(SuperResolvedImage(path, *arrays, files=files, note=note))
+            if return_arrays:
+                arrays = (sr.mean.numpy(), sr.std.numpy(), sr.samples.numpy())
+                parts = dict(std_latent=sr.std_latent.numpy(), std_noise=sr.std_noise.numpy())
+            else:
+                arrays, parts = (None, None, None), {}
+            results.append(SuperResolvedImage(path, *arrays, files=files, note=note, **parts))
             bar.update(1)
     finally:
         bar.close()
@@ -699,7 +814,7 @@ def evaluate_checkpoint(
     Raises ``CheckpointError`` and ``DatasetNotFoundError`` with one-line messages.
     """
     from .data import load_dataset
-    from .evaluation import evaluate_model
+    from .evaluation import evaluate_model, fit_baseline_scale
 
     model, config, payload = _load(checkpoint, device, require_super_resolution=False, x_given_y=x_given_y)
     eval_samples = config.eval_samples if eval_samples is None else int(eval_samples)
@@ -712,6 +827,10 @@ def evaluate_checkpoint(
     test_set = load_dataset(config.dataset, "test", data_dir if data_dir is not None else config.data_dir)
     images = test_set.images[:limit] if limit is not None else test_set.images
     model_device = _model_device(model)
+    baseline_scale = None
+    if config.model == "srvae":  # the SR baseline's scale, fitted on the run's training images
+        train_images = load_dataset(config.dataset, "train", data_dir if data_dir is not None else config.data_dir).images
+        baseline_scale = fit_baseline_scale(train_images[: config.train_limit], config.factor, config.seed)
     with pyro.get_param_store().scope():
         test = evaluate_model(
             model,
@@ -723,6 +842,7 @@ def evaluate_checkpoint(
             device=model_device,
             seed=seed,
             progress=progress,
+            baseline_scale=baseline_scale,
         )
     report = {
         "checkpoint": str(checkpoint),

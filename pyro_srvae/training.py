@@ -49,7 +49,7 @@ from .checkpoint import (
 )
 from .data import DATASETS, DeviceImages, dequantize, iterate_batches, load_dataset, num_batches
 from .elbo import ELBO_NAMES, make_elbo
-from .evaluation import bicubic_upsample, bits_per_dim, evaluate_model, particle_budget
+from .evaluation import bicubic_upsample, bits_per_dim, evaluate_model, fit_baseline_scale, particle_budget
 from .likelihoods import LIKELIHOODS
 from .models import DOWNSCALE_FACTORS, DOWNSCALE_MODES, GUIDES, SRVAE, VAE, X_GIVEN_Y
 from .networks import ARCHS
@@ -65,7 +65,10 @@ PRECISIONS = ("fp32", "bf16")
 SYNC_EVERY = 10
 # What a run writes into its output directory: the checkpoint, the metrics, _draw_figures's PNGs.
 OUTPUT_FILES = ("checkpoint.pt", "metrics.json", "metrics.csv")
-FIGURE_FILES = ("loss_curves.png", "reconstructions.png", "samples.png", "super_resolution.png", "mog_components.png")
+FIGURE_FILES = (
+    "loss_curves.png", "reconstructions.png", "samples.png", "super_resolution.png", "calibration.png",
+    "mog_components.png",
+)  # fmt: skip
 
 
 class ConfigError(ValueError):
@@ -106,7 +109,7 @@ class TrainConfig:
     device: str = "auto"
     seed: int = 0
     eval_samples: int = 32
-    sr_samples: int = 16
+    sr_samples: int = 32
     eval_limit: Optional[int] = None
     train_limit: Optional[int] = None
     out: Optional[str] = None
@@ -684,6 +687,7 @@ def _train(config, payload, resume, context, started, progress, log):
         bar.close()
 
     log(f"training done: {step} steps; evaluating on {len(test_set)} test images")
+    baseline_scale = fit_baseline_scale(train_set.images, config.factor, config.seed) if isinstance(model, SRVAE) else None
     test = evaluate_model(
         model,
         test_set.images,
@@ -696,6 +700,7 @@ def _train(config, payload, resume, context, started, progress, log):
         progress=progress,
         rank=context.rank,
         world_size=context.world_size,
+        baseline_scale=baseline_scale,
     )
     # Gathered while every rank is here; rank 0 alone goes on to write files.
     gathered = context.all_gather_object(
@@ -709,7 +714,7 @@ def _train(config, payload, resume, context, started, progress, log):
     if not context.is_main:
         return TrainResult(model=model, metrics=metrics, out_dir=out_dir, checkpoint=checkpoint_path)
     _write_metrics(out_dir, metrics)
-    figures = _draw_figures(model, test_set.images, history, out_dir, config) if config.figures else []
+    figures = _draw_figures(model, test_set.images, history, out_dir, config, metrics["test"]) if config.figures else []
     metrics["wall_seconds"] = prior_wall + time.time() - started
     _write_metrics(out_dir, metrics)
     checkpoint(epoch, batch_start, **partial_epoch, rng_states=rng_states)  # the final wall time and history, same weights
@@ -753,8 +758,12 @@ def _test_elbo_bpd(model, images, config, context):
 
 
 TEST_KEYS = [
-    "elbo_bpd", "iw_bpd", "iw_samples", "x_density", "sr_psnr", "bicubic_psnr", "sr_ssim", "bicubic_ssim",
-    "sr_coverage90", "sr_coverage90_expected", "num_images",
+    "elbo_bpd", "iw_bpd", "iw_samples", "x_density",
+    "sr_psnr", "bicubic_psnr", "bilinear_psnr", "consistent_bicubic_psnr", "consistent_bilinear_psnr",
+    "sr_ssim", "bicubic_ssim", "bilinear_ssim", "consistent_bicubic_ssim", "consistent_bilinear_ssim",
+    "sr_coverage", "sr_coverage90", "sr_coverage90_expected", "sr_crps", "bicubic_mae",
+    "sr_std_rms", "sr_std_latent_rms", "sr_std_noise_rms",
+    "sr_bpd", "sr_bpd_dims", "sr_bpd_baseline", "sr_baseline_scale", "num_images",
 ]  # fmt: skip
 
 #: What each ``x_density`` means, printed next to every bits/dim.
@@ -826,7 +835,7 @@ def _write_metrics(out_dir, metrics):
     atomic_write_text(out_dir / "metrics.csv", buffer.getvalue())
 
 
-def _draw_figures(model, test_images, history, out_dir, config, num_images=8):
+def _draw_figures(model, test_images, history, out_dir, config, test_metrics, num_images=8):
     """The run's PNGs, drawn under a private RNG so they are reproducible."""
     device = model.device
     paths = []
@@ -846,6 +855,9 @@ def _draw_figures(model, test_images, history, out_dir, config, num_images=8):
                     y, bicubic_upsample(y, model.factor), sr.mean, sr.samples, sr.std, x, out_dir / "super_resolution.png"
                 )
             )
+            coverage = test_metrics.get("sr_coverage")
+            if coverage:
+                paths.append(plots.plot_calibration(coverage, coverage["num_samples"], out_dir / "calibration.png"))
             decode, prior = model.decode_y, model.prior_u
         else:
             paths.append(plots.plot_samples(model.sample(16), out_dir / "samples.png"))
@@ -866,7 +878,7 @@ def bits_note(test):
     return f" ({X_DENSITY_NOTES[density]})" if density in X_DENSITY_NOTES else ""
 
 
-def test_metric_rows(test, coverage_note=""):
+def test_metric_rows(test):
     """(label, value) rows of the test metrics, shared by the training and evaluation summaries."""
     note = bits_note(test)
     rows = [
@@ -875,10 +887,23 @@ def test_metric_rows(test, coverage_note=""):
     ]
     if test.get("sr_psnr") is not None:
         rows += [
-            ("SR PSNR", f"{test['sr_psnr']:.2f} dB (bicubic {test['bicubic_psnr']:.2f} dB)"),
-            ("SR SSIM", f"{test['sr_ssim']:.4f} (bicubic {test['bicubic_ssim']:.4f})"),
-            ("SR 90% coverage", f"{test['sr_coverage90']:.3f}{coverage_note}"),
-        ]
+            ("SR PSNR", f"{test['sr_psnr']:.2f} dB (bicubic {test['bicubic_psnr']:.2f}, consistent bicubic "
+                        f"{test['consistent_bicubic_psnr']:.2f}, bilinear {test['bilinear_psnr']:.2f} dB)"),
+            ("SR SSIM", f"{test['sr_ssim']:.4f} (bicubic {test['bicubic_ssim']:.4f}, consistent bicubic "
+                        f"{test['consistent_bicubic_ssim']:.4f})"),
+            ("SR CRPS", f"{test['sr_crps']:.5f} (bicubic's absolute error {test['bicubic_mae']:.5f})"),
+        ]  # fmt: skip
+        coverage = test.get("sr_coverage")
+        if coverage:
+            for subset in ("all", "detail"):
+                observed = ", ".join(f"{float(level):.0%} {coverage[subset][level]:.3f}" for level in coverage[subset])
+                rows.append((f"SR coverage ({subset} pixels)", observed))
+            expected = ", ".join(f"{float(level):.0%} {value:.3f}" for level, value in coverage["expected"].items())
+            rows.append(("  expected", f"{expected} (from {coverage['num_samples']} draws)"))
+        if test.get("sr_bpd") is not None:
+            baseline = test.get("sr_bpd_baseline")
+            rows.append(("SR -log p(x|y)", f"{test['sr_bpd']:.4f} bits/dim of the {test['sr_bpd_dims']} dims not fixed by y"
+                         + (f" (consistent-bicubic Gaussian {baseline:.4f})" if baseline is not None else "")))  # fmt: skip
     return rows
 
 

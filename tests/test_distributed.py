@@ -286,11 +286,19 @@ def test_sharded_evaluation_equals_the_single_process_evaluation(two_rank_result
     for results in two_rank_results:
         sharded = results["evaluation"]
         assert set(sharded) == set(single)
-        for key, value in single.items():
-            if isinstance(value, str):  # x_density
-                assert sharded[key] == value, key
-            else:
-                assert sharded[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+        _assert_same_numbers(sharded, single)
+
+
+def _assert_same_numbers(got, expected, path="test"):
+    """Floats to rounding, nested dicts (sr_coverage) key by key, strings and None exactly."""
+    if isinstance(expected, dict):
+        assert set(got) == set(expected), path
+        for key in expected:
+            _assert_same_numbers(got[key], expected[key], f"{path}.{key}")
+    elif isinstance(expected, (str, type(None))):
+        assert got == expected, path
+    else:
+        assert got == pytest.approx(expected, rel=1e-9, abs=1e-12), path
 
 
 def test_closing_the_context_stops_the_gloo_threads(two_rank_results):

@@ -380,33 +380,26 @@ def test_interval_coverage_calibrated_and_far():
 
 
 class StubSR:
-    """An 'SRVAE' whose super-resolution is bicubic plus pixel noise."""
+    """An 'SRVAE' whose predictive is bicubic plus Gaussian pixel noise of std ``noise``."""
 
     factor = 2
 
-    def __init__(self, noise_kwarg=True):
+    def __init__(self, noise=0.3):
+        self.noise = noise
         self.calls = []
-        if not noise_kwarg:
-            self.super_resolve = self._super_resolve_plain
 
     def downscale(self, x):
         return torch.nn.functional.avg_pool2d(x, 2)
 
-    def _draw(self, y, num_samples, noise):
-        from collections import namedtuple
+    def super_resolve(self, y, num_samples=16, observation_noise=True):
+        from pyro_srvae import SuperResolution
 
-        SR = namedtuple("SR", "mean std samples")
-        base = bicubic_upsample(y, 2)
-        samples = base.expand(num_samples, *base.shape) + noise * torch.randn(num_samples, *base.shape)
-        return SR(mean=base, std=samples.std(0), samples=samples)
-
-    def super_resolve(self, y, num_samples=16, observation_noise=False):
         self.calls.append(observation_noise)
-        return self._draw(y, num_samples, 0.3 if observation_noise else 0.0)
-
-    def _super_resolve_plain(self, y, num_samples=16):
-        self.calls.append("plain")
-        return self._draw(y, num_samples, 0.0)
+        base = bicubic_upsample(y, 2)
+        means = base.expand(num_samples, *base.shape)
+        samples = means + self.noise * torch.randn(num_samples, *base.shape)
+        return SuperResolution(mean=base, std=samples.std(0), samples=samples, std_latent=torch.zeros_like(base),
+                               std_noise=torch.full_like(base, self.noise), means=means)  # fmt: skip
 
 
 def test_super_resolution_metrics_with_stub():
@@ -414,7 +407,7 @@ def test_super_resolution_metrics_with_stub():
     x = torch.rand(3, 1, 8, 8)
     stub = StubSR()
     m = super_resolution_metrics(stub, x, num_samples=8)
-    assert stub.calls == [False, True]  # point estimate without, coverage with pixel noise
+    assert stub.calls == [True]  # one call: the mean and the coverage come from the draws a user gets
     assert m["num_images"] == 3
     assert m["sr_psnr"] == pytest.approx(m["bicubic_psnr"])
     assert m["sr_ssim"] == pytest.approx(m["bicubic_ssim"])
@@ -422,10 +415,11 @@ def test_super_resolution_metrics_with_stub():
     assert m["bicubic_psnr"] == pytest.approx(expected_psnr)
     assert 0.3 < m["sr_coverage90"] <= 1.0
     assert m["sr_coverage90_expected"] == pytest.approx(expected_interval_coverage(8))
-    # without observation noise the samples coincide: (almost) nothing is covered
-    plain = StubSR(noise_kwarg=False)
-    m2 = super_resolution_metrics(plain, x, num_samples=8)
-    assert plain.calls == ["plain"]
+    assert m["sr_coverage"]["expected"]["0.9"] == m["sr_coverage90_expected"]
+    assert m["sr_std_noise_rms"] == pytest.approx(0.3) and m["sr_std_latent_rms"] == 0
+    assert m["bicubic_mae"] == pytest.approx((bicubic_upsample(stub.downscale(x), 2) - x).abs().mean().item())
+    # draws that coincide cover (almost) nothing
+    m2 = super_resolution_metrics(StubSR(noise=0.0), x, num_samples=8)
     assert m2["sr_coverage90"] < 0.05
 
 

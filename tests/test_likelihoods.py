@@ -238,8 +238,8 @@ def test_srvae_sites_generation_and_super_resolution(likelihood):
     sample = model.sample(5)
     assert sample.x.shape == (5, 1, 8, 8) and sample.y.shape == (5, 1, 4, 4)
     y = model.downscale(x)
-    means = model.super_resolve(y, num_samples=6)
-    noisy = model.super_resolve(y, num_samples=6, observation_noise=True)
+    means = model.super_resolve(y, num_samples=6, observation_noise=False)
+    noisy = model.super_resolve(y, num_samples=6)
     assert means.samples.shape == noisy.samples.shape == (6, 4, 1, 8, 8)
     assert noisy.std.mean() > means.std.mean()  # observation noise adds spread
     assert model.reconstruct(x).shape == x.shape

@@ -104,18 +104,32 @@ def _call(name, c, path):
         return plots.plot_uncertainty(mean[0], std[0], path)
     if name == "strip":
         return plots.plot_sample_strip(x, path)
+    if name == "uncertainty_parts":
+        std = _sr_inputs(c, *shape[1:], n=1)[4][0]
+        return plots.plot_uncertainty_parts(std, 0.6 * std, 0.8 * std, path)
+    if name == "calibration":
+        return plots.plot_calibration(_coverage(), 16, path)
     raise AssertionError(name)
 
 
+def _coverage():
+    return {
+        "all": {"0.5": 0.46, "0.8": 0.74, "0.9": 0.85, "0.95": 0.91},
+        "detail": {"0.5": 0.31, "0.8": 0.58, "0.9": 0.7, "0.95": 0.79},
+        "expected": {"0.5": 0.471, "0.8": 0.765, "0.9": 0.882, "0.95": 0.882},
+    }
+
+
 ALL = ["loss", "reconstructions", "samples", "super_resolution", "mog",
-       "uncertainty", "strip"]
+       "uncertainty", "strip", "uncertainty_parts", "calibration"]
+NO_IMAGES = ("loss", "calibration")  # no channel count to vary
 
 
 # --------------------------------------------------------------------------- #
 # generic: every function writes a valid PNG for C in {1, 3, 4}
 # --------------------------------------------------------------------------- #
 @pytest.mark.parametrize("c", [1, 3, 4])
-@pytest.mark.parametrize("name", [n for n in ALL if n != "loss"])
+@pytest.mark.parametrize("name", [n for n in ALL if n not in NO_IMAGES])
 def test_writes_valid_png_for_each_channel_count(tmp_path, name, c):
     path = str(tmp_path / f"{name}.png")
     with warnings.catch_warnings():
@@ -477,6 +491,76 @@ def test_uncertainty_errors(tmp_path):
         plots.plot_uncertainty(mean, mean[0], tmp_path / "u.png")
     with pytest.raises(ValueError, match=r"`sr_std`.*spatial size.*expected \(32, 32\), got \(16, 16\)"):
         plots.plot_uncertainty(mean[0], torch.rand(3, 16, 16), tmp_path / "u.png")
+    assert os.listdir(tmp_path) == []
+
+
+def test_uncertainty_parts(tmp_path, figs):
+    std = torch.rand(3, 20, 36) * 0.2
+    latent, noise = 0.5 * std, torch.full((20, 36), 0.05)  # a 2-D map is fine too
+    out = plots.plot_uncertainty_parts(std, latent, noise, tmp_path / "u.png", title="scene")
+    assert out == tmp_path / "u.png"
+    fig = figs[0]
+    panels = [ax for ax in fig.axes if ax.get_images()]
+    assert [ax.get_title() for ax in panels] == ["total std", "latent part", "noise part"]
+    assert len(fig.axes) == 4  # three maps and ONE colour bar
+    ims = [ax.get_images()[0] for ax in panels]
+    assert {im.get_cmap().name for im in ims} == {"magma"}
+    shared = std.mean(0).max().item()  # the largest of the three maps sets every panel's scale
+    assert all(im.get_clim() == (0.0, pytest.approx(shared)) for im in ims)
+    for im, expected in zip(ims, (std.mean(0), latent.mean(0), noise)):
+        assert np.allclose(np.asarray(im.get_array()), expected.numpy())
+    assert fig._suptitle.get_text() == "scene"
+    _read_png(tmp_path / "u.png", min_w=400)
+    plots.plot_uncertainty_parts(torch.zeros(1, 8, 8), torch.zeros(8, 8), torch.zeros(8, 8), tmp_path / "z.png")
+    _read_png(tmp_path / "z.png")
+
+
+def test_uncertainty_parts_errors(tmp_path):
+    std = torch.rand(1, 16, 16)
+    with pytest.raises(ValueError, match=r"`std_noise`.*spatial size.*expected \(16, 16\), got \(8, 8\)"):
+        plots.plot_uncertainty_parts(std, std, torch.rand(1, 8, 8), tmp_path / "u.png")
+    with pytest.raises(ValueError, match=r"`std_latent` must be a 3-D.*got 4-D"):
+        plots.plot_uncertainty_parts(std, std[None], std, tmp_path / "u.png")
+    assert os.listdir(tmp_path) == []
+
+
+def test_calibration(tmp_path, figs):
+    coverage = _coverage()
+    coverage["detail"]["0.95"] = float("nan")  # e.g. too few detail pixels: that point is left out
+    out = plots.plot_calibration(coverage, 16, tmp_path / "c.png")
+    assert out == tmp_path / "c.png"
+    (ax,) = figs[0].axes
+    assert "16 draws" in ax.get_title()
+    assert "expected coverage" in ax.get_xlabel() and "observed coverage" in ax.get_ylabel()
+    diagonal, everything, detail = ax.get_lines()
+    assert np.allclose(diagonal.get_xdata(), [0, 1]) and np.allclose(diagonal.get_ydata(), [0, 1])
+    assert np.allclose(everything.get_xdata(), [0.471, 0.765, 0.882, 0.882])
+    assert np.allclose(everything.get_ydata(), [0.46, 0.74, 0.85, 0.91])
+    assert np.allclose(detail.get_ydata(), [0.31, 0.58, 0.7])
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels[1:] == ["all HR pixels", "detail pixels"] and "calibrated" in labels[0]
+    assert ax.get_xlim() == (0.0, 1.0) and ax.get_ylim() == (0.0, 1.0)
+    _read_png(tmp_path / "c.png", min_w=300, min_h=300)
+    _only_file(tmp_path, "c.png")
+
+
+@pytest.mark.parametrize("coverage, message", [
+    ({"all": {"0.9": 0.8}, "expected": {"0.9": 0.85}}, r"missing key\(s\) \['detail'\]"),
+    ({"detail": {}}, r"missing key\(s\) \['all', 'expected'\]"),
+    ([0.9, 0.8], r"`coverage` must be a dict with keys 'all', 'detail' and 'expected'"),
+    ({"all": {"0.9": 0.8}, "detail": {}, "expected": {"0.9": 0.85}},
+     r"`coverage\['detail'\]` is missing level\(s\) \['0.9'\]"),
+    ({"all": {"0.9": 1.3}, "detail": {"0.9": 0.5}, "expected": {"0.9": 0.85}},
+     r"\['all'\]\['0.9'\].*fraction in \[0, 1\]"),
+    ({"all": {"ninety": 0.8}, "detail": {}, "expected": {"0.9": 0.85}}, r"key 'ninety' that is not a level"),
+    ({"all": 0.8, "detail": {}, "expected": {"0.9": 0.85}}, r"`coverage\['all'\]` must be a dict"),
+    ({"all": {}, "detail": {}, "expected": {}}, r"`coverage\['expected'\]` is empty"),
+])
+def test_calibration_errors(tmp_path, coverage, message):
+    with pytest.raises(ValueError, match=message):
+        plots.plot_calibration(coverage, 16, tmp_path / "c.png")
+    with pytest.raises(ValueError, match="num_samples"):
+        plots.plot_calibration(_coverage(), 0, tmp_path / "c.png")
     assert os.listdir(tmp_path) == []
 
 

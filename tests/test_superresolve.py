@@ -16,7 +16,7 @@ from pyro_srvae import SRVAE, SuperResolution, TrainConfig, load_model, superres
 from pyro_srvae.checkpoint import load_checkpoint, save_checkpoint
 from pyro_srvae.cli import console_main
 from pyro_srvae.images import load_image, read_image, to_uint8_image
-from pyro_srvae.superresolve import OUTPUT_SUFFIXES, SuperResolveError, plan_axis
+from pyro_srvae.superresolve import OUTPUT_SUFFIXES, SuperResolveError, plan_axis, tile_window
 
 TRAIN_FLAGS = [
     "--max-steps", "2", "--train-limit", "64", "--eval-limit", "8", "--batch-size", "32", "--hidden", "4",
@@ -65,11 +65,65 @@ def deterministic(model):
     return model
 
 
+def stationary_model(scale=0.1):
+    """A tiny untrained SRVAE whose predictive has the same per-pixel statistics at every pixel.
+
+    The decoder's residual is ``scale * z_0`` times a checkerboard of +-1 (block means 0,
+    so the consistent likelihood keeps it): on a constant image every tile sees the same
+    input, and within a tile the latent part's variance (``scale^2 var z_0``) and the
+    noise's (``gamma^2 (1 - 1/f^2)``) are the same at every pixel. Latent and noise parts
+    are of the same size, so a mistake in either shows.
+    """
+    torch.manual_seed(0)
+    model = SRVAE(hidden=4).eval()
+    channels, height, width = model.image_shape
+    pattern = torch.tensor([[1.0, -1.0], [-1.0, 1.0]]).repeat(height // 2, width // 2).expand(channels, height, width)
+
+    def residual(y, z, u=None):
+        return scale * z[..., 0].reshape(z.shape[:-1] + (1, 1, 1)) * pattern
+
+    model.decoder_x.residual = residual
+    assert model.exact_consistent
+    return model
+
+
+class RecordingSR:
+    """Wraps an SR model and keeps every ``super_resolve`` result (the tiles' own draws)."""
+
+    def __init__(self, model):
+        self.model, self.lr_shape, self.factor, self.results = model, model.lr_shape, model.factor, []
+
+    def super_resolve(self, y, num_samples=1, observation_noise=True):
+        result = self.model.super_resolve(y, num_samples, observation_noise=observation_noise)
+        self.results.append(result)
+        return result
+
+
+def lr_variance(std, rows, cols, factor=2):
+    """The mean variance over the factor x factor blocks at low-resolution ``rows`` x ``cols``."""
+    _, height, width = std.shape
+    blocks = std.square().mean(0).view(height // factor, factor, width // factor, factor).mean((1, 3))
+    return blocks[rows][:, cols].mean().item()
+
+
+def seam_and_centre_rows(plan):
+    """Low-resolution image positions mid-way between two tile centres (seams) and at tile centres.
+
+    With the default overlap of half a tile, offset 3 of tile k is offset 10 of tile k-1:
+    both windows are 1/2 there. Offsets 6 and 7 are a tile's centre (window 0.99).
+    """
+    seams = [plan.starts[k] + 3 - plan.pad_before for k in range(1, len(plan.starts))]
+    centres = [s + o - plan.pad_before for s in plan.starts for o in (6, 7)]
+    return [p for p in seams if 0 <= p < plan.length], [p for p in centres if 0 <= p < plan.length]
+
+
 class LocalSR(torch.nn.Module):
     """A stand-in SR model whose output is local: nearest-neighbour upsampling, plus 0.1 s for draw s.
 
-    Running it on tiles and blending must give exactly its output on the whole image,
+    Running it on tiles and blending must give exactly its mean on the whole image,
     wherever the tiles fall: any misplaced tile, wrong crop or unnormalised weight shows.
+    Its draws are the same in every tile (not independent), which the blend amplifies by
+    ``sum_i v_i``: a known factor between 1 and 2 per pixel, the same for every draw.
     """
 
     def __init__(self, channels=1, tile=(14, 14), factor=2):
@@ -84,11 +138,12 @@ class LocalSR(torch.nn.Module):
         offsets = 0.1 * torch.arange(num_samples, dtype=y.dtype).view(-1, *([1] * up.dim()))
         return up.unsqueeze(0) + offsets
 
-    def super_resolve(self, y, num_samples=1):
+    def super_resolve(self, y, num_samples=1, observation_noise=True):
         assert tuple(y.shape[1:]) == self.lr_shape, y.shape
         self.calls.append(y.shape[0])
         samples = self.whole(y, num_samples)
-        return SuperResolution(samples.mean(0), samples.std(0), samples)
+        zero = torch.zeros_like(samples[0])
+        return SuperResolution(samples.mean(0), samples.std(0), samples, samples.std(0), zero, samples)
 
 
 def write_png(path, array):
@@ -133,10 +188,16 @@ def test_tiling_is_exact_on_a_multiple_of_the_tile_size(checkpoint):
 
     tiles = torch.stack([y[:, 14 * a : 14 * a + 14, 14 * b : 14 * b + 14] for a in range(2) for b in range(3)])
     torch.manual_seed(3)
-    reference = model.super_resolve(tiles, num_samples=5).samples  # (S, 6, 1, 28, 28), tiles row-major
-    expected = reference.view(5, 2, 3, 1, 28, 28).permute(0, 3, 1, 4, 2, 5).reshape(5, 1, 56, 84)
-    torch.testing.assert_close(sr.samples, expected, rtol=1e-5, atol=1e-6)
-    assert sr.std.max() > 0  # the latents matter: the comparison above is not trivial
+    reference = model.super_resolve(tiles, num_samples=5)  # (S, 6, 1, 28, 28), tiles row-major
+
+    def untile(t):
+        return t.reshape(-1, 2, 3, 1, 28, 28).permute(0, 3, 1, 4, 2, 5).reshape(-1, 1, 56, 84).squeeze(0)
+
+    torch.testing.assert_close(sr.samples, untile(reference.samples), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sr.means, untile(reference.means), rtol=1e-5, atol=1e-6)
+    for field in ("mean", "std", "std_latent", "std_noise"):
+        torch.testing.assert_close(getattr(sr, field), untile(getattr(reference, field)), rtol=1e-4, atol=1e-6)
+    assert sr.std_latent.max() > 0  # the latents matter: the comparison above is not trivial
 
     # One tile exactly: the model's output on the image itself.
     torch.manual_seed(3)
@@ -147,15 +208,26 @@ def test_tiling_is_exact_on_a_multiple_of_the_tile_size(checkpoint):
 
 @pytest.mark.parametrize("size", [(28, 28), (23, 37), (5, 3), (14, 15)])
 def test_blending_reproduces_a_local_model_exactly(size):
-    """Overlapping tiles, padding and crop: for a local model the blend is its whole-image output."""
+    """Overlapping tiles, padding and crop: for a local model the blended mean is its whole-image mean.
+
+    The residuals r_s of this model are the same in every tile, so the blend gives
+    ``K r_s`` with ``K = sum_i v_i`` (1 where one tile covers a pixel, at most 2 with
+    half-tile overlaps), per factor x factor block and the same for every draw.
+    """
     model = LocalSR()
     y = torch.rand(1, *size, generator=torch.Generator().manual_seed(2))
     sr = superresolve_image(model, y, 3, seed=None, tile_batch=4)
     whole = model.whole(y, 3)[:, 0]
-    assert sr.samples.shape == (3, 1, 2 * size[0], 2 * size[1])
-    torch.testing.assert_close(sr.samples, whole, rtol=0, atol=1e-6)
+    assert sr.samples.shape == sr.means.shape == (3, 1, 2 * size[0], 2 * size[1])
     torch.testing.assert_close(sr.mean, whole.mean(0), rtol=0, atol=1e-6)
-    torch.testing.assert_close(sr.std, whole.std(0, correction=0), rtol=0, atol=1e-6)
+    residual, expected = sr.samples - sr.mean, whole - whole.mean(0)  # draw 1 is the mean: residual 0
+    gain = residual[0] / expected[0]
+    torch.testing.assert_close(residual, gain * expected, rtol=0, atol=1e-5)
+    assert gain.min() >= 1 - 1e-5 and gain.max() <= 2 + 1e-5
+    torch.testing.assert_close(gain, F.interpolate(F.avg_pool2d(gain[None], 2), scale_factor=2)[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(sr.std, gain * whole.std(0), rtol=0, atol=1e-5)
+    torch.testing.assert_close(sr.means, sr.samples, rtol=0, atol=0)
+    assert torch.all(sr.std_noise == 0)
     assert max(model.calls) <= 4  # batched over tiles, at most tile_batch per call
     if size == (23, 37):
         assert sum(model.calls) > 6  # overlapping tiles: more than a plain grid would need
@@ -176,11 +248,135 @@ def test_blending_is_seamless_on_a_size_that_is_not_a_multiple(checkpoint):
     assert jumps(blended) < 0.25 * jumps(plain)
 
 
-def test_uncertainty_is_zero_when_the_decoder_is_deterministic(checkpoint):
+def test_latent_uncertainty_is_zero_when_the_decoder_is_deterministic(checkpoint):
+    """Decoder means that ignore z and u: std_latent exactly 0, std is the likelihood's noise alone."""
     model = deterministic(load_model(checkpoint))
-    sr = superresolve_image(model, torch.rand(1, 23, 37), 6)
-    assert torch.all(sr.std == 0)
-    assert torch.equal(sr.mean, sr.samples[0]) and torch.equal(sr.samples[0], sr.samples[5])
+    y = torch.rand(1, 23, 37)
+    sr = superresolve_image(model, y, 6)
+    assert torch.all(sr.std_latent == 0)
+    assert torch.equal(sr.mean, sr.means[0]) and torch.equal(sr.means[0], sr.means[5])
+    # The consistent Gaussian's noise with a scalar gamma: gamma^2 (1 - 1/f^2) at every pixel.
+    torch.testing.assert_close(sr.std_noise, torch.full_like(sr.mean, model.gamma_x.item() * 0.75**0.5))
+    assert sr.std.min() > 0 and not torch.equal(sr.samples[0], sr.samples[5])
+
+    means_only = superresolve_image(model, y, 6, observation_noise=False)
+    assert torch.all(means_only.std == 0) and torch.all(means_only.std_noise == 0)
+    assert torch.equal(means_only.mean, means_only.samples[0]) and torch.equal(means_only.samples, means_only.means)
+    torch.testing.assert_close(means_only.mean, sr.mean)
+
+
+def test_observation_noise_false_blends_decoder_means(checkpoint):
+    model = load_model(checkpoint)
+    y = torch.rand(1, 20, 26, generator=torch.Generator().manual_seed(5))
+    full = superresolve_image(model, y, 4, seed=2)
+    means_only = superresolve_image(model, y, 4, seed=2, observation_noise=False)
+    assert torch.equal(means_only.samples, means_only.means) and torch.all(means_only.std_noise == 0)
+    torch.testing.assert_close(means_only.std, means_only.std_latent)
+    # The same latent draws (the noise is drawn after them): the same decoder means.
+    torch.testing.assert_close(means_only.means, full.means, rtol=1e-5, atol=1e-6)
+    assert (full.std.square().mean() > 10 * means_only.std.square().mean()).item()
+
+
+# --------------------------------------------------------------------------- #
+# The statistics of the blend
+# --------------------------------------------------------------------------- #
+STATIONARY_SIZE = 42  # LR pixels: 6 x 6 tiles of 14 with half-tile overlaps
+
+
+@pytest.fixture(scope="module")
+def stationary():
+    """(model, y, blended 400 draws, the recorded tile draws, a 2000-draw reference on one tile)."""
+    model = stationary_model()
+    y = torch.full((1, STATIONARY_SIZE, STATIONARY_SIZE), 0.5)
+    recorder = RecordingSR(model)
+    sr = superresolve_image(recorder, y, 400, seed=0)
+    torch.manual_seed(1)
+    reference = model.super_resolve(y[None, :, :14, :14], num_samples=2000)
+    return model, y, sr, recorder.results, reference
+
+
+def test_tiled_std_shows_no_tile_grid_and_is_one_tiles(stationary):
+    """Stationary predictive: the std at seams (two or four tiles blended) is the std at tile centres.
+
+    The old blend, every draw the w-weighted mix of independent tile draws, has variance
+    sum_i w_i^2 var there: its seam/centre std ratio is 0.72 on one axis's seams and 0.52
+    at the corners of four tiles. Sampling error of these averages is below 1%.
+    """
+    _, _, sr, _, reference = stationary
+    seams, centres = seam_and_centre_rows(plan_axis(STATIONARY_SIZE, 14, 7))
+    assert len(seams) == 5 and len(centres) == 12
+    one_tile = reference.std.square().mean().item()  # the same at every pixel of the tile
+    for name in ("std", "std_latent", "std_noise"):
+        field = getattr(sr, name)
+        centre = lr_variance(field, centres, centres)
+        for rows, cols in ((seams, seams), (seams, centres), (centres, seams)):
+            ratio = (lr_variance(field, rows, cols) / centre) ** 0.5
+            assert abs(ratio - 1) < 0.05, (name, ratio)
+    # The blended draws have, at every pixel, the variance of one tile's draw.
+    for rows, cols in ((centres, centres), (seams, seams)):
+        assert abs((lr_variance(sr.std, rows, cols) / one_tile) ** 0.5 - 1) < 0.05
+    everywhere = list(range(STATIONARY_SIZE))
+    assert abs((lr_variance(sr.std, everywhere, everywhere) / one_tile) ** 0.5 - 1) < 0.03
+    latent = lr_variance(sr.std_latent, everywhere, everywhere) / reference.std_latent.square().mean().item()
+    assert abs(latent**0.5 - 1) < 0.05
+    torch.testing.assert_close(sr.std_noise, torch.full_like(sr.std_noise, reference.std_noise.mean().item()))
+
+
+def test_a_window_weighted_blend_of_the_same_draws_would_show_the_tile_grid(stationary):
+    """The same tile draws, blended as before (draw s = sum_i w_i X_{i,s}): the seams' std drops by half."""
+    _, _, sr, tile_results, _ = stationary
+    plan = plan_axis(STATIONARY_SIZE, 14, 7)
+    draws = torch.cat([r.samples for r in tile_results], dim=1)  # (S, tiles, C, 28, 28), row-major
+    window = tile_window(14)
+    total = torch.zeros(plan.padded, dtype=torch.float64)
+    for start in plan.starts:
+        total[start : start + 14] += window
+    weights = [(window / total[s : s + 14]).repeat_interleave(2).float() for s in plan.starts]
+    side = plan.padded * 2
+    canvas = torch.zeros(draws.shape[0], 1, side, side)
+    for k in range(draws.shape[1]):
+        a, b = divmod(k, len(plan.starts))
+        top, left = plan.starts[a] * 2, plan.starts[b] * 2
+        canvas[:, :, top : top + 28, left : left + 28] += draws[:, k] * (weights[a][:, None] * weights[b][None, :])
+    cut = slice(plan.pad_before * 2, plan.pad_before * 2 + 2 * STATIONARY_SIZE)
+    old_std = canvas[:, :, cut, cut].std(0, correction=1)
+    assert draws.shape[:2] == (400, 36)
+    seams, centres = seam_and_centre_rows(plan)
+    corner = (lr_variance(old_std, seams, seams) / lr_variance(old_std, centres, centres)) ** 0.5
+    edge = (lr_variance(old_std, seams, centres) / lr_variance(old_std, centres, centres)) ** 0.5
+    assert corner < 0.6 and edge < 0.8, (corner, edge)  # the old blend fails the test above
+    new = (lr_variance(sr.std, seams, seams) / lr_variance(sr.std, centres, centres)) ** 0.5
+    assert abs(new - 1) < 0.05
+
+
+def test_tiled_variance_is_latent_plus_noise(stationary, checkpoint):
+    """std^2 = std_latent^2 + std_noise^2 for the blend, at seams and centres (law of total variance)."""
+    _, _, sr, _, _ = stationary
+    assert sr.std_latent.square().mean() > 0.5 * sr.std_noise.square().mean()  # both parts matter
+    seams, centres = seam_and_centre_rows(plan_axis(STATIONARY_SIZE, 14, 7))
+    for rows, cols in ((seams, seams), (centres, centres), (seams, centres)):
+        total = lr_variance(sr.std, rows, cols)
+        parts = lr_variance(sr.std_latent, rows, cols) + lr_variance(sr.std_noise, rows, cols)
+        assert abs(total / parts - 1) < 0.05, (rows, cols, total, parts)
+    # A trained model on a non-constant image, tiles of different content.
+    model = load_model(checkpoint)
+    y = torch.rand(1, 23, 37, generator=torch.Generator().manual_seed(4))
+    trained = superresolve_image(model, y, 200, seed=1)
+    total = trained.std.square().mean()
+    assert abs(total / (trained.std_latent.square() + trained.std_noise.square()).mean() - 1) < 0.05
+
+
+@pytest.mark.parametrize("size, overlap", [((23, 37), None), ((33, 19), (5, 3)), ((14, 14), 0)])
+def test_every_tiled_draw_keeps_the_block_means_of_y(checkpoint, size, overlap):
+    """Consistent model: each tile's draws have block means y; the block-constant blend keeps them."""
+    model = load_model(checkpoint)
+    assert model.exact_consistent
+    y = torch.rand(1, *size, generator=torch.Generator().manual_seed(6))
+    sr = superresolve_image(model, y, 8, seed=0, overlap=overlap)
+    for name, field in (("samples", sr.samples), ("means", sr.means), ("mean", sr.mean[None])):
+        error = (F.avg_pool2d(field, 2) - y).abs().max().item()
+        assert error < 1e-5, (name, error)
+    assert sr.std.min() > 0  # the draws differ: the block means are kept by the blend, not by accident
 
 
 def test_draws_are_reproducible_and_leave_the_callers_rng_alone(checkpoint):
@@ -254,7 +450,16 @@ def test_rgb_for_a_four_band_model_is_refused(tmp_path):
 # --------------------------------------------------------------------------- #
 # The Python function and the files
 # --------------------------------------------------------------------------- #
-def test_superresolve_writes_every_output_and_returns_the_arrays(checkpoint, tmp_path):
+def test_superresolve_writes_every_output_and_returns_the_arrays(checkpoint, tmp_path, monkeypatch):
+    from pyro_srvae import plots
+
+    figures, save = {}, plots._save_figure
+
+    def spy(fig, path):
+        figures[Path(path).name] = fig
+        return save(fig, path)
+
+    monkeypatch.setattr(plots, "_save_figure", spy)
     rng = np.random.default_rng(1)
     grey = write_png(tmp_path / "scene.png", rng.integers(0, 256, (23, 37), dtype=np.uint8))
     np.save(tmp_path / "scene.npy", rng.random((14, 14)).astype(np.float32))  # same stem as the PNG
@@ -270,28 +475,43 @@ def test_superresolve_writes_every_output_and_returns_the_arrays(checkpoint, tmp
     assert set(first.files) == set(OUTPUT_SUFFIXES)
     assert first.files["mean_npy"].name == "scene_png_sr_mean.npy"  # a shared stem is told apart
     assert second.files["mean_npy"].name == "scene_npy_sr_mean.npy"
-    assert len(files_in(out)) == 12 and not [name for name in files_in(out) if name.startswith(".")]
+    assert len(files_in(out)) == 2 * len(OUTPUT_SUFFIXES) == 16
+    assert not [name for name in files_in(out) if name.startswith(".")]
+    assert first.files["std_latent_npy"].name == "scene_png_sr_std_latent.npy"
+    assert first.files["std_noise_npy"].name == "scene_png_sr_std_noise.npy"
     np.testing.assert_array_equal(np.load(first.files["mean_npy"]), first.mean)
     np.testing.assert_array_equal(np.load(first.files["std_npy"]), first.std)
+    np.testing.assert_array_equal(np.load(first.files["std_latent_npy"]), first.std_latent)
+    np.testing.assert_array_equal(np.load(first.files["std_noise_npy"]), first.std_noise)
+    assert first.std_latent.shape == first.std_noise.shape == (1, 46, 74)
+    assert (first.std_noise > 0).all() and (first.std_latent >= 0).all()
     np.testing.assert_array_equal(np.load(first.files["samples_npy"]), first.samples)
     assert (first.std >= 0).all() and first.std.max() > 0
     with Image.open(first.files["mean_png"]) as png:
         assert png.size == (74, 46) and png.mode == "L"
     for key in ("uncertainty_png", "samples_png"):
         assert first.files[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The uncertainty figure: total std and its two parts, one shared colour bar.
+    (figure,) = [fig for name, fig in figures.items() if name.startswith(".scene_png_uncertainty.png")]
+    panels = [ax for ax in figure.axes if ax.get_images()]
+    assert [ax.get_title() for ax in panels] == ["total std", "latent part", "noise part"]
+    assert len(figure.axes) == 4 and len({im.get_clim() for ax in panels for im in ax.get_images()}) == 1
+    np.testing.assert_allclose(panels[0].get_images()[0].get_array(), first.std[0])
+    np.testing.assert_allclose(panels[2].get_images()[0].get_array(), first.std_noise[0])
     assert snapshot(inputs) == before
 
     again = superresolve(str(checkpoint), grey, 3, **QUIET)  # no out_dir: arrays only
     assert again[0].files == {} and np.array_equal(again[0].samples, first.samples)
 
 
-def test_a_failure_while_writing_leaves_no_file_of_that_input(checkpoint, tmp_path, monkeypatch):
+@pytest.mark.parametrize("writer", ["plot_uncertainty_parts", "plot_sample_strip"])
+def test_a_failure_while_writing_leaves_no_file_of_that_input(checkpoint, tmp_path, monkeypatch, writer):
     from pyro_srvae import plots
 
     def broken(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(plots, "plot_sample_strip", broken)
+    monkeypatch.setattr(plots, writer, broken)
     path = write_png(tmp_path / "a.png", np.zeros((10, 10), dtype=np.uint8))
     with pytest.raises(SuperResolveError, match="No space left on device"):
         superresolve(str(checkpoint), [path], 2, out_dir=tmp_path / "out", **QUIET)
@@ -323,17 +543,22 @@ def test_console_superresolve(checkpoint, tmp_path):
     out = tmp_path / "superresolved"  # the default output folder, in the working directory
     assert files_in(out) == sorted(f"{stem}{suffix}" for stem in ("grey", "colour") for suffix in OUTPUT_SUFFIXES.values())
     assert np.load(out / "colour_sr_samples.npy").shape == (3, 1, 32, 60)
-    assert np.load(out / "grey_sr_std.npy").shape == (1, 46, 74)
+    for suffix in ("_sr_std.npy", "_sr_std_latent.npy", "_sr_std_noise.npy"):
+        assert np.load(out / f"grey{suffix}").shape == (1, 46, 74)
     assert snapshot(inputs) == before
 
 
-def test_console_uncertainty_map_of_a_deterministic_decoder_is_zero(deterministic_checkpoint, tmp_path, capsys):
+def test_console_uncertainty_of_a_deterministic_decoder_is_the_noise_alone(deterministic_checkpoint, tmp_path, capsys):
     path = write_png(tmp_path / "a.png", np.random.default_rng(3).integers(0, 256, (19, 25), dtype=np.uint8))
     code = console_main(["superresolve", "--checkpoint", str(deterministic_checkpoint), "--samples", "4",
                          "--out", str(tmp_path / "out"), "--quiet", str(path)])  # fmt: skip
     assert code == 0, capsys.readouterr().err
-    std = np.load(tmp_path / "out" / "a_sr_std.npy")
-    assert std.shape == (1, 38, 50) and np.all(std == 0)
+    std, latent, noise = (np.load(tmp_path / "out" / f"a_sr_{name}.npy") for name in ("std", "std_latent", "std_noise"))
+    assert std.shape == latent.shape == noise.shape == (1, 38, 50)
+    assert np.all(latent == 0)
+    gamma = load_model(deterministic_checkpoint).gamma_x.item()
+    np.testing.assert_allclose(noise, gamma * 0.75**0.5, rtol=1e-5)
+    assert abs(np.mean(std**2) / np.mean(noise**2) - 1) < 0.1  # 4 draws a pixel, 1900 pixels
     assert (tmp_path / "out" / "a_uncertainty.png").stat().st_size > 0
 
 
@@ -429,14 +654,22 @@ def test_evaluate_reproduces_the_runs_test_metrics(run_dir, checkpoint, tmp_path
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert 0.0 <= metrics["test"]["sr_coverage90"] <= 1.0  # the calibration of "Train and evaluate"
     assert console_main(["evaluate", "--checkpoint", str(checkpoint), "--out", str(tmp_path), "--quiet"]) == 0
-    assert "SR 90% coverage" in capsys.readouterr().out
+    assert "SR coverage (detail pixels)" in capsys.readouterr().out
     report = json.loads((tmp_path / "evaluation.json").read_text())
     assert report["evaluation"]["num_images"] == 8 and report["step"] == 2
-    for key, value in metrics["test"].items():
-        if isinstance(value, str):  # x_density
-            assert report["test"][key] == value, key
+
+    def same(got, expected, key):
+        if isinstance(expected, dict):  # sr_coverage: {"all": {...}, "detail": {...}, ...}
+            assert isinstance(got, dict) and set(got) == set(expected), key
+            for name in expected:
+                same(got[name], expected[name], f"{key}.{name}")
+        elif isinstance(expected, str) or expected is None:  # x_density
+            assert got == expected, key
         else:
-            assert report["test"][key] == pytest.approx(value, rel=1e-6), key
+            assert got == pytest.approx(expected, rel=1e-6), key
+
+    for key, value in metrics["test"].items():
+        same(report["test"][key], value, key)
 
 
 def test_evaluate_refuses_a_bad_checkpoint(tmp_path, capsys):

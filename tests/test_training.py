@@ -54,7 +54,7 @@ def test_cli_smoke_run_writes_every_output(tmp_path):
     assert set(record) >= {"epoch", "train_elbo_bpd", "test_elbo_bpd"} and record["step"] == 3
     csv_lines = (out / "metrics.csv").read_text().splitlines()
     assert csv_lines[0].startswith("epoch,train_elbo_bpd,test_elbo_bpd") and len(csv_lines) == 2
-    for figure in ("loss_curves", "reconstructions", "samples", "super_resolution"):
+    for figure in ("loss_curves", "reconstructions", "samples", "super_resolution", "calibration"):
         assert (out / f"{figure}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     checkpoint = load_checkpoint(out / "checkpoint.pt")
     assert checkpoint["step"] == 3 and checkpoint["config"]["guide"] == "full"

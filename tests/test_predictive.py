@@ -1,0 +1,233 @@
+"""The super-resolution predictive and its scores: std and its parts, coverage, CRPS, log p(x|y).
+
+Closed forms where they exist: the consistent Gaussian's conditional variance
+gamma^2 (1 - 1/f^2), a linear-Gaussian model's log p(x, y) and log p(y), the Gaussian CRPS,
+and the coverage of draws from a known Gaussian.
+"""
+
+import math
+
+import pytest
+import torch
+
+import pyro
+import pyro.distributions as dist
+
+from pyro_srvae import SRVAE, TrainConfig, train
+from pyro_srvae.evaluation import (
+    COVERAGE_LEVELS,
+    baseline_log_likelihood,
+    crps_samples,
+    expected_interval_coverage,
+    fit_baseline_scale,
+    interval_coverages,
+    iw_conditional_log_likelihood,
+    make_consistent,
+    bicubic_upsample,
+    detail_mask,
+)
+from pyro_srvae.likelihoods import block_mean
+from conftest import tiny_images
+
+DTYPE = torch.float64
+
+
+def _hold_latents_fixed(model):
+    """Collapse q(u|y) and p(z|y,u) to their means: every draw then differs by the likelihood's noise only."""
+
+    def pinned(module, args, output):
+        loc, scale = output
+        return loc, torch.full_like(scale, 1e-12)
+
+    model.encoder_u.register_forward_hook(pinned)
+    model.prior_z.register_forward_hook(pinned)
+    return model
+
+
+def test_with_the_latents_held_fixed_std_is_the_consistent_noise_gamma_sqrt_one_minus_one_over_f2():
+    model = _hold_latents_fixed(SRVAE((1, 8, 8), guide="full", hidden=4))
+    gamma = model.gamma_x.item()
+    y = model.downscale(tiny_images(3))
+    sr = model.super_resolve(y, num_samples=4000)
+    expected = gamma * math.sqrt(1 - 1 / 4)
+    assert sr.std_latent.abs().max() < 1e-5
+    torch.testing.assert_close(sr.std_noise, torch.full_like(sr.std_noise, expected), rtol=1e-5, atol=0)
+    # each pixel's std over 4000 draws: relative sampling error ~ 1/sqrt(2 * 4000) = 1.1%
+    assert (sr.std / expected - 1).abs().max() < 0.05
+    assert abs((sr.std / expected).mean().item() - 1) < 0.01
+
+
+def test_the_decoder_mean_draws_stay_available_and_leave_out_the_noise():
+    model = SRVAE((1, 8, 8), guide="full", hidden=4)
+    y = model.downscale(tiny_images(2))
+    sr = model.super_resolve(y, num_samples=50, observation_noise=False)
+    torch.testing.assert_close(sr.samples, sr.means)
+    torch.testing.assert_close(sr.std, sr.std_latent)
+    assert (sr.std_noise == 0).all()
+
+
+def test_total_variance_is_latent_plus_noise_on_a_briefly_trained_model(tmp_path):
+    result = train(TrainConfig(guide="full", max_steps=20, train_limit=256, eval_limit=8, batch_size=32, hidden=4,
+                               eval_samples=2, sr_samples=2, figures=False),
+                   out=str(tmp_path), progress=False, log=lambda *_: None)  # fmt: skip
+    model = result.model
+    with torch.no_grad():  # a model whose latents move the output as much as its noise does
+        model.decoder_x.project[0].weight.mul_(30)
+    y = model.downscale(tiny_images(4, (1, 28, 28)))
+    pyro.set_rng_seed(1)
+    sr = model.super_resolve(y, num_samples=2000)
+    assert sr.std_latent.mean() > 0.3 * sr.std_noise.mean()  # both parts matter here
+    total, parts = sr.std.square(), sr.std_latent.square() + sr.std_noise.square()
+    # pooled over pixels: the sampling error of a variance from 2000 draws is ~3% per pixel
+    assert abs(total.mean().item() / parts.mean().item() - 1) < 0.02
+    assert ((total / parts) - 1).abs().median() < 0.05
+
+
+# --------------------------------------------------------------------------- #
+# coverage and CRPS against known predictives
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("num_samples", [16, 40])
+def test_coverage_of_a_calibrated_gaussian_predictive_is_the_expected_one(num_samples):
+    g = torch.Generator().manual_seed(0)
+    pixels = 40_000
+    loc, scale = torch.randn(pixels, generator=g), 0.1 + torch.rand(pixels, generator=g)
+    samples = loc + scale * torch.randn(num_samples, pixels, generator=g)
+    target = loc + scale * torch.randn(pixels, generator=g)
+    observed = interval_coverages(samples, target)
+    narrow = interval_coverages(loc + 0.6 * scale * (samples - loc) / scale, target)  # predictive too narrow
+    for level in COVERAGE_LEVELS:
+        expected = expected_interval_coverage(num_samples, level)
+        stderr = math.sqrt(expected * (1 - expected) / pixels)
+        assert abs(observed[str(level)] - expected) < 4 * stderr
+        assert narrow[str(level)] < expected - 20 * stderr
+    # a mask selects the pixels that count
+    mask = torch.arange(pixels) % 2 == 0
+    half = interval_coverages(samples, target, mask)
+    inside = interval_coverages(samples[:, mask], target[mask])
+    assert half == inside
+
+
+def test_crps_sample_estimator_matches_the_gaussian_closed_form():
+    g = torch.Generator().manual_seed(0)
+    mu, sigma = torch.tensor([0.0, 0.3, -1.0], dtype=DTYPE), torch.tensor([1.0, 0.2, 0.5], dtype=DTYPE)
+    target = torch.tensor([0.5, 0.3, 0.4], dtype=DTYPE)
+    draws = mu + sigma * torch.randn(20_000, 3, generator=g, dtype=DTYPE)
+    z = (target - mu) / sigma
+    normal = torch.distributions.Normal(0.0, 1.0)
+    closed = sigma * (z * (2 * normal.cdf(z) - 1) + 2 * normal.log_prob(z).exp() - 1 / math.sqrt(math.pi))
+    torch.testing.assert_close(crps_samples(draws, target), closed, rtol=0.02, atol=1e-3)
+    # a point forecast's CRPS is its absolute error
+    torch.testing.assert_close(crps_samples(draws[:1], target), (draws[0] - target).abs())
+    # the fair estimator is unbiased even for two draws: its mean over many pairs matches
+    pairs = crps_samples(draws[:20_000].reshape(2, 10_000, 3), target.expand(10_000, 3)).mean(0)
+    torch.testing.assert_close(pairs, closed, rtol=0.03, atol=2e-3)
+
+
+def test_consistent_baselines_have_the_block_means_of_y_and_detail_pixels_are_the_non_flat_ones():
+    x = tiny_images(3)
+    y = block_mean(x, 2)
+    up = bicubic_upsample(y, 2)
+    torch.testing.assert_close(block_mean(make_consistent(up, y, 2), 2), y)
+    flat = torch.full((1, 1, 4, 4), 0.5)
+    flat[0, 0, 0, 0] = 0.5 + 2 / 256  # one pixel two grey levels off its block mean
+    # its block's mean moves by half a grey level: only the pixel itself is more than one level off
+    assert detail_mask(flat, 2).sum() == 1 and detail_mask(flat, 2)[0, 0, 0, 0]
+    assert not detail_mask(torch.full((1, 1, 4, 4), 0.5), 2).any()
+
+
+def test_the_baseline_scale_is_the_maximum_likelihood_one():
+    images = (torch.rand(64, 1, 8, 8) * 256).to(torch.uint8)
+    scale = fit_baseline_scale(images, 2, seed=0)
+    from pyro_srvae.data import dequantize
+
+    x = dequantize(images, generator=torch.Generator().manual_seed(0)).double()
+    fitted = baseline_log_likelihood(x, 2, scale).sum()
+    assert fitted > baseline_log_likelihood(x, 2, 1.05 * scale).sum()
+    assert fitted > baseline_log_likelihood(x, 2, 0.95 * scale).sum()
+
+
+# --------------------------------------------------------------------------- #
+# log p(x | y) against a linear-Gaussian model
+# --------------------------------------------------------------------------- #
+
+
+class LinearGaussianSR:
+    """u ~ N(0, I_2); y | u ~ N(W u + b, s^2 I_3); d | u ~ N(C u + e, t^2 I_4); data = [y, d].
+
+    log p(data) and log p(y) are Gaussian marginals; the guides are the exact posteriors of
+    u given (y, d) and given y alone, so importance weights are constant.
+    """
+
+    def __init__(self, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.W, self.b = torch.randn(3, 2, generator=g, dtype=DTYPE), torch.randn(3, generator=g, dtype=DTYPE)
+        self.C, self.e = torch.randn(4, 2, generator=g, dtype=DTYPE), torch.randn(4, generator=g, dtype=DTYPE)
+        self.s, self.t = 0.5, 0.3
+
+    @staticmethod
+    def _posterior(H, c, noise, obs):
+        """u | obs for obs = H u + c + N(0, diag noise^2), u ~ N(0, I)."""
+        precision_h = H / noise.expand(H.shape[0])[:, None] ** 2  # R^-1 H
+        cov = torch.linalg.inv(torch.eye(2, dtype=DTYPE) + H.T @ precision_h)
+        return (obs - c) @ precision_h @ cov, cov
+
+    def _stack(self):
+        H = torch.cat([self.W, self.C])
+        noise = torch.cat([torch.full((3,), self.s, dtype=DTYPE), torch.full((4,), self.t, dtype=DTYPE)])
+        return H, torch.cat([self.b, self.e]), noise
+
+    def log_joint(self, data):
+        H, c, noise = self._stack()
+        return dist.MultivariateNormal(c, H @ H.T + torch.diag(noise**2)).log_prob(data)
+
+    def log_y(self, data):
+        return dist.MultivariateNormal(self.b, self.W @ self.W.T + self.s**2 * torch.eye(3, dtype=DTYPE)).log_prob(data[:, :3])
+
+    def model(self, data):
+        with pyro.plate("data", data.shape[0], dim=-1):
+            u = pyro.sample("u", dist.Normal(torch.zeros(2, dtype=DTYPE), 1.0).to_event(1))
+            pyro.sample("y", dist.Normal(u @ self.W.T + self.b, self.s).to_event(1), obs=data[:, :3])
+            pyro.sample("d", dist.Normal(u @ self.C.T + self.e, self.t).to_event(1), obs=data[:, 3:])
+
+    def guide(self, data):
+        H, c, noise = self._stack()
+        mean, cov = self._posterior(H, c, noise, data)
+        with pyro.plate("data", data.shape[0], dim=-1):
+            pyro.sample("u", dist.MultivariateNormal(mean, covariance_matrix=cov))
+
+    def lr_model(self, data):
+        with pyro.plate("data", data.shape[0], dim=-1):
+            u = pyro.sample("u", dist.Normal(torch.zeros(2, dtype=DTYPE), 1.0).to_event(1))
+            pyro.sample("y", dist.Normal(u @ self.W.T + self.b, self.s).to_event(1), obs=data[:, :3])
+
+    def lr_guide(self, data):
+        mean, cov = self._posterior(self.W, self.b, torch.tensor(self.s, dtype=DTYPE), data[:, :3])
+        with pyro.plate("data", data.shape[0], dim=-1):
+            pyro.sample("u", dist.MultivariateNormal(mean, covariance_matrix=cov))
+
+
+@pytest.mark.parametrize("num_samples", [1, 7, 100])
+def test_conditional_log_likelihood_matches_the_linear_gaussian_closed_form(num_samples):
+    lg = LinearGaussianSR()
+    data = torch.randn(5, 7, generator=torch.Generator().manual_seed(1), dtype=DTYPE)
+    estimate = iw_conditional_log_likelihood(lg.model, lg.guide, lg.lr_model, lg.lr_guide, data, num_samples)
+    torch.testing.assert_close(estimate, lg.log_joint(data) - lg.log_y(data))
+
+
+def test_sr_bpd_is_finite_and_beside_its_baseline_on_a_trained_model(tmp_path):
+    result = train(TrainConfig(guide="full", max_steps=20, train_limit=256, eval_limit=16, batch_size=32, hidden=4,
+                               eval_samples=4, sr_samples=8, figures=False),
+                   out=str(tmp_path), progress=False, log=lambda *_: None)  # fmt: skip
+    test = result.metrics["test"]
+    assert test["sr_bpd_dims"] == 28 * 28 - 14 * 14
+    assert math.isfinite(test["sr_bpd"]) and 0 < test["sr_bpd"] < 16
+    assert math.isfinite(test["sr_bpd_baseline"]) and 0 < test["sr_bpd_baseline"] < 16
+    assert set(test["sr_coverage"]) >= {"all", "detail", "expected"}
+    assert list(test["sr_coverage"]["detail"]) == ["0.5", "0.8", "0.9", "0.95"]
+    # the spec's joint has no conditional density of x to score
+    spec = train(TrainConfig(guide="full", x_given_y="spec", max_steps=2, train_limit=64, eval_limit=8, batch_size=32,
+                             hidden=4, eval_samples=2, sr_samples=2, figures=False),
+                 out=str(tmp_path / "spec"), progress=False, log=lambda *_: None)  # fmt: skip
+    assert spec.metrics["test"]["sr_bpd"] is None
