@@ -607,7 +607,7 @@ class SRVAE(_ImageModel):
         z_loc, z_scale = self.prior_z(y, u)
         z = dist.Normal(z_loc, z_scale).sample()
         likelihood = self.x_distribution(y, z, u)
-        means = self.decode_x(y, z, u)
+        means = likelihood.mean  # = decode_x(y, z, u), without a second decoder pass
         if not observation_noise:
             samples, noise_variance = means, torch.zeros_like(means)
         else:
