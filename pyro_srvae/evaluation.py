@@ -587,6 +587,9 @@ def expected_interval_coverage(num_samples: int, level: float = 0.9) -> float:
     return (hi - lo) / (num_samples + 1)
 
 
+#: The SR point estimates scored by PSNR and SSIM: the model's mean and the four baselines.
+POINT_ESTIMATES = ("sr", "bicubic", "bilinear", "consistent_bicubic", "consistent_bilinear")
+
 #: The central intervals whose coverage the SR evaluation reports.
 COVERAGE_LEVELS = (0.5, 0.8, 0.9, 0.95)
 
@@ -614,18 +617,19 @@ def detail_mask(x: torch.Tensor, factor: int) -> torch.Tensor:
     return (x - nearest_upsample(block_mean(x, factor), factor)).abs() > DETAIL_THRESHOLD
 
 
-def crps_samples(samples: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def crps_samples(samples: torch.Tensor, target: torch.Tensor, ordered: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Per-pixel CRPS of the predictive behind ``samples`` (S, ...) at ``target`` (...), S >= 2.
 
     The unbiased ("fair") sample estimator, mean |X - x| - sum_{s != t} |X_s - X_t| / (2 S (S - 1)),
     with the pair sum from the sorted draws: sum_{s<t} |X_s - X_t| = sum_i (2i - S - 1) X_(i).
-    For a point forecast (S = 1) the CRPS is the absolute error.
+    For a point forecast (S = 1) the CRPS is the absolute error. ``ordered``: the draws already
+    sorted over dim 0, if the caller has them.
     """
     n = samples.shape[0]
     absolute = (samples - target).abs().mean(0)
     if n == 1:
         return absolute
-    ordered = samples.sort(dim=0).values
+    ordered = samples.sort(dim=0).values if ordered is None else ordered
     ranks = torch.arange(1, n + 1, dtype=samples.dtype, device=samples.device)
     pair_sum = ((2 * ranks - n - 1).reshape((n,) + (1,) * target.dim()) * ordered).sum(0)
     return absolute - pair_sum / (n * (n - 1))
@@ -644,21 +648,23 @@ def interval_coverages(samples: torch.Tensor, target: torch.Tensor, mask: Option
     :func:`interval_coverage` (enclosing order statistics of the ``S`` draws), so a target
     exchangeable with the draws is covered :func:`expected_interval_coverage` of the time.
     """
-    counts = _coverage_counts(samples, target, mask, levels)
+    counts = _coverage_counts(samples.sort(dim=0).values, target, {"set": mask}, levels)["set"]
     total = counts.pop("pixels")
     return {level: count / max(total, 1) for level, count in counts.items()}
 
 
-def _coverage_counts(samples, target, mask=None, levels=COVERAGE_LEVELS) -> Dict[str, float]:
-    if samples.shape[1:] != target.shape:
-        raise ValueError(f"samples {tuple(samples.shape)} do not match target {tuple(target.shape)}")
-    ordered = samples.sort(dim=0).values
-    mask = torch.ones_like(target, dtype=torch.bool) if mask is None else mask
-    counts = {"pixels": mask.sum().item()}
+def _coverage_counts(ordered, target, masks, levels=COVERAGE_LEVELS) -> Dict[str, Dict[str, float]]:
+    """Per pixel set (``masks``: name -> bool mask or None for all pixels), its pixel count and how
+    many targets fall inside each level's interval; ``ordered`` are the draws sorted over dim 0."""
+    if ordered.shape[1:] != target.shape:
+        raise ValueError(f"samples {tuple(ordered.shape)} do not match target {tuple(target.shape)}")
+    masks = {name: torch.ones_like(target, dtype=torch.bool) if m is None else m for name, m in masks.items()}
+    counts = {name: {"pixels": m.sum().item()} for name, m in masks.items()}
     for level in levels:
-        i, j = _order_statistic_ranks(samples.shape[0], level)
-        inside = (target >= ordered[i]) & (target <= ordered[j]) & mask
-        counts[str(level)] = inside.sum().item()
+        i, j = _order_statistic_ranks(ordered.shape[0], level)
+        inside = (target >= ordered[i]) & (target <= ordered[j])
+        for name, m in masks.items():
+            counts[name][str(level)] = (inside & m).sum().item()
     return counts
 
 
@@ -683,13 +689,13 @@ def _sr_sums(model, x: torch.Tensor, num_samples: int) -> Dict[str, float]:
     for name, estimate in points.items():
         sums[f"{name}_psnr"] = psnr(estimate, x).sum().item()
         sums[f"{name}_ssim"] = ssim(estimate, x).sum().item()
-    for subset, mask in (("all", None), ("detail", detail_mask(x, factor))):
-        counts = _coverage_counts(sr.samples, x, mask)
-        if subset == "detail":
-            sums["num_detail_pixels"] = counts["pixels"]
+    ordered = sr.samples.sort(dim=0).values  # once, for the coverage of both pixel sets and the CRPS
+    counts = _coverage_counts(ordered, x, {"all": None, "detail": detail_mask(x, factor)})
+    sums["num_detail_pixels"] = counts["detail"]["pixels"]
+    for subset in ("all", "detail"):
         for level in COVERAGE_LEVELS:
-            sums[f"coverage_{subset}_{level}"] = counts[str(level)]
-    sums["sr_crps"] = crps_samples(sr.samples, x).sum().item()
+            sums[f"coverage_{subset}_{level}"] = counts[subset][str(level)]
+    sums["sr_crps"] = crps_samples(sr.samples, x, ordered).sum().item()
     sums["bicubic_mae"] = (bicubic - x).abs().sum().item()
     sums["sr_std_ms"] = sr.std.square().sum().item()
     sums["sr_std_latent_ms"] = sr.std_latent.square().sum().item()
@@ -700,7 +706,7 @@ def _sr_sums(model, x: torch.Tensor, num_samples: int) -> Dict[str, float]:
 def _sr_metrics_from_sums(sums: Dict[str, float], num_samples: int) -> Dict[str, object]:
     images, pixels, details = sums["num_images"], sums["num_pixels"], max(sums["num_detail_pixels"], 1.0)
     result: Dict[str, object] = {}
-    for name in ("sr", "bicubic", "bilinear", "consistent_bicubic", "consistent_bilinear"):
+    for name in POINT_ESTIMATES:
         result[f"{name}_psnr"] = sums[f"{name}_psnr"] / images
         result[f"{name}_ssim"] = sums[f"{name}_ssim"] / images
     coverage = {
@@ -722,8 +728,7 @@ def _sr_metrics_from_sums(sums: Dict[str, float], num_samples: int) -> Dict[str,
 
 _SR_SUM_KEYS = (
     ["num_images", "num_pixels", "num_detail_pixels", "sr_crps", "bicubic_mae", "sr_std_ms", "sr_std_latent_ms", "sr_std_noise_ms"]
-    + [f"{name}_{metric}" for name in ("sr", "bicubic", "bilinear", "consistent_bicubic", "consistent_bilinear")
-       for metric in ("psnr", "ssim")]
+    + [f"{name}_{metric}" for name in POINT_ESTIMATES for metric in ("psnr", "ssim")]
     + [f"coverage_{subset}_{level}" for subset in ("all", "detail") for level in COVERAGE_LEVELS]
 )  # fmt: skip
 
