@@ -14,7 +14,8 @@ import os
 import sys
 
 from .checkpoint import CheckpointError
-from .data import DATASETS, DatasetNotFoundError
+from .data import DATASET_NAMES, DATASETS, DatasetNotFoundError
+from .folder import FolderDatasetError
 from .elbo import ELBO_NAMES
 from .likelihoods import LIKELIHOODS
 from .models import DOWNSCALE_FACTORS, DOWNSCALE_MODES, GUIDES, X_GIVEN_Y
@@ -51,8 +52,21 @@ def build_train_parser(prog=None):
     add("--mog-components", type=int, default=defaults.mog_components, metavar="K")
     add("--elbo", choices=ELBO_NAMES, default=defaults.elbo, help="Pyro ELBO estimator (pyro_srvae.make_elbo)")
     add("--num-particles", type=int, default=defaults.num_particles, metavar="N")
-    add("--dataset", choices=DATASETS, default=defaults.dataset)
-    add("--data-dir", default=defaults.data_dir, metavar="DIR", help="root of torchvision-layout data [./data]")
+    add("--dataset", choices=DATASET_NAMES, default=defaults.dataset,
+        help="a named set, or folder: your own PNG/JPEG/TIFF/.npy images under --data-dir (8- or 16-bit)")
+    add("--data-dir", default=defaults.data_dir, metavar="DIR",
+        help="root of torchvision-layout data [./data]; for --dataset folder, the folder of images "
+        "(DIR/train and DIR/test when both exist, else a seeded split by image)")
+    add("--patch-size", type=int, default=None, metavar="P",
+        help="folder: train on P x P patches (a multiple of --factor); also superresolve's tile [whole images]")
+    add("--patch-stride", type=int, default=None, metavar="S", help="folder: step of the patch grid [P/2]")
+    add("--test-fraction", type=float, default=defaults.test_fraction, metavar="F",
+        help="folder without DIR/train and DIR/test: the share of images (at least one) held out for testing")
+    add("--channels", type=int, default=None, metavar="C",
+        help="folder: convert every image to C channels (grey <-> RGB) [the images' own count]")
+    add("--augment", action="store_true", help="random flips and quarter turns of each training image, on the fly")
+    add("--cache-dir", default=None, metavar="DIR",
+        help="folder: where the patch cache (.npy memmap) is kept [a folder-cache/ beside the run]")
     add("--download", action="store_true", help="download the dataset if missing (needs internet)")
     add("--epochs", type=int, default=None, metavar="N", help=f"total epochs; a resumed run continues up to it [{defaults.epochs}]")
     add("--max-steps", type=int, default=None, metavar="N", help="stop after N optimizer steps (smoke runs)")
@@ -88,6 +102,8 @@ def build_train_parser(prog=None):
         help="bf16: the networks train under torch.autocast in bfloat16 (log-densities and loss stay float32)")
     add("--compile", action="store_true", help="torch.compile the networks (not Pyro's tracing)")
     add("--no-figures", action="store_true", help="skip the PNG figures")
+    add("--tensorboard", action="store_true",
+        help="also write TensorBoard event files under OUT/tensorboard (needs the tensorboard extra)")
     add("--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -103,6 +119,7 @@ def config_from_args(parser, args):
             "max_steps", "batch_size", "lr", "kl_warmup", "clip_norm", "seed", "sr_samples", "eval_limit", "train_limit", "out",
             "checkpoint_every", "factor", "downscale_mode", "u_dim", "z_dim", "hidden",
             "arch", "likelihood", "likelihood_components", "x_given_y", "precision", "compile",
+            "patch_size", "patch_stride", "test_fraction", "channels", "augment", "cache_dir", "tensorboard",
         )
     }
     values["guide"] = args.guide or "simple"
@@ -132,6 +149,8 @@ def resume_overrides(args):
         overrides["figures"] = False
     if args.compile:
         overrides["compile"] = True
+    if args.tensorboard:
+        overrides["tensorboard"] = True
     if args.precision != TrainConfig.precision:
         overrides["precision"] = args.precision
     return overrides
@@ -148,7 +167,7 @@ def main(argv=None, prog=None):
             result = train(config, progress=not args.quiet)
     except ConfigError as error:
         parser.error(str(error))
-    except (CheckpointError, DatasetNotFoundError, TrainingDiverged) as error:
+    except (CheckpointError, DatasetNotFoundError, FolderDatasetError, TrainingDiverged) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except TrainingInterrupted as error:
@@ -223,14 +242,15 @@ def build_superresolve_parser(prog=None):
         description=(
             "Super-resolve low-resolution images with a trained srVAE, in overlapping tiles of the "
             "training size, and write for each INPUT NAME.EXT into DIR: NAME_sr_mean.png/.npy (predictive "
-            "mean), NAME_sr_std.npy (total per-pixel predictive std), NAME_sr_std_latent.npy and "
+            "mean: 8-bit preview, float32 in [0, 1]), NAME_sr_mean.tif (the mean in the input's own units "
+            "and bands: uint16 for 16-bit input), NAME_sr_std.npy (total per-pixel predictive std), NAME_sr_std_latent.npy and "
             "NAME_sr_std_noise.npy (its parts: latents and likelihood noise), NAME_uncertainty.png (the three "
             "maps, one colour bar), NAME_sr_samples.npy/.png (the samples). The output is factor x the input size."
         ),
         formatter_class=_DefaultsFormatter,
     )
     add = parser.add_argument
-    add("inputs", nargs="+", metavar="INPUT", help="PNG/JPEG/TIFF images or .npy arrays (H, W) or (C, H, W)")
+    add("inputs", nargs="+", metavar="INPUT", help="PNG/JPEG/TIFF images or .npy arrays (H, W) or (C, H, W), of the model's bit depth (8 or 16) or floats in [0, 1]")
     add("--checkpoint", required=True, metavar="CKPT", help="checkpoint.pt of a trained srVAE")
     add("--samples", type=_positive_int, default=DEFAULT_SAMPLES, metavar="N", help="SR samples per image")
     add("--out", default=DEFAULT_OUT_DIR, metavar="DIR", help="output folder")
@@ -343,7 +363,7 @@ def evaluate_main(argv=None, prog=None):
             progress=not args.quiet,
             x_given_y=args.x_given_y,
         )
-    except (CheckpointError, DatasetNotFoundError) as error:
+    except (CheckpointError, DatasetNotFoundError, FolderDatasetError) as error:
         return _error(error)
     except OSError as error:
         return _error(f"cannot write evaluation.json: {error.strerror or error}")

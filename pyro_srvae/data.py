@@ -14,11 +14,16 @@ Datasets
     The "python version" pickles (``data_batch_1`` .. ``data_batch_5``,
     ``test_batch``) in ``<data_dir>/cifar-10-batches-py/`` or in ``data_dir``
     itself.
+``folder`` (:data:`FOLDER`)
+    A user's own images (PNG, JPEG, TIFF, ``.npy``) under ``data_dir``, whole or cut
+    into patches, split by image; see :mod:`pyro_srvae.folder`. It is not one of
+    :data:`DATASETS` (the named sets); :data:`DATASET_NAMES` holds both.
 
-Images are always kept as ``uint8`` tensors of shape ``(N, C, H, W)``; models see
-them through :func:`dequantize`, which is used for training *and* evaluation so
-that likelihoods (bits per dimension) are those of a continuous density on
-``[0, 1)`` and comparable with the literature.
+Images are kept as integer tensors of shape ``(N, C, H, W)``: ``uint8`` (the named
+sets) or ``uint16`` (16-bit folder images), the bit depth given by the dtype
+(:func:`bit_depth`). Models see them through :func:`dequantize`, ``x = (k + u) / 2**bits``,
+which is used for training *and* evaluation so that likelihoods (bits per dimension)
+are those of a continuous density on ``[0, 1)`` and comparable with the literature.
 
 Batching
 --------
@@ -36,6 +41,7 @@ import hashlib
 import importlib.resources
 import math
 import pickle
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
@@ -45,23 +51,35 @@ import torch
 
 __all__ = [
     "DATASETS",
+    "DATASET_NAMES",
+    "FOLDER",
     "SPLITS",
     "DatasetNotFoundError",
     "ImageDataset",
     "load_dataset",
+    "augment_dihedral",
     "dequantize",
     "DeviceImages",
     "epoch_permutation",
     "iterate_batches",
     "num_batches",
     "validate_images",
+    "bit_depth",
+    "mapped_tensor",
     "read_idx",
 ]
 
 PathLike = Union[str, Path]
 
+#: The named datasets, with a fixed image shape and classes.
 DATASETS = ("fashion-mnist-mini", "fashion-mnist", "mnist", "cifar10")
+#: A folder of the user's own images (``data_dir``), read by :mod:`pyro_srvae.folder`.
+FOLDER = "folder"
+#: Every name :func:`load_dataset` accepts.
+DATASET_NAMES = DATASETS + (FOLDER,)
 SPLITS = ("train", "test")
+#: Integer pixel types a dataset may hold, and their bit depths.
+_PIXEL_BITS = {torch.uint8: 8, torch.uint16: 16}
 
 #: Used when ``data_dir`` is None for the datasets that are not embedded.
 DEFAULT_DATA_DIR = Path("data")
@@ -149,14 +167,17 @@ class DatasetNotFoundError(FileNotFoundError):
 # compare (and hash) by identity instead.
 @dataclass(frozen=True, eq=False)
 class ImageDataset:
-    """One split of an image dataset, held in memory.
+    """One split of an image dataset.
 
     Attributes:
-        name: canonical dataset name, one of :data:`DATASETS`.
+        name: canonical dataset name, one of :data:`DATASET_NAMES`.
         split: ``"train"`` or ``"test"``.
-        images: ``uint8`` tensor of shape ``(N, C, H, W)``.
+        images: ``uint8`` or ``uint16`` tensor of shape ``(N, C, H, W)``, in memory or (a
+            cached folder set) memory-mapped, copy-on-write, from the cache file.
         labels: ``int64`` tensor of shape ``(N,)`` with values in ``[0, len(classes))``.
         classes: class names, indexed by label.
+        source: for the ``folder`` set, a :class:`pyro_srvae.folder.FolderSource` (the
+            files, the patches cut from each, the cache file); ``None`` for the named sets.
     """
 
     name: str
@@ -164,6 +185,7 @@ class ImageDataset:
     images: torch.Tensor
     labels: torch.Tensor
     classes: tuple
+    source: Optional[object] = None
 
     def __post_init__(self) -> None:
         validate_images(self.images, name=f"{self.name} ({self.split})")
@@ -177,6 +199,11 @@ class ImageDataset:
     def image_shape(self) -> Tuple[int, int, int]:
         """Shape ``(C, H, W)`` of one image."""
         return tuple(self.images.shape[1:])
+
+    @property
+    def bits(self) -> int:
+        """Bit depth of the pixels: 8 (``uint8``) or 16 (``uint16``)."""
+        return bit_depth(self.images)
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -193,12 +220,31 @@ class ImageDataset:
 # ----------------------------------------------------------------------------
 
 
+def bit_depth(images) -> int:
+    """Bit depth of integer pixels from their dtype: 8 for uint8, 16 for uint16.
+
+    Accepts a tensor, a numpy array or a dtype; anything else raises ``ValueError``.
+    """
+    dtype = getattr(images, "dtype", images)
+    if isinstance(dtype, torch.dtype) and dtype in _PIXEL_BITS:
+        return _PIXEL_BITS[dtype]
+    try:
+        numpy_dtype = np.dtype(dtype)
+    except (TypeError, ValueError):
+        numpy_dtype = None
+    if numpy_dtype == np.uint8:
+        return 8
+    if numpy_dtype == np.uint16:
+        return 16
+    raise ValueError(f"pixels must be uint8 (8 bits) or uint16 (16 bits), got {dtype}")
+
+
 def validate_images(
     images_uint8: torch.Tensor,
     expected_shape: Optional[Sequence[Optional[int]]] = None,
     name: str = "dataset",
 ) -> torch.Tensor:
-    """Check that ``images_uint8`` is a ``uint8`` tensor of shape ``(N, C, H, W)``.
+    """Check that ``images_uint8`` is a ``uint8`` or ``uint16`` tensor of shape ``(N, C, H, W)``.
 
     Args:
         images_uint8: the tensor to check.
@@ -216,10 +262,10 @@ def validate_images(
         raise ValueError(
             f"{name}: images must be a torch.Tensor, got {type(images_uint8).__name__}"
         )
-    if images_uint8.dtype != torch.uint8:
+    if images_uint8.dtype not in _PIXEL_BITS:
         raise ValueError(
-            f"{name}: images must have dtype torch.uint8 (raw pixel values 0..255), "
-            f"got {images_uint8.dtype}"
+            f"{name}: images must have dtype torch.uint8 or torch.uint16 (raw pixel values "
+            f"0..255 or 0..65535), got {images_uint8.dtype}"
         )
     if images_uint8.ndim != 4:
         raise ValueError(
@@ -270,23 +316,58 @@ def load_dataset(
     split: str = "train",
     data_dir: Optional[PathLike] = None,
     download: bool = False,
+    *,
+    patch_size: Optional[int] = None,
+    patch_stride: Optional[int] = None,
+    test_fraction: float = 0.1,
+    seed: int = 0,
+    factor: int = 2,
+    channels: Optional[int] = None,
+    cache_dir: Optional[PathLike] = None,
+    progress: bool = False,
 ) -> ImageDataset:
-    """Load one split of a dataset into memory.
+    """Load one split of a dataset.
 
     Args:
-        name: one of :data:`DATASETS`.
+        name: one of :data:`DATASET_NAMES`: a named set (:data:`DATASETS`) or ``"folder"``.
         split: ``"train"`` or ``"test"``.
         data_dir: where the files of non-embedded datasets are (default
-            ``./data``); ignored for ``fashion-mnist-mini``.
+            ``./data``); ignored for ``fashion-mnist-mini``; the folder of images
+            (required) for ``"folder"``.
         download: if the files are missing, fetch them with torchvision into
-            ``data_dir`` (needs internet).  Never used for the embedded set.
+            ``data_dir`` (needs internet).  Never used for the embedded set or a folder.
+        patch_size, patch_stride, test_fraction, seed, factor, channels, cache_dir, progress:
+            options of the ``"folder"`` set, passed to :func:`pyro_srvae.folder.load_folder`
+            (see there); the named sets ignore them.
 
     Raises:
-        ValueError: unknown name or split, or files that are not valid.
-        DatasetNotFoundError: the files are missing and ``download`` is False.
+        ValueError: unknown name or split, or files that are not valid
+            (:class:`pyro_srvae.folder.FolderDatasetError` for a folder).
+        DatasetNotFoundError: the files are missing and ``download`` is False; a missing
+            or empty folder.
     """
-    _check_choice(name, DATASETS, "dataset")
+    _check_choice(name, DATASET_NAMES, "dataset")
     _check_choice(split, SPLITS, "split")
+
+    if name == FOLDER:
+        from .folder import load_folder  # lazy: folder imports this module
+
+        if data_dir is None:
+            raise DatasetNotFoundError(
+                "the folder dataset needs data_dir (--data-dir DIR): the folder holding the images"
+            )
+        return load_folder(
+            data_dir,
+            split,
+            patch_size=patch_size,
+            patch_stride=patch_stride,
+            test_fraction=test_fraction,
+            seed=seed,
+            factor=factor,
+            channels=channels,
+            cache_dir=cache_dir,
+            progress=progress,
+        )
 
     if name == "fashion-mnist-mini":
         images, labels = _load_embedded_mini(split)
@@ -571,15 +652,53 @@ def _load_cifar10(root: Path, split: str, download: bool) -> Tuple[torch.Tensor,
 # ----------------------------------------------------------------------------
 
 
+# Memory maps wrapped by mapped_tensor(), as weak references: torch.from_numpy keeps the
+# array alive as long as any tensor on it lives, so a live entry is never a stale address.
+_FILE_MAPS: List["weakref.ref[np.ndarray]"] = []
+
+
+def mapped_tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor on a memory-mapped numpy array, known to :class:`DeviceImages` as file-backed.
+
+    The array should be writable, e.g. ``np.load(path, mmap_mode="c")`` (a private,
+    copy-on-write map: torch needs no warning, and nothing written through the tensor
+    reaches the file); :class:`DeviceImages` then indexes it in place instead of copying
+    the whole set into (pinned) RAM.
+    """
+    tensor = torch.from_numpy(array)
+    _FILE_MAPS[:] = [ref for ref in _FILE_MAPS if ref() is not None]
+    _FILE_MAPS.append(weakref.ref(array))
+    return tensor
+
+
+def _file_backed(images: torch.Tensor) -> bool:
+    """Whether ``images`` lies in a memory-mapped file rather than in RAM."""
+    try:
+        storage = images.untyped_storage()
+        if getattr(storage, "filename", None) is not None:  # torch.from_file(shared=True)
+            return True
+        pointer = storage.data_ptr()
+    except (AttributeError, RuntimeError):
+        return False
+    for ref in _FILE_MAPS:
+        array = ref()
+        if array is not None and array.ctypes.data <= pointer < array.ctypes.data + max(array.nbytes, 1):
+            return True
+    return False
+
+
 class DeviceImages:
-    """uint8 images served batch by batch on ``device``, with as little copying as possible.
+    """uint8 / uint16 images served batch by batch on ``device``, with as little copying as possible.
 
     * Resident (the CPU, or a set that fits in ``max_fraction`` of the GPU's free memory,
       e.g. all of Fashion-MNIST or CIFAR-10 at ~47 / ~150 MB): the whole set is copied to
-      the device once, as uint8 (4x smaller than floats), and a batch is an index on the
-      device -- no host-to-device transfer per step.
+      the device once, as integers (4x or 2x smaller than floats), and a batch is an index
+      on the device -- no host-to-device transfer per step. On the CPU nothing is copied:
+      a memory-mapped folder cache is indexed where it lies, so a set larger than RAM
+      is read batch by batch through the page cache.
     * Streamed (a set too large for the GPU): the set stays in page-locked (pinned) host
-      memory; each batch is gathered into one of two pinned staging buffers and copied
+      memory -- or, memory-mapped from a file, where it is (pinning would read it all into
+      RAM); each batch is gathered into one of two pinned staging buffers and copied
       with ``non_blocking=True``, so the copy overlaps the GPU's work on the step before.
       A CUDA event recorded after each copy guards its buffer from being overwritten
       before the copy has finished.
@@ -593,11 +712,11 @@ class DeviceImages:
         if resident is None:
             resident = not cuda or images.nbytes <= max_fraction * torch.cuda.mem_get_info(self.device)[0]
         self.resident = bool(resident)
-        self._pinned = cuda and not self.resident
+        self._pinned = cuda and not self.resident  # the staging buffers are pinned
         if self.resident:
             self.images = images.to(self.device)
         else:
-            self.images = images.pin_memory() if self._pinned else images
+            self.images = images.pin_memory() if self._pinned and not _file_backed(images) else images
         self._staging: List[Optional[torch.Tensor]] = [None, None]
         self._copied: List[Optional[object]] = [None, None]
         self._slot = 0
@@ -627,36 +746,63 @@ class DeviceImages:
         return batch
 
 
+def augment_dihedral(x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Each image of ``x`` ``(B, C, H, W)`` under its own random symmetry of the square (``--augment``).
+
+    Three fair coins per image -- flip left-right, flip up-down, transpose -- compose to each of
+    the 8 flips and quarter turns with probability 1/8. Non-square images get the two flips only
+    (a quarter turn would change their shape). The downscaling A commutes with all of them
+    (a block of a flipped image is the flipped block), so y = A x stays the low-resolution copy
+    of the augmented x. Draws from ``generator`` or torch's RNG on ``x``'s device.
+    """
+    batch = x.shape[0]
+    device = generator.device if generator is not None else x.device
+
+    def coin():
+        return (torch.rand(batch, generator=generator, device=device) < 0.5).to(x.device).view(batch, 1, 1, 1)
+
+    x = torch.where(coin(), x.flip(-1), x)
+    x = torch.where(coin(), x.flip(-2), x)
+    if x.shape[-1] == x.shape[-2]:
+        x = torch.where(coin(), x.transpose(-1, -2), x)
+    return x
+
+
 def dequantize(
     images_uint8: torch.Tensor, generator: Optional[torch.Generator] = None
 ) -> torch.Tensor:
-    """Uniform dequantization: ``x = (k + u) / 256`` with ``u ~ Uniform[0, 1)``.
+    """Uniform dequantization: ``x = (k + u) / 2**bits`` with ``u ~ Uniform[0, 1)``.
 
-    Turns pixel values ``k`` in ``0..255`` into ``float32`` values in
-    ``[k/256, (k+1)/256)``, so a continuous density on ``[0, 1)`` lower-bounds
-    the discrete likelihood.  Used for training and evaluation alike.
+    The bit depth follows the dtype: ``uint8`` pixels ``k`` in ``0..255`` become
+    ``(k + u) / 256``, ``uint16`` pixels in ``0..65535`` become ``(k + u) / 65536``:
+    ``float32`` values in ``[k / 2**bits, (k + 1) / 2**bits)``, so a continuous density
+    on ``[0, 1)`` lower-bounds the discrete likelihood.  Used for training and
+    evaluation alike.
 
     Args:
-        images_uint8: ``uint8`` tensor of any shape.
+        images_uint8: ``uint8`` or ``uint16`` tensor of any shape.
         generator: optional source of the noise; it may live on another device
             than the images (the noise is then moved).
 
     Returns:
-        A ``float32`` tensor of the same shape on the images' device.  ``floor(256 x)``
-        always gives back ``k`` (and ``x < 1``).
+        A ``float32`` tensor of the same shape on the images' device.
+        ``floor(2**bits x)`` always gives back ``k`` (and ``x < 1``). At 16 bits the
+        noise is resolved to 1/256 of a level for ``k >= 32768`` (float32 has 24
+        significant bits), still uniform on that grid.
     """
-    if not isinstance(images_uint8, torch.Tensor) or images_uint8.dtype != torch.uint8:
+    if not isinstance(images_uint8, torch.Tensor) or images_uint8.dtype not in _PIXEL_BITS:
         found = images_uint8.dtype if isinstance(images_uint8, torch.Tensor) else type(images_uint8)
-        raise ValueError(f"dequantize expects a uint8 tensor of raw pixel values, got {found}")
+        raise ValueError(f"dequantize expects a uint8 or uint16 tensor of raw pixel values, got {found}")
+    levels = float(2 ** _PIXEL_BITS[images_uint8.dtype])
     noise_device = generator.device if generator is not None else images_uint8.device
     noise = torch.rand(
         images_uint8.shape, generator=generator, dtype=torch.float32, device=noise_device
     ).to(images_uint8.device)
     pixels = images_uint8.to(torch.float32)
     # k + u is rounded to float32; for u within half an ulp of 1 it becomes k + 1,
-    # which would leave the bin (and reach 1.0 for k = 255).  Keep it below k + 1.
+    # which would leave the bin (and reach 1.0 for the top level).  Keep it below k + 1.
     summed = torch.minimum(pixels + noise, torch.nextafter(pixels + 1, pixels))
-    return summed / 256.0  # exact: division by a power of two
+    return summed / levels  # exact: division by a power of two
 
 
 # ----------------------------------------------------------------------------

@@ -410,10 +410,10 @@ def iw_conditional_log_likelihood(model, guide, lr_model, lr_guide, x: torch.Ten
 # ---------------------------------------------------------------------------
 
 
-def bits_per_dim(log_likelihood, num_dims: int):
-    """Convert a log-likelihood (nats) of dequantized 8-bit data to bits/dim.
+def bits_per_dim(log_likelihood, num_dims: int, bits: int = 8):
+    """Convert a log-likelihood (nats) of dequantized ``bits``-bit data to bits/dim.
 
-    ``bpd = -log p(x) / (D ln 2) + 8``.
+    ``bpd = -log p(x) / (D ln 2) + bits`` (8 for 8-bit data, 16 for 16-bit).
 
     Why the ``+ 8``: the models are densities over ``x = (k + u) / 256`` in
     ``[0, 1)^D`` (``k`` the 8-bit value, ``u ~ U(0, 1)``), while bits/dim is
@@ -424,9 +424,17 @@ def bits_per_dim(log_likelihood, num_dims: int):
     uniform density on ``[0, 1]^D`` (``log p = 0``) gives exactly 8 bits/dim,
     the cost of storing 8-bit pixels with no model.
 
+    16-bit data are dequantized as ``x = (k + u) / 65536`` and the same change of
+    variables, ``x = v / 65536``, gives ``+ 16``: the uniform density costs 16 bits/dim,
+    the size of a raw 16-bit pixel, so 8- and 16-bit figures each read against their
+    own raw size (they are not comparable with each other: the 16-bit number includes
+    the 8 low bits that 8-bit data never stored).
+
     Works elementwise on tensors and on Python floats (returns the same kind).
     """
-    return -log_likelihood / (num_dims * math.log(2.0)) + 8.0
+    if bits not in (8, 16):
+        raise ValueError(f"bits must be 8 or 16, got {bits!r}")
+    return -log_likelihood / (num_dims * math.log(2.0)) + float(bits)
 
 
 # ---------------------------------------------------------------------------
@@ -795,13 +803,13 @@ def baseline_log_likelihood(x: torch.Tensor, factor: int, scale: float) -> torch
     return ConsistentGaussian(loc, torch.tensor(scale, dtype=x.dtype, device=x.device), y, factor).log_prob(x)
 
 
-def conditional_bits_per_dim(log_likelihood, num_dims: int):
+def conditional_bits_per_dim(log_likelihood, num_dims: int, bits: int = 8):
     """-log p(x | y) in bits per dimension of x not fixed by y (``num_dims = D - D_y``), dequantized.
 
-    The ``+ 8`` is the same change of variables as in :func:`bits_per_dim`: scaling x by 256
-    scales y by 256 too, so the conditional density gains ``(D - D_y) log 256``.
+    The ``+ 8`` (``+ bits``) is the same change of variables as in :func:`bits_per_dim`: scaling
+    x by 256 scales y by 256 too, so the conditional density gains ``(D - D_y) log 256``.
     """
-    return bits_per_dim(log_likelihood, num_dims)
+    return bits_per_dim(log_likelihood, num_dims, bits)
 
 
 # ---------------------------------------------------------------------------
@@ -835,9 +843,10 @@ def evaluate_model(
     world_size: int = 1,
     baseline_scale: Optional[float] = None,
 ) -> Dict[str, float]:
-    """Evaluate a VAE or SRVAE on a uint8 test set ``images`` ``(N, C, H, W)``.
+    """Evaluate a VAE or SRVAE on a uint8 (or uint16) test set ``images`` ``(N, C, H, W)``.
 
-    Each batch is dequantized as ``x = (k + u) / 256``
+    Each batch is dequantized as ``x = (k + u) / 256`` (``/ 65536`` for uint16, whose bits/dim
+    then carry ``+ 16``: :func:`bits_per_dim`; the result's ``bits`` says which)
     (:func:`pyro_srvae.data.dequantize`, the same map as in training) with
     ``u`` drawn from a private CPU ``torch.Generator`` seeded with ``seed``, then
     ``max(elbo_samples, iw_samples)`` log-weights are drawn per image; the
@@ -909,8 +918,8 @@ def evaluate_model(
     if world_size > 1 and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         raise ValueError(f"world_size {world_size} needs an initialised torch.distributed process group")
     images = torch.as_tensor(images)
-    if images.dtype != torch.uint8:
-        raise TypeError(f"images must be uint8 (N, C, H, W), got dtype {images.dtype}")
+    if images.dtype not in (torch.uint8, torch.uint16):
+        raise TypeError(f"images must be uint8 or uint16 (N, C, H, W), got dtype {images.dtype}")
     if images.dim() != 4:
         raise ValueError(f"images must have shape (N, C, H, W), got {tuple(images.shape)}")
     n = images.shape[0]
@@ -921,7 +930,9 @@ def evaluate_model(
     num_dims = images[0].numel()
     k_total = max(elbo_samples, iw_samples)
 
-    from .data import dequantize  # lazy: keeps this module importable on its own
+    from .data import bit_depth, dequantize  # lazy: keeps this module importable on its own
+
+    bits = bit_depth(images)
 
     gen = torch.Generator().manual_seed(seed)
     batch_indices = range(math.ceil(n / batch_size))
@@ -990,8 +1001,9 @@ def evaluate_model(
     elbo = sums["elbo"] / n
     iw = sums["iw"] / n
     result: Dict[str, float] = {
-        "elbo_bpd": float(bits_per_dim(elbo, num_dims)),
-        "iw_bpd": float(bits_per_dim(iw, num_dims)),
+        "elbo_bpd": float(bits_per_dim(elbo, num_dims, bits)),
+        "iw_bpd": float(bits_per_dim(iw, num_dims, bits)),
+        "bits": bits,
         "elbo": elbo,
         "iw_log_likelihood": iw,
         "iw_samples": int(iw_samples),
@@ -1004,10 +1016,10 @@ def evaluate_model(
         result.update(_sr_metrics_from_sums({k[3:]: v for k, v in sums.items() if k.startswith("sr.")}, sr_samples))
         fixed = model.lr_shape[0] * model.lr_shape[1] * model.lr_shape[2]
         result["sr_bpd_dims"] = num_dims - fixed
-        result["sr_bpd"] = float(conditional_bits_per_dim(sums["log_p_x_given_y"] / n, num_dims - fixed)) if conditional else None
+        result["sr_bpd"] = float(conditional_bits_per_dim(sums["log_p_x_given_y"] / n, num_dims - fixed, bits)) if conditional else None
         result["sr_bpd_baseline"] = None
         if conditional and baseline_scale is not None:
-            result["sr_bpd_baseline"] = float(conditional_bits_per_dim(sums["baseline_log_p_x_given_y"] / n, num_dims - fixed))
+            result["sr_bpd_baseline"] = float(conditional_bits_per_dim(sums["baseline_log_p_x_given_y"] / n, num_dims - fixed, bits))
             result["sr_baseline_scale"] = float(baseline_scale)
     return result
 

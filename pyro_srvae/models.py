@@ -164,6 +164,12 @@ def _check_choice(what, value, choices):
 class _ImageModel(nn.Module):
     """What the VAE and the srVAE share: input checks, device following, learned scales."""
 
+    #: Bit depth of the integer pixels the model was trained on (8 or 16): the model itself
+    #: works in [0, 1] units; this says which grid ``(k + U) / 2**bits`` its data came from,
+    #: for bits/dim and for writing outputs in the data's own units. Training sets it from
+    #: the data; a checkpoint stores it.
+    bits = 8
+
     def __init__(self, image_shape, name, validate_inputs, likelihood="gaussian", likelihood_components=10,
                  arch="small", gamma_init=0.1):
         super().__init__()

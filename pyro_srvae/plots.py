@@ -74,6 +74,8 @@ def _as_tensor(x, name: str) -> torch.Tensor:
     x = x.detach().cpu()
     if x.dtype == torch.uint8:
         return x.float() / 255.0
+    if x.dtype == torch.uint16:
+        return x.float() / 65535.0
     return x.float()
 
 

@@ -99,7 +99,7 @@ import torch
 import pyro
 
 from .checkpoint import CheckpointError, fsync_directory, load_checkpoint
-from .images import ImageError, load_image, to_uint8_image
+from .images import ImageError, check_image_size, match_channels, read_image, to_uint8_image
 from .models import SuperResolution
 
 __all__ = [
@@ -119,6 +119,7 @@ DEFAULT_OUT_DIR = "superresolved"
 OUTPUT_SUFFIXES = {
     "mean_png": "_sr_mean.png",
     "mean_npy": "_sr_mean.npy",
+    "mean_tif": "_sr_mean.tif",
     "std_npy": "_sr_std.npy",
     "std_latent_npy": "_sr_std_latent.npy",
     "std_noise_npy": "_sr_std_noise.npy",
@@ -149,7 +150,8 @@ class SuperResolvedImage:
     parts, ``std^2 ~= std_latent^2 + std_noise^2``) are float32 ``(C, f*H, f*W)``,
     ``samples`` ``(S, C, f*H, f*W)`` (all ``None`` with ``return_arrays=False``);
     ``files`` maps the keys of :data:`OUTPUT_SUFFIXES` to the written paths (empty when
-    nothing was written); ``note`` says how the image's channels were converted, if they were.
+    nothing was written); ``note`` says how the image's channels were converted, if they were;
+    ``bits`` is the input's stored bit depth (8 or 16; ``None`` for float input).
     """
 
     input: Path
@@ -160,6 +162,7 @@ class SuperResolvedImage:
     note: Optional[str] = None
     std_latent: Optional[np.ndarray] = None
     std_noise: Optional[np.ndarray] = None
+    bits: Optional[int] = None
 
 
 # --------------------------------------------------------------------------- #
@@ -176,10 +179,13 @@ def _resolve_device(device) -> Optional[torch.device]:
     return device
 
 
-def _image_shape(config, state):
-    """(C, H, W) of the training images: from the dataset's name, else from the weights."""
+def _image_shape(config, state, data_info=None):
+    """(C, H, W) of the training images: as the checkpoint records it, else from the
+    dataset's name, else from the weights (checkpoints written before the record)."""
     from . import data
 
+    if data_info and data_info.get("image_shape"):
+        return tuple(int(n) for n in data_info["image_shape"])
     shapes = getattr(data, "_IMAGE_SHAPES", {})
     if config.dataset in shapes:
         return tuple(shapes[config.dataset])
@@ -222,7 +228,8 @@ def _load(checkpoint, device=None, require_super_resolution=True, x_given_y=None
     state = payload["model_state"]
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} holds no model weights")
-    shape = _image_shape(config, state)
+    data_info = payload.get("data") if isinstance(payload.get("data"), dict) else {}
+    shape = _image_shape(config, state, data_info)
     if shape is None:
         raise CheckpointError(f"{path}: cannot tell the image size of dataset {config.dataset!r}")
     try:
@@ -232,6 +239,10 @@ def _load(checkpoint, device=None, require_super_resolution=True, x_given_y=None
         text = str(error).strip()
         first_line = text.splitlines()[0] if text else type(error).__name__
         raise CheckpointError(f"{path} does not match its own configuration: {first_line}") from None
+    bits = data_info.get("bits", 8)
+    if bits not in (8, 16):
+        raise CheckpointError(f"{path} records {bits!r}-bit data; expected 8 or 16")
+    model.bits = bits
     device = _resolve_device(device if device is not None else "auto")
     model = model.to(device).eval()
     return model, config, payload
@@ -579,12 +590,55 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
+def read_input(path, channels: int, factor: int, bits: int):
+    """``(pixels (channels, H, W) float32 in [0, 1], note, stored bits)`` of one input file.
+
+    Integer inputs must have the bit depth of the model's training data (``bits``): an
+    8-bit image given to a model of 16-bit data (or the reverse) is refused with one line,
+    because what its values mean on the other grid (full scale? the sensor's 12 bits?) would
+    be a guess, and the output could not be written in the input's own units. Float inputs
+    in [0, 1] carry no bit depth and are taken as they are.
+    """
+    image = read_image(path)
+    pixels, note = match_channels(image, channels)
+    check_image_size(pixels, factor, path)
+    if image.bits is not None and image.bits != bits:
+        raise ImageError(
+            f"{path}: a {image.bits}-bit image, but the model was trained on {bits}-bit data; "
+            f"convert it to uint{bits} (or to floats in [0, 1]) first: its units on the other grid would be a guess"
+        )
+    return pixels, note, image.bits
+
+
+def native_pixels(pixels: np.ndarray, bits: Optional[int]) -> np.ndarray:
+    """An image in [0, 1] in the input's own units: ``floor(2**bits x)`` as uint8 / uint16
+    (the inverse of reading ``k`` as ``(k + 0.5) / 2**bits``), or float32 for float input.
+
+    With the consistent model each block of the mean averages to ``(k + 0.5) / 2**bits``, so
+    the written block averages to ``k`` within half a level -- except where the mean leaves
+    [0, 1] and is clipped, which moves that block's average (near black or white only)."""
+    values = np.nan_to_num(np.asarray(pixels, dtype=np.float64), nan=0.0)
+    if bits is None:
+        return np.clip(values, 0.0, 1.0).astype(np.float32)
+    levels = 2**bits
+    return np.clip(np.floor(values * levels), 0, levels - 1).astype(np.uint8 if bits == 8 else np.uint16)
+
+
+def _save_tiff(array: np.ndarray):
+    """A writer of ``(C, H, W)`` as a TIFF of C planes (tifffile takes a path, not a handle)."""
+    import tifffile
+
+    planar = {"planarconfig": "separate"} if array.shape[0] > 1 else {}
+    data = array if array.shape[0] > 1 else array[0]
+    return lambda path: tifffile.imwrite(path, data, photometric="minisblack", **planar)
+
+
 def _save_npy(array):
     return lambda handle: np.save(handle, np.ascontiguousarray(array), allow_pickle=False)
 
 
-def _write_outputs(out_dir: Path, files: Dict[str, Path], result: SuperResolution, label: str):
-    """The eight files of one input, all renamed into place at the end or none at all."""
+def _write_outputs(out_dir: Path, files: Dict[str, Path], result: SuperResolution, label: str, bits=None):
+    """The files of one input (:data:`OUTPUT_SUFFIXES`), all renamed into place at the end or none at all."""
     from . import plots
 
     mean, std, samples = result.mean, result.std, result.samples
@@ -593,6 +647,7 @@ def _write_outputs(out_dir: Path, files: Dict[str, Path], result: SuperResolutio
     try:
         staged.write(files["mean_png"], lambda h: to_uint8_image(mean.numpy()).save(h, format="PNG"))
         staged.write(files["mean_npy"], _save_npy(mean.numpy()))
+        staged.write_via_path(files["mean_tif"], _save_tiff(native_pixels(mean.numpy(), bits)))
         staged.write(files["std_npy"], _save_npy(std.numpy()))
         staged.write(files["std_latent_npy"], _save_npy(result.std_latent.numpy()))
         staged.write(files["std_noise_npy"], _save_npy(result.std_noise.numpy()))
@@ -640,9 +695,12 @@ def superresolve(
             ``(H, W)`` or ``(C, H, W)`` (uint8, uint16 or floats in [0, 1]), of any size
             of at least ``factor`` pixels a side. Grey and RGB images are converted to the
             model's channels where that is unambiguous (:func:`pyro_srvae.images.match_channels`).
+            Integer inputs must have the bit depth of the model's data (:func:`read_input`).
         num_samples: SR draws per image.
-        out_dir: where to write, for an input ``name.ext``: ``name_sr_mean.png`` and
-            ``.npy`` (the predictive mean), ``name_sr_std.npy`` (the total per-pixel
+        out_dir: where to write, for an input ``name.ext``: ``name_sr_mean.png`` (an 8-bit
+            preview) and ``.npy`` (float32 in [0, 1]) of the predictive mean, ``name_sr_mean.tif``
+            (the mean in the input's own units, every band: uint16 for a 16-bit input, uint8
+            for an 8-bit one, float32 for float input), ``name_sr_std.npy`` (the total per-pixel
             predictive std), ``name_sr_std_latent.npy`` and ``name_sr_std_noise.npy`` (its
             parts: the spread of the decoder means over the latents, the likelihood's
             noise), ``name_uncertainty.png`` (the three maps side by side, one shared colour
@@ -685,13 +743,13 @@ def superresolve(
     if not paths:
         raise SuperResolveError("no input given")
 
-    channels, factor = model.lr_shape[0], model.factor
+    channels, factor, bits = model.lr_shape[0], model.factor, int(getattr(model, "bits", 8))
     # Check every input first (each is read again when its turn comes: memory stays
     # bounded by one image however many there are).
     notes, errors = [], []
     for path in paths:
         try:
-            notes.append(load_image(path, channels, min_size=factor)[1])
+            notes.append(read_input(path, channels, factor, bits)[1])
         except ImageError as error:
             errors.append(str(error))
     if errors:
@@ -730,7 +788,7 @@ def superresolve(
     try:
         for path, name, note, files in zip(paths, names, notes, planned):
             try:
-                pixels, _ = load_image(path, channels, min_size=factor)
+                pixels, _, input_bits = read_input(path, channels, factor, bits)
             except ImageError as error:  # changed since it was checked
                 raise SuperResolveError(str(error)) from None
             sr = superresolve_image(
@@ -745,7 +803,7 @@ def superresolve(
             )
             if files:
                 try:
-                    _write_outputs(out_dir, files, sr, path.name)
+                    _write_outputs(out_dir, files, sr, path.name, input_bits)
                 except OSError as error:
                     raise SuperResolveError(
                         f"{path}: cannot write the outputs to {out_dir} ({error.strerror or error})"
@@ -761,7 +819,7 @@ def superresolve(
                 parts = dict(std_latent=sr.std_latent.numpy(), std_noise=sr.std_noise.numpy())
             else:
                 arrays, parts = (None, None, None), {}
-            results.append(SuperResolvedImage(path, *arrays, files=files, note=note, **parts))
+            results.append(SuperResolvedImage(path, *arrays, files=files, note=note, bits=input_bits, **parts))
             bar.update(1)
     finally:
         bar.close()
@@ -813,8 +871,8 @@ def evaluate_checkpoint(
 
     Raises ``CheckpointError`` and ``DatasetNotFoundError`` with one-line messages.
     """
-    from .data import load_dataset
     from .evaluation import evaluate_model, fit_baseline_scale
+    from .training import load_split
 
     model, config, payload = _load(checkpoint, device, require_super_resolution=False, x_given_y=x_given_y)
     eval_samples = config.eval_samples if eval_samples is None else int(eval_samples)
@@ -824,12 +882,14 @@ def evaluate_checkpoint(
     for name, value in (("eval_samples", eval_samples), ("sr_samples", sr_samples), ("eval_limit", limit)):
         if value is not None and value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value}")
-    test_set = load_dataset(config.dataset, "test", data_dir if data_dir is not None else config.data_dir)
+    if data_dir is not None:
+        config.data_dir = str(data_dir)
+    test_set = load_split(config, "test")
     images = test_set.images[:limit] if limit is not None else test_set.images
     model_device = _model_device(model)
     baseline_scale = None
     if config.model == "srvae":  # the SR baseline's scale, fitted on the run's training images
-        train_images = load_dataset(config.dataset, "train", data_dir if data_dir is not None else config.data_dir).images
+        train_images = load_split(config, "train").images
         baseline_scale = fit_baseline_scale(train_images[: config.train_limit], config.factor, config.seed)
     with pyro.get_param_store().scope():
         test = evaluate_model(

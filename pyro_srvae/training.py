@@ -7,7 +7,8 @@ over the module's parameters, which gives global-norm clipping and an optimizer
 state that checkpoints and resumes exactly.
 
 A run writes into its output directory: ``checkpoint.pt`` (atomic), ``metrics.json``,
-``metrics.csv`` and PNG figures (:mod:`pyro_srvae.plots`).
+``metrics.csv``, PNG figures (:mod:`pyro_srvae.plots`) and, with ``tensorboard=True``,
+TensorBoard event files under ``tensorboard/`` (:mod:`pyro_srvae.tensorboard`).
 
 Under ``torchrun`` the same loop runs data-parallel, one process per GPU or CPU worker
 (:mod:`pyro_srvae.distributed`): ``--batch-size`` is per process, gradients are summed
@@ -47,13 +48,17 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from .data import DATASETS, DeviceImages, dequantize, iterate_batches, load_dataset, num_batches
+from .data import (
+    DATASET_NAMES, FOLDER, DeviceImages, augment_dihedral, dequantize, iterate_batches, load_dataset, num_batches,
+)  # fmt: skip
 from .elbo import ELBO_NAMES, make_elbo
 from .evaluation import bicubic_upsample, bits_per_dim, evaluate_model, fit_baseline_scale, particle_budget
 from .likelihoods import LIKELIHOODS
 from .models import DOWNSCALE_FACTORS, DOWNSCALE_MODES, GUIDES, SRVAE, VAE, X_GIVEN_Y
 from .networks import ARCHS
 from .priors import PRIORS
+from .tensorboard import LOG_DIR as BOARD_DIR
+from .tensorboard import open_board, tensorboard_missing
 
 MODELS = ("vae", "srvae")
 DEVICES = ("auto", "cpu", "cuda")
@@ -100,7 +105,9 @@ class TrainConfig:
     dataset: str = "fashion-mnist-mini"
     data_dir: Optional[str] = None
     download: bool = False
-    epochs: int = 10
+    # The defaults are the main job's, sized to finish in 150 s on a 2-core AVX2 CPU; what each
+    # choice costs in bits/dim and PSNR against 10 epochs and K = 32 is in docs/performance.md.
+    epochs: int = 3
     max_steps: Optional[int] = None
     batch_size: int = 64
     lr: float = 2e-3
@@ -108,8 +115,8 @@ class TrainConfig:
     clip_norm: Optional[float] = None
     device: str = "auto"
     seed: int = 0
-    eval_samples: int = 32
-    sr_samples: int = 32
+    eval_samples: int = 16
+    sr_samples: int = 16
     eval_limit: Optional[int] = None
     train_limit: Optional[int] = None
     out: Optional[str] = None
@@ -126,12 +133,21 @@ class TrainConfig:
     figures: bool = True
     precision: str = "fp32"
     compile: bool = False
+    tensorboard: bool = False
+    # --dataset folder: patches cut from the user's images (pyro_srvae.folder.load_folder).
+    patch_size: Optional[int] = None
+    patch_stride: Optional[int] = None
+    test_fraction: float = 0.1
+    channels: Optional[int] = None
+    augment: bool = False
+    cache_dir: Optional[str] = None
 
     # Fields that may change when a run is resumed; every other field is the run's identity.
     RESUMABLE = (
         "epochs", "max_steps", "device", "out", "checkpoint_every", "eval_samples", "eval_limit", "figures",
-        "precision", "compile",
+        "precision", "compile", "tensorboard", "cache_dir",
     )  # fmt: skip
+    FOLDER_OPTIONS = ("patch_size", "patch_stride", "channels", "cache_dir")
 
     def validate(self):
         """Raise :class:`ConfigError` with one line for an impossible combination."""
@@ -140,7 +156,7 @@ class TrainConfig:
             "guide": GUIDES,
             "prior": PRIORS,
             "elbo": ELBO_NAMES,
-            "dataset": DATASETS,
+            "dataset": DATASET_NAMES,
             "device": DEVICES,
             "factor": DOWNSCALE_FACTORS,
             "downscale_mode": DOWNSCALE_MODES,
@@ -177,7 +193,33 @@ class TrainConfig:
             raise ConfigError(f"--clip-norm must be positive, got {self.clip_norm}")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("--device cuda: no CUDA GPU is available (use --device auto or cpu)")
+        self._validate_folder_options()
+        if self.tensorboard:
+            missing = tensorboard_missing()
+            if missing is not None:
+                raise ConfigError(missing)
         return self
+
+    def _validate_folder_options(self):
+        if self.dataset != FOLDER:
+            given = [name for name in self.FOLDER_OPTIONS if getattr(self, name) is not None]
+            if given:
+                raise ConfigError(f"--{given[0].replace('_', '-')} applies to --dataset folder (your own images) only")
+            return
+        if self.data_dir is None:
+            raise ConfigError("--dataset folder needs --data-dir DIR: the folder holding your images")
+        if self.download:
+            raise ConfigError("--download fetches the named datasets; --dataset folder reads your own images")
+        for name in ("patch_size", "patch_stride", "channels"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+        if self.patch_size is not None and self.patch_size % self.factor:
+            raise ConfigError(f"--patch-size {self.patch_size} is not a multiple of --factor {self.factor}")
+        if self.patch_stride is not None and self.patch_size is None:
+            raise ConfigError("--patch-stride needs --patch-size")
+        if not 0 < self.test_fraction < 1:
+            raise ConfigError(f"--test-fraction must lie in (0, 1), got {self.test_fraction}")
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -500,64 +542,226 @@ def _silent(*args, **kwargs):
 
 def _train(config, payload, resume, context, started, progress, log):
     """The body of :func:`train` once the configuration and the process group are settled."""
-    device = context.device
     # The default directory name holds the time: every rank takes rank 0's.
     out_dir = Path(context.broadcast_object(config.out or str(default_out_dir(config))))
     config.out = str(out_dir)
-    checkpoint_path = out_dir / "checkpoint.pt"
-    context.resume_hint = f"Resume from the last checkpoint with --resume {checkpoint_path}"
+    context.resume_hint = f"Resume from the last checkpoint with --resume {out_dir / 'checkpoint.pt'}"
 
-    # With --download, rank 0 fetches the files before the other ranks read them.
-    with context.main_first(config.download):
-        train_set = load_dataset(config.dataset, "train", config.data_dir, config.download)
-        test_set = load_dataset(config.dataset, "test", config.data_dir, config.download)
-    train_set = _first(train_set, config.train_limit)
-    test_set = _first(test_set, config.eval_limit)
+    train_set, test_set = _load_data(config, context, progress)
+    check_bit_depth(config, train_set.bits)
+    _log_data(train_set, test_set, log)
     global_batch = config.batch_size * context.world_size
     if len(train_set) < global_batch:
         per_rank = f" x {context.world_size} processes = {global_batch}" if context.enabled else ""
         raise ConfigError(f"--batch-size {config.batch_size}{per_rank} exceeds the {len(train_set)} training images")
 
+    run = _Run(config, context, out_dir, started, *_build(config, train_set.image_shape, context))
+    run.model.bits = train_set.bits
+    run.data = data_summary(train_set)
+    if payload is not None:
+        _restore(run, payload, resume)
+        log(f"resuming {resume} at epoch {run.epoch + 1}, step {run.step}")
+    if context.is_main:  # what writers killed in an earlier session of this run left behind
+        remove_stale_temporaries(out_dir, OUTPUT_FILES + FIGURE_FILES)
+    run.board = _open_board(config, out_dir, context, run.step)
+    try:
+        _fit(run, train_set, test_set, progress, log)
+        test = _evaluate(run, train_set, test_set, progress, log)
+        return _finish(run, test, test_set, log)
+    finally:
+        run.board.close()
+
+
+def dataset_options(config, progress=False):
+    """The keyword arguments of :func:`pyro_srvae.data.load_dataset` for the run's data."""
+    if config.dataset != FOLDER:
+        return {}
+    return dict(
+        patch_size=config.patch_size, patch_stride=config.patch_stride, test_fraction=config.test_fraction,
+        seed=config.seed, factor=config.factor, channels=config.channels, cache_dir=config.cache_dir,
+        progress=progress,
+    )  # fmt: skip
+
+
+def load_split(config, split, progress=False):
+    """One split of the run's data, as training reads it (``pyro-srvae evaluate`` reads it so too)."""
+    return load_dataset(config.dataset, split, config.data_dir, config.download, **dataset_options(config, progress))
+
+
+def _load_data(config, context, progress=False):
+    """The training and test sets of the run, cut to ``--train-limit`` / ``--eval-limit``."""
+    if config.dataset == FOLDER and config.cache_dir is None:
+        # Next to the run, shared by the runs beside it: a second run reads the patches
+        # from the cache instead of decoding the images again.
+        config.cache_dir = str(Path(config.out).parent / "folder-cache")
+    # With --download, rank 0 fetches the files before the other ranks read them; rank 0
+    # also builds a folder's patch cache first, which the others then open.
+    with context.main_first(config.download or config.dataset == FOLDER):
+        train_set = load_split(config, "train", progress and context.is_main)
+        test_set = load_split(config, "test", progress and context.is_main)
+    return _first(train_set, config.train_limit), _first(test_set, config.eval_limit)
+
+
+def _log_data(train_set, test_set, log):
+    """For a folder: where the patches came from, what was converted, what was too small."""
+    for dataset in (train_set, test_set):
+        source = dataset.source
+        if source is None:
+            continue
+        cached = " (from the cache)" if source.from_cache else ""
+        log(
+            f"{dataset.split}: {len(dataset)} patches of {dataset.image_shape[1]}x{dataset.image_shape[2]} "
+            f"from {len(source.files)} images, {source.bits}-bit, {source.channels} channel(s){cached}"
+        )
+        for note in source.notes:
+            log(f"  note: {note}")
+        if source.skipped:
+            log(f"  {len(source.skipped)} image(s) smaller than one patch left out, e.g. {source.skipped[0]}")
+
+
+def check_bit_depth(config, bits):
+    """16-bit data need a continuous density on the 16-bit grid: the 256-bin likelihoods and
+    a y on the 8-bit grid (the ``bound`` route of --x-given-y) would not describe them."""
+    if bits == 8:
+        return
+    if config.likelihood == "dlogistic-mix":
+        raise ConfigError(
+            f"{bits}-bit data: --likelihood dlogistic-mix has 256 bins (8 bits); use gaussian or gaussian-pixel"
+        )
+    quantized = config.model == "srvae" and (
+        config.x_given_y == "quantized" or (config.x_given_y == "consistent" and config.downscale_mode != "area")
+    )
+    if quantized:
+        raise ConfigError(
+            f"{bits}-bit data: this srVAE puts y on the 8-bit grid (--x-given-y {config.x_given_y}, "
+            f"--downscale-mode {config.downscale_mode}); use --downscale-mode area with --x-given-y consistent"
+        )
+
+
+def data_summary(dataset):
+    """What a checkpoint and metrics.json record of the training data: shape, bit depth, and
+    for a folder the files and patches (so that superresolve knows its tile and its units)."""
+    summary = {"image_shape": list(dataset.image_shape), "bits": dataset.bits, "num_images": len(dataset)}
+    source = dataset.source
+    if source is not None:
+        summary.update(
+            root=str(source.root), layout=source.layout, files=len(source.files), patch_size=source.patch_size,
+            patch_stride=source.patch_stride, channels=source.channels, cache_file=str(source.cache_file or ""),
+        )  # fmt: skip
+    return summary
+
+
+def _build(config, image_shape, context):
+    """The seeded model (the same initial weights on every rank) and its optimizer."""
     pyro.clear_param_store()
     torch.manual_seed(config.seed)
     pyro.set_rng_seed(config.seed)
-    model = build_model(config, train_set.image_shape).to(device)
+    model = build_model(config, image_shape).to(context.device)
     if config.compile:
         model.compile_networks()
     if context.rank > 0:
         # Same initial weights on every rank (seeded above; DDP broadcasts rank 0's anyway),
         # but each rank draws its own latent and dequantization noise from here on.
         pyro.set_rng_seed(derive_seed(config.seed, "rank", context.rank))
-    optimizer = make_optimizer(model, config.lr)
-    history = {"epochs": [], "steps": [], "wall_seconds": 0.0}
-    epoch, batch_start, step = 0, 0, 0
-    # The run's loss so far (all ranks) of an epoch cut by a checkpoint.
-    partial_epoch = {"loss_sum": 0.0, "images": 0}
-    if payload is not None:
-        try:
-            model.load_state_dict(payload["model_state"])
-            optimizer.load_state_dict(payload["optimizer_state"])
-        except (RuntimeError, ValueError, KeyError) as error:
-            first_line = str(error).strip().splitlines()[0]
-            raise CheckpointError(f"{resume} does not match its own configuration: {first_line}") from None
-        history = payload.get("history", history)
-        epoch, batch_start, step = payload["epoch"], payload.get("batch_in_epoch", 0), payload["step"]
-        partial_epoch = payload.get("partial_epoch", partial_epoch)
-        saved_world_size = payload.get("world_size", 1)
-        if saved_world_size != context.world_size and batch_start:
-            raise CheckpointError(
-                f"{resume} was saved in the middle of an epoch by {saved_world_size} process(es) and the "
-                f"position in an epoch depends on the global batch: resume it with {saved_world_size} "
-                f"process(es) (or change the process count at an epoch-end checkpoint)"
-            )
-        _restore_rng_state(payload, context, config.seed, step)
-        log(f"resuming {resume} at epoch {epoch + 1}, step {step}")
-    if context.is_main:  # what writers killed in an earlier session of this run left behind
-        remove_stale_temporaries(out_dir, OUTPUT_FILES + FIGURE_FILES)
+    return model, make_optimizer(model, config.lr)
 
+
+def _open_board(config, out_dir, context, step):
+    """Rank 0's TensorBoard writer with ``--tensorboard``, else one that writes nothing.
+
+    It purges from ``step`` on: whatever an interrupted session logged at or after the
+    checkpoint this run resumes from, or a finished run's events when a fresh run reuses
+    ``--out``. :func:`_replay_to_board` logs that step's own values again."""
+    try:
+        return open_board(
+            config.tensorboard and context.is_main, out_dir / BOARD_DIR, purge_step=step, seed=config.seed,
+            sr_samples=min(config.sr_samples, 8),
+        )  # fmt: skip
+    except ImportError as error:
+        raise ConfigError(str(error)) from None
+
+
+class _Run:
+    """One session of a run, shared by the steps of :func:`_train`: the model and optimizer,
+    where the run stands (epoch, batch in it, step), its history, and the checkpoint."""
+
+    def __init__(self, config, context, out_dir, started, model, optimizer):
+        self.config, self.context, self.out_dir, self.started = config, context, out_dir, started
+        self.model, self.optimizer = model, optimizer
+        self.checkpoint_path = out_dir / "checkpoint.pt"
+        self.history = {"epochs": [], "steps": [], "wall_seconds": 0.0}
+        self.epoch, self.batch_start, self.step = 0, 0, 0
+        # The run's loss so far (all ranks) of an epoch cut by a checkpoint.
+        self.partial_epoch = {"loss_sum": 0.0, "images": 0}
+        self.prior_wall = 0.0  # the wall time of the earlier sessions of this run
+        self.board = None
+        self.data = {}  # data_summary of the training set
+
+    def reached_max_steps(self):
+        return self.config.max_steps is not None and self.step >= self.config.max_steps
+
+    def checkpoint(self, epoch_index, batch_index, loss_sum=0.0, images=0, rng_states=None):
+        # Every rank calls this, so that its RNG state goes into the file; rank 0 writes it.
+        context = self.context
+        rng_states = rng_states or context.all_gather_object(get_rng_state())
+        if not context.is_main:
+            return
+        self.history["wall_seconds"] = self.prior_wall + time.time() - self.started
+        state = {
+            "config": self.config.to_dict(),
+            "model_state": self.model.state_dict(),
+            "optimizer_state": self.optimizer.state_dict(),
+            "param_store": {k: v.detach().cpu() for k, v in pyro.get_param_store().items()},
+            "epoch": epoch_index,
+            "batch_in_epoch": batch_index,
+            "partial_epoch": {"loss_sum": float(loss_sum), "images": images},
+            "step": self.step,
+            "rng": rng_states[0],
+            "world_size": context.world_size,
+            "history": self.history,
+            "data": self.data,
+        }
+        if context.enabled:
+            state["rng_by_rank"] = rng_states
+        save_checkpoint(self.checkpoint_path, state)
+
+    def interrupted(self, signal_number):
+        self.context.barrier()  # every rank leaves after rank 0 has written the checkpoint
+        return TrainingInterrupted(
+            f"interrupted by signal {signal_number} at step {self.step}; resume with --resume {self.checkpoint_path}",
+            signal_number,
+        )
+
+
+def _restore(run, payload, resume):
+    """The checkpoint's weights, optimizer state, history, position and RNG streams."""
+    try:
+        run.model.load_state_dict(payload["model_state"])
+        run.optimizer.load_state_dict(payload["optimizer_state"])
+    except (RuntimeError, ValueError, KeyError) as error:
+        first_line = str(error).strip().splitlines()[0]
+        raise CheckpointError(f"{resume} does not match its own configuration: {first_line}") from None
+    run.history = payload.get("history", run.history)
+    run.epoch, run.batch_start, run.step = payload["epoch"], payload.get("batch_in_epoch", 0), payload["step"]
+    run.partial_epoch = payload.get("partial_epoch", run.partial_epoch)
+    saved_world_size = payload.get("world_size", 1)
+    if saved_world_size != run.context.world_size and run.batch_start:
+        raise CheckpointError(
+            f"{resume} was saved in the middle of an epoch by {saved_world_size} process(es) and the "
+            f"position in an epoch depends on the global batch: resume it with {saved_world_size} "
+            f"process(es) (or change the process count at an epoch-end checkpoint)"
+        )
+    _restore_rng_state(payload, run.context, run.config.seed, run.step)
+    run.prior_wall = run.history.get("wall_seconds", 0.0)
+
+
+def _fit(run, train_set, test_set, progress, log):
+    """The training loop: epochs of steps from where the run stands, each ending with its
+    record and a checkpoint, until ``--epochs``, ``--max-steps`` or a signal."""
+    config, context, model = run.config, run.context, run.model
     # Pixels are uint8 on the device, validated once here; each batch is dequantized
     # on the device, so the per-call checks inside the model can be skipped.
-    train_images = DeviceImages(train_set.images, device)
+    train_images = DeviceImages(train_set.images, context.device)
     elbo = make_elbo(config.elbo, num_particles=config.num_particles, vectorize_particles=config.num_particles > 1)
     if config.elbo == "meanfield-mog-bound":
         log(MIXTURE_BOUND_WARNING)
@@ -565,161 +769,189 @@ def _train(config, payload, resume, context, started, progress, log):
     batches_per_epoch = num_batches(len(train_set), config.batch_size, drop_last=True, world_size=context.world_size)
     num_dims = train_set.images[0].numel()
     if context.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    prior_wall = history.get("wall_seconds", 0.0)
+        run.out_dir.mkdir(parents=True, exist_ok=True)
     if context.enabled:
         log(
             f"data-parallel on {context.world_size} processes ({context.backend}, gradients by {objective.sync}): "
-            f"{config.batch_size} images per rank, global batch {global_batch}"
-        )
-
-    def checkpoint(epoch_index, batch_index, loss_sum=0.0, images=0, rng_states=None):
-        # Every rank calls this, so that its RNG state goes into the file; rank 0 writes it.
-        rng_states = rng_states or context.all_gather_object(get_rng_state())
-        if not context.is_main:
-            return
-        history["wall_seconds"] = prior_wall + time.time() - started
-        state = {
-            "config": config.to_dict(),
-            "model_state": model.state_dict(),
-            "optimizer_state": optimizer.state_dict(),
-            "param_store": {k: v.detach().cpu() for k, v in pyro.get_param_store().items()},
-            "epoch": epoch_index,
-            "batch_in_epoch": batch_index,
-            "partial_epoch": {"loss_sum": float(loss_sum), "images": images},
-            "step": step,
-            "rng": rng_states[0],
-            "world_size": context.world_size,
-            "history": history,
-        }
-        if context.enabled:
-            state["rng_by_rank"] = rng_states
-        save_checkpoint(checkpoint_path, state)
-
-    def interrupted(signal_number):
-        context.barrier()  # every rank leaves after rank 0 has written the checkpoint
-        return TrainingInterrupted(
-            f"interrupted by signal {signal_number} at step {step}; resume with --resume {checkpoint_path}",
-            signal_number,
+            f"{config.batch_size} images per rank, global batch {config.batch_size * context.world_size}"
         )
 
     signal_state = {}
-    reached_max_steps = config.max_steps is not None and step >= config.max_steps
-    bar = _progress_bar(progress, total=config.epochs * batches_per_epoch, initial=epoch * batches_per_epoch + batch_start)
+    total, done = config.epochs * batches_per_epoch, run.epoch * batches_per_epoch + run.batch_start
+    bar = _progress_bar(progress, total=total, initial=done)
     try:
         with _stop_on_signals(signal_state), training_mode(model, elbo):
-            while epoch < config.epochs and not reached_max_steps:
-                model.train()
-                # Rank 0 carries the sums of an epoch resumed part-way; the others add their shares.
-                carried = partial_epoch if context.is_main else {"loss_sum": 0.0, "images": 0}
-                loss_sum = torch.tensor(carried["loss_sum"], device=device)
-                epoch_images = carried["images"]
-                run_loss, run_images = partial_epoch["loss_sum"], partial_epoch["images"]  # all ranks, last sync
-                stop_signal = None
-                unchecked = 0
-                batch = batch_start
-                for indices in iterate_batches(
-                    len(train_set), config.batch_size, config.seed, epoch, start_batch=batch_start, drop_last=True,
-                    rank=context.rank, world_size=context.world_size,
-                ):  # fmt: skip
-                    x = dequantize(train_images.batch(indices))
-                    beta = kl_scale(config, epoch, batch, batches_per_epoch)
-                    loss = training_step(model, optimizer, objective, x, beta, config.clip_norm)
-                    loss_sum = loss_sum + loss
-                    epoch_images += x.shape[0]
-                    unchecked += 1
-                    step += 1
-                    batch += 1
-                    bar.update(1)
-                    limit_reached = config.max_steps is not None and step >= config.max_steps
-                    checkpoint_due = config.checkpoint_every and step % config.checkpoint_every == 0
-                    epoch_done = batch == batches_per_epoch
-                    # A single process answers a signal at once. The ranks of a data-parallel run
-                    # must stop at the same step, so they share their signals only at these
-                    # sync points, which every rank reaches at the same steps.
-                    signalled_alone = bool(signal_state) and not context.enabled
-                    if unchecked >= SYNC_EVERY or limit_reached or checkpoint_due or epoch_done or signalled_alone:
-                        # One host sync every few steps: checks for divergence and feeds the bar.
-                        run_loss, run_images, stop_signal = _synchronise(context, loss_sum, epoch_images, signal_state)
-                        mean_bpd = bits_per_dim(-run_loss / run_images, num_dims)
-                        if not math.isfinite(mean_bpd):
-                            raise TrainingDiverged(
-                                f"the loss became {mean_bpd} at step {step} (epoch {epoch + 1}); "
-                                f"stopped without saving, the last good checkpoint is {checkpoint_path}"
-                            )
-                        history["steps"].append([step, mean_bpd])
-                        bar.set_postfix_str(f"epoch {epoch + 1} loss {mean_bpd:.3f} bpd")
-                        unchecked = 0
-                    if epoch_done:
-                        break  # the epoch record and checkpoint are written below
-                    if checkpoint_due or stop_signal:
-                        checkpoint(epoch, batch, run_loss, run_images)
-                    if stop_signal:
-                        raise interrupted(stop_signal)
-                    if limit_reached:
-                        break
-                complete = batch == batches_per_epoch
-                record = {
-                    "epoch": epoch + 1,
-                    "train_elbo_bpd": bits_per_dim(-run_loss / max(run_images, 1), num_dims),
-                    "test_elbo_bpd": _test_elbo_bpd(model, test_set.images, config, context),
-                    "step": step,
-                    "kl_scale": kl_scale(config, epoch, batch, batches_per_epoch),
-                    "complete": complete,
-                }
-                if history["epochs"] and history["epochs"][-1]["epoch"] == epoch + 1:
-                    history["epochs"][-1] = record  # a partial epoch, now extended
-                else:
-                    history["epochs"].append(record)
-                if complete:
-                    epoch, batch_start = epoch + 1, 0
-                    partial_epoch = {"loss_sum": 0.0, "images": 0}
-                else:
-                    batch_start = batch
-                    partial_epoch = {"loss_sum": run_loss, "images": run_images}
-                reached_max_steps = config.max_steps is not None and step >= config.max_steps
-                checkpoint(epoch, batch_start, **partial_epoch)
+            _replay_to_board(run, test_set.images)
+            while run.epoch < config.epochs and not run.reached_max_steps():
+                batch, run_loss, run_images, stop_signal = _run_epoch(
+                    run, train_images, objective, batches_per_epoch, num_dims, signal_state, bar
+                )
+                _end_epoch(run, batch, run_loss, run_images, test_set.images, batches_per_epoch, num_dims)
                 if not context.enabled:
                     stop_signal = stop_signal or signal_state.get("signal")
                 if stop_signal:
-                    raise interrupted(stop_signal)
+                    raise run.interrupted(stop_signal)
     finally:
         bar.close()
 
-    log(f"training done: {step} steps; evaluating on {len(test_set)} test images")
+
+def _run_epoch(run, train_images, objective, batches_per_epoch, num_dims, signal_state, bar):
+    """The steps of one epoch from ``run.batch_start``, to its end, ``--max-steps`` or a signal.
+
+    Returns ``(batch, run_loss, run_images, stop_signal)``: the position reached in the
+    epoch, the epoch's loss and image count over all ranks at the last host sync, and the
+    signal the ranks agreed to stop on (``None`` if none).
+    """
+    config, context, model, history = run.config, run.context, run.model, run.history
+    model.train()
+    # Rank 0 carries the sums of an epoch resumed part-way; the others add their shares.
+    carried = run.partial_epoch if context.is_main else {"loss_sum": 0.0, "images": 0}
+    loss_sum = torch.tensor(carried["loss_sum"], device=context.device)
+    epoch_images = carried["images"]
+    run_loss, run_images = run.partial_epoch["loss_sum"], run.partial_epoch["images"]  # all ranks, last sync
+    stop_signal = None
+    unchecked = 0
+    epoch, batch = run.epoch, run.batch_start
+    for indices in iterate_batches(
+        len(train_images), config.batch_size, config.seed, epoch, start_batch=run.batch_start, drop_last=True,
+        rank=context.rank, world_size=context.world_size,
+    ):  # fmt: skip
+        x = dequantize(train_images.batch(indices))
+        if config.augment:
+            x = augment_dihedral(x)
+        beta = kl_scale(config, epoch, batch, batches_per_epoch)
+        loss = training_step(model, run.optimizer, objective, x, beta, config.clip_norm)
+        loss_sum = loss_sum + loss
+        epoch_images += x.shape[0]
+        unchecked += 1
+        run.step += 1
+        batch += 1
+        bar.update(1)
+        limit_reached = run.reached_max_steps()
+        checkpoint_due = config.checkpoint_every and run.step % config.checkpoint_every == 0
+        epoch_done = batch == batches_per_epoch
+        # A single process answers a signal at once. The ranks of a data-parallel run
+        # must stop at the same step, so they share their signals only at these
+        # sync points, which every rank reaches at the same steps.
+        signalled_alone = bool(signal_state) and not context.enabled
+        if unchecked >= SYNC_EVERY or limit_reached or checkpoint_due or epoch_done or signalled_alone:
+            # One host sync every few steps: checks for divergence and feeds the bar.
+            run_loss, run_images, stop_signal = _synchronise(context, loss_sum, epoch_images, signal_state)
+            mean_bpd = bits_per_dim(-run_loss / run_images, num_dims, model.bits)
+            if not math.isfinite(mean_bpd):
+                raise TrainingDiverged(
+                    f"the loss became {mean_bpd} at step {run.step} (epoch {epoch + 1}); "
+                    f"stopped without saving, the last good checkpoint is {run.checkpoint_path}"
+                )
+            history["steps"].append([run.step, mean_bpd])
+            run.board.running_loss(run.step, mean_bpd)
+            bar.set_postfix_str(f"epoch {epoch + 1} loss {mean_bpd:.3f} bpd")
+            unchecked = 0
+        if epoch_done:
+            break  # the epoch record and checkpoint are written by _end_epoch
+        if checkpoint_due or stop_signal:
+            run.checkpoint(epoch, batch, run_loss, run_images)
+        if stop_signal:
+            raise run.interrupted(stop_signal)
+        if limit_reached:
+            break
+    return batch, run_loss, run_images, stop_signal
+
+
+def _end_epoch(run, batch, run_loss, run_images, test_images, batches_per_epoch, num_dims):
+    """The record of the epoch (or of its part done), the position after it, the checkpoint."""
+    config, history, epoch = run.config, run.history, run.epoch
+    complete = batch == batches_per_epoch
+    record = {
+        "epoch": epoch + 1,
+        "train_elbo_bpd": bits_per_dim(-run_loss / max(run_images, 1), num_dims, run.model.bits),
+        "test_elbo_bpd": _test_elbo_bpd(run.model, test_images, config, run.context),
+        "step": run.step,
+        "kl_scale": kl_scale(config, epoch, batch, batches_per_epoch),
+        "complete": complete,
+    }
+    if history["epochs"] and history["epochs"][-1]["epoch"] == epoch + 1:
+        history["epochs"][-1] = record  # a partial epoch, now extended
+    else:
+        history["epochs"].append(record)
+    _board_epoch(run, record, test_images)
+    if complete:
+        run.epoch, run.batch_start = epoch + 1, 0
+        run.partial_epoch = {"loss_sum": 0.0, "images": 0}
+    else:
+        run.batch_start = batch
+        run.partial_epoch = {"loss_sum": run_loss, "images": run_images}
+    run.checkpoint(run.epoch, run.batch_start, **run.partial_epoch)
+
+
+def _board_epoch(run, record, test_images):
+    if not run.board.enabled:
+        return
+    model = run.model
+    gammas = {"x": _scalar(model.gamma_x), "y": _scalar(getattr(model, "gamma_y", None))}
+    run.board.epoch(record, model, test_images, gammas, mixture_summary(top_prior(model)))
+
+
+def _replay_to_board(run, test_images):
+    """What the board purged at the step this session starts from, logged again.
+
+    The checkpoint holds that step's loss and epoch record, and the restored weights
+    give its terms and images; nothing before it is logged twice. A fresh run has none."""
+    for step, bpd in run.history["steps"]:
+        if step >= run.step:
+            run.board.running_loss(step, bpd)
+    epochs = run.history["epochs"]
+    if epochs and epochs[-1]["step"] >= run.step:
+        _board_epoch(run, epochs[-1], test_images)
+
+
+def _evaluate(run, train_set, test_set, progress, log):
+    """The final test metrics, sharded over the ranks."""
+    config, model, context = run.config, run.model, run.context
+    log(f"training done: {run.step} steps; evaluating on {len(test_set)} test images")
     baseline_scale = fit_baseline_scale(train_set.images, config.factor, config.seed) if isinstance(model, SRVAE) else None
-    test = evaluate_model(
+    return evaluate_model(
         model,
         test_set.images,
         elbo_samples=config.eval_samples,
         iw_samples=config.eval_samples,
         sr_samples=config.sr_samples,
-        batch_size=max(1, 2 * particle_budget(device) // config.eval_samples),
-        device=device,
+        batch_size=max(1, 2 * particle_budget(context.device) // config.eval_samples),
+        device=context.device,
         seed=config.seed,
         progress=progress,
         rank=context.rank,
         world_size=context.world_size,
         baseline_scale=baseline_scale,
     )
+
+
+def _finish(run, test, test_set, log):
+    """The metrics; on rank 0 their files, the figures, the board's hparams, the last checkpoint."""
+    config, context, model, out_dir = run.config, run.context, run.model, run.out_dir
     # Gathered while every rank is here; rank 0 alone goes on to write files.
     gathered = context.all_gather_object(
         (get_rng_state(), distributed.state_digest(model.state_dict()) if context.enabled else None)
     )
     rng_states = [rng for rng, _ in gathered]
-    history["wall_seconds"] = prior_wall + time.time() - started
-    metrics = _metrics(config, model, history, test, context, [digest for _, digest in gathered])
+    run.history["wall_seconds"] = run.prior_wall + time.time() - run.started
+    metrics = _metrics(config, model, run.history, test, context, [digest for _, digest in gathered])
+    metrics["data"] = run.data
     if metrics.get("distributed") and not metrics["distributed"]["ranks_identical"]:
         log("warning: the ranks' weights differ after training (see state_digests in metrics.json)")
     if not context.is_main:
-        return TrainResult(model=model, metrics=metrics, out_dir=out_dir, checkpoint=checkpoint_path)
+        return TrainResult(model=model, metrics=metrics, out_dir=out_dir, checkpoint=run.checkpoint_path)
     _write_metrics(out_dir, metrics)
-    figures = _draw_figures(model, test_set.images, history, out_dir, config, metrics["test"]) if config.figures else []
-    metrics["wall_seconds"] = prior_wall + time.time() - started
+    figures = []
+    if config.figures:
+        figures = _draw_figures(model, test_set.images, run.history, out_dir, config, metrics["test"])
+    run.board.final(run.step, metrics["config"], metrics["test"])
+    metrics["wall_seconds"] = run.prior_wall + time.time() - run.started
     _write_metrics(out_dir, metrics)
-    checkpoint(epoch, batch_start, **partial_epoch, rng_states=rng_states)  # the final wall time and history, same weights
+    # The final wall time and history, same weights.
+    run.checkpoint(run.epoch, run.batch_start, **run.partial_epoch, rng_states=rng_states)
     log(summary_table(metrics))
-    return TrainResult(model=model, metrics=metrics, out_dir=out_dir, checkpoint=checkpoint_path, figures=figures)
+    return TrainResult(model=model, metrics=metrics, out_dir=out_dir, checkpoint=run.checkpoint_path, figures=figures)
 
 
 def _restore_rng_state(payload, context, seed, step):
@@ -763,7 +995,7 @@ TEST_KEYS = [
     "sr_ssim", "bicubic_ssim", "bilinear_ssim", "consistent_bicubic_ssim", "consistent_bilinear_ssim",
     "sr_coverage", "sr_coverage90", "sr_coverage90_expected", "sr_crps", "bicubic_mae",
     "sr_std_rms", "sr_std_latent_rms", "sr_std_noise_rms",
-    "sr_bpd", "sr_bpd_dims", "sr_bpd_baseline", "sr_baseline_scale", "num_images",
+    "sr_bpd", "sr_bpd_dims", "sr_bpd_baseline", "sr_baseline_scale", "num_images", "bits",
 ]  # fmt: skip
 
 #: What each ``x_density`` means, printed next to every bits/dim.
@@ -875,7 +1107,10 @@ def model_label(config):
 def bits_note(test):
     """' (exact density of x)' and the like: what a bits/dim of this run is."""
     density = test.get("x_density")
-    return f" ({X_DENSITY_NOTES[density]})" if density in X_DENSITY_NOTES else ""
+    parts = [X_DENSITY_NOTES[density]] if density in X_DENSITY_NOTES else []
+    if test.get("bits", 8) != 8:  # 16-bit data: + 16, not + 8 (evaluation.bits_per_dim)
+        parts.append(f"of {test['bits']}-bit data")
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def test_metric_rows(test):

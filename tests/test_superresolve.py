@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import tifffile
 import pytest
 import torch
 import torch.nn.functional as F
@@ -475,7 +476,7 @@ def test_superresolve_writes_every_output_and_returns_the_arrays(checkpoint, tmp
     assert set(first.files) == set(OUTPUT_SUFFIXES)
     assert first.files["mean_npy"].name == "scene_png_sr_mean.npy"  # a shared stem is told apart
     assert second.files["mean_npy"].name == "scene_npy_sr_mean.npy"
-    assert len(files_in(out)) == 2 * len(OUTPUT_SUFFIXES) == 16
+    assert len(files_in(out)) == 2 * len(OUTPUT_SUFFIXES) == 18
     assert not [name for name in files_in(out) if name.startswith(".")]
     assert first.files["std_latent_npy"].name == "scene_png_sr_std_latent.npy"
     assert first.files["std_noise_npy"].name == "scene_png_sr_std_noise.npy"
@@ -489,6 +490,10 @@ def test_superresolve_writes_every_output_and_returns_the_arrays(checkpoint, tmp
     assert (first.std >= 0).all() and first.std.max() > 0
     with Image.open(first.files["mean_png"]) as png:
         assert png.size == (74, 46) and png.mode == "L"
+        # the mean in the input's own units: an 8-bit PNG in, uint8 out, floor(256 x) of the mean
+        native = tifffile.imread(first.files["mean_tif"])
+        assert native.dtype == np.uint8 and np.array_equal(native, np.asarray(png))
+    assert tifffile.imread(second.files["mean_tif"]).dtype == np.float32  # a float .npy in
     for key in ("uncertainty_png", "samples_png"):
         assert first.files[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The uncertainty figure: total std and its two parts, one shared colour bar.
