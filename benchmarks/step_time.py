@@ -29,14 +29,15 @@ the median with only 1 - 2^(1-n) probability (``ratio_coverage`` holds the cover
 interval reported, ``pairs`` the n). ``pyro_ms`` and ``torch_ms`` are each side's own
 median step time, ``images_per_s`` the batch over Pyro's median.
 
-Budget: ``--quick`` times 50 pairs per record after 5 warm-up pairs; ranks 18 and 33 of 50
-bound the median, so the interval spans the middle third of the paired ratios. It is sized
-for back-to-back ``--quick`` runs on a quiet machine to agree on every record's ratio within
-0.05. At the defaults on a 2-core CPU (steps of 33-52 ms, docs/performance.md) that is
-12 x 55 pairs x ~90 ms, about a minute of stepping; the default, 150 pairs after 10
-(ranks 63 and 88), about 3 minutes (estimates from those step times, not timed runs).
+Budget: ``--quick`` times 200 pairs per record after 10 warm-up pairs; ranks 86 and 115 of 200
+bound the median. It is sized for back-to-back ``--quick`` runs on a quiet machine to agree on every
+record's ratio within 0.05: at 50 pairs three such runs on a 2-core VM spread by up to 0.078, at 100
+by 0.070, at 200 by 0.0497 (docs/performance.md; the spread shrinks as the square root of the pairs,
+the step-to-step jitter of a shared machine being what is left after pairing). A ``--quick`` run took
+181 s there (12 records x 210 pairs of 27-53 ms steps); the default, 400 pairs after 10 (ranks 180
+and 221), about twice that.
 
-    python benchmarks/step_time.py --quick          # < 2 minutes on a 2-core CPU
+    python benchmarks/step_time.py --quick          # about 3 minutes on a 2-core CPU
     python benchmarks/step_time.py --json           # last line: a JSON list of records
     python benchmarks/step_time.py --device cuda --arch densenet --hidden 32 --shape 3,32,32 \
         --precision bf16 --compile                  # the CIFAR-10-shaped GPU configuration
@@ -249,12 +250,12 @@ def _name(record):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer pairs: under 2 minutes on a 2-core CPU")
+    parser.add_argument("--quick", action="store_true", help="fewer pairs (200): about 3 minutes on a 2-core CPU")
     parser.add_argument("--json", action="store_true", help="print the records as a JSON list on the last line")
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     parser.add_argument("--hidden", type=int, default=TrainConfig.hidden)
-    parser.add_argument("--steps", type=int, default=None, help="timed (pyro, torch) pairs per record [150, quick: 50]")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed pairs first [10, quick: 5]")
+    parser.add_argument("--steps", type=int, default=None, help="timed (pyro, torch) pairs per record [400, quick: 200]")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed pairs first [10]")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--arch", default="small", choices=ARCHS)
     parser.add_argument("--shape", type=image_shape, default=None, metavar="C,H,W", help="random images of this shape")
@@ -264,8 +265,8 @@ def main(argv=None):
         "--register-every-step", action="store_true", help="keep pyro.module registration on every call (as SVI)"
     )
     args = parser.parse_args(argv)
-    args.steps = args.steps or (50 if args.quick else 150)
-    args.warmup = args.warmup if args.warmup is not None else (5 if args.quick else 10)
+    args.steps = args.steps or (200 if args.quick else 400)
+    args.warmup = args.warmup if args.warmup is not None else 10
     device = resolve_device(args.device)
     images = benchmark_images(2048, args.shape).to(device)
 
