@@ -548,7 +548,6 @@ def _train(config, payload, resume, context, started, progress, log):
     context.resume_hint = f"Resume from the last checkpoint with --resume {out_dir / 'checkpoint.pt'}"
 
     train_set, test_set = _load_data(config, context, progress)
-    check_bit_depth(config, train_set.bits)
     _log_data(train_set, test_set, log)
     global_batch = config.batch_size * context.world_size
     if len(train_set) < global_batch:
@@ -556,6 +555,7 @@ def _train(config, payload, resume, context, started, progress, log):
         raise ConfigError(f"--batch-size {config.batch_size}{per_rank} exceeds the {len(train_set)} training images")
 
     run = _Run(config, context, out_dir, started, *_build(config, train_set.image_shape, context))
+    check_bit_depth(run.model, train_set.bits)
     run.model.bits = train_set.bits
     run.data = data_summary(train_set)
     if payload is not None:
@@ -619,22 +619,20 @@ def _log_data(train_set, test_set, log):
             log(f"  {len(source.skipped)} image(s) smaller than one patch left out, e.g. {source.skipped[0]}")
 
 
-def check_bit_depth(config, bits):
+def check_bit_depth(model, bits):
     """16-bit data need a continuous density on the 16-bit grid: the 256-bin likelihoods and
-    a y on the 8-bit grid (the ``bound`` route of --x-given-y) would not describe them."""
+    a y on the 8-bit grid (the ``bound`` route of --x-given-y, the model's ``quantized_y``)
+    would not describe them."""
     if bits == 8:
         return
-    if config.likelihood == "dlogistic-mix":
+    if model.likelihood_name == "dlogistic-mix":
         raise ConfigError(
             f"{bits}-bit data: --likelihood dlogistic-mix has 256 bins (8 bits); use gaussian or gaussian-pixel"
         )
-    quantized = config.model == "srvae" and (
-        config.x_given_y == "quantized" or (config.x_given_y == "consistent" and config.downscale_mode != "area")
-    )
-    if quantized:
+    if getattr(model, "quantized_y", False):
         raise ConfigError(
-            f"{bits}-bit data: this srVAE puts y on the 8-bit grid (--x-given-y {config.x_given_y}, "
-            f"--downscale-mode {config.downscale_mode}); use --downscale-mode area with --x-given-y consistent"
+            f"{bits}-bit data: this srVAE puts y on the 8-bit grid (--x-given-y {model.x_given_y}, "
+            f"--downscale-mode {model.downscale_mode}); use --downscale-mode area with --x-given-y consistent"
         )
 
 

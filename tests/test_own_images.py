@@ -17,7 +17,7 @@ from pyro_srvae.data import augment_dihedral
 from pyro_srvae.evaluation import bits_per_dim
 from pyro_srvae.likelihoods import block_mean
 from pyro_srvae.superresolve import SuperResolveError, load_model, superresolve
-from pyro_srvae.training import ConfigError, TrainConfig, check_bit_depth, train
+from pyro_srvae.training import ConfigError, TrainConfig, build_model, check_bit_depth, train
 
 QUIET = dict(progress=False, log=lambda *_: None)
 TINY = dict(
@@ -133,10 +133,13 @@ def test_bits_per_dim_follows_the_bit_depth():
     ],
 )
 def test_16_bit_data_refuse_the_8_bit_likelihood_routes(options, message):
+    def model(**values):
+        return build_model(TrainConfig(hidden=4, **values), (1, 8, 8))
+
     with pytest.raises(ConfigError, match=message):
-        check_bit_depth(TrainConfig(**options), 16)
-    check_bit_depth(TrainConfig(**options), 8)
-    check_bit_depth(TrainConfig(), 16)  # the default: the consistent Gaussian, a density on any grid
+        check_bit_depth(model(**options), 16)
+    check_bit_depth(model(**options), 8)
+    check_bit_depth(model(), 16)  # the default: the consistent Gaussian, a density on any grid
 
 
 def test_augmentation_applies_one_symmetry_of_the_square_per_image():
