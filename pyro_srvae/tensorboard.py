@@ -20,6 +20,7 @@ The ``tensorboard`` package is an optional extra, imported only when a run asks 
 
 import math
 import re
+import time
 from pathlib import Path
 
 import torch
@@ -95,6 +96,7 @@ class TrainingBoard(NullBoard):
     enabled = True
 
     def __init__(self, log_dir, purge_step=0, seed=0, num_images=4, num_samples=8, sr_samples=8, term_images=32):
+        wait_for_a_later_second(log_dir)
         self.writer = summary_writer_class()(log_dir=str(log_dir), purge_step=purge_step)
         self.seed = seed
         self.num_images, self.num_samples, self.sr_samples = num_images, num_samples, sr_samples
@@ -172,6 +174,33 @@ class TrainingBoard(NullBoard):
 
     def close(self):
         self.writer.close()
+
+
+#: The longest :func:`wait_for_a_later_second` waits; a folder whose files are dated later
+#: than that was written under another clock, and no wait would order it.
+MAX_ORDERING_WAIT_S = 2.0
+
+
+def wait_for_a_later_second(log_dir, clock=time.time, sleep=time.sleep):
+    """Wait until the current second is later than that of every event file in ``log_dir``.
+
+    TensorBoard reads a folder's event files in the order of their names,
+    ``events.out.tfevents.<second>.<host>.<pid>.<counter>``, as strings. Within one second
+    (a quick resume, or two sessions in one process) that order is the pid's and the counter's
+    as strings, where ``10`` comes before ``9``: the earlier session's file would then be read
+    last, and its steps, older than the resumed session's, would purge the resumed
+    session's events. A file in a later second sorts after all of them.
+    """
+    seconds = [
+        int(match.group(1))
+        for path in Path(log_dir).glob("events.out.tfevents.*")
+        if (match := re.match(r"events\.out\.tfevents\.(\d+)\.", path.name))
+    ]
+    if not seconds:
+        return
+    wait = max(seconds) + 1 - clock()
+    if 0 < wait <= MAX_ORDERING_WAIT_S:
+        sleep(wait)
 
 
 def open_board(enabled, log_dir, purge_step, seed=0, sr_samples=8):

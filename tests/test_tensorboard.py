@@ -215,3 +215,42 @@ def test_the_board_leaves_the_model_in_its_mode(tmp_path):
     events = read_events_dir(tmp_path)
     assert steps(events, "gamma/x") == [3] and "gamma/y" not in events.Tags()["scalars"]
     assert events.Images("images/super_resolution")[0].height == 4 * 9 + 1
+
+
+def test_a_session_in_the_same_second_is_read_after_the_earlier_one(tmp_path, monkeypatch):
+    """Two sessions' files in one second sort by their counters as strings ("10" < "9"):
+    the board waits for a later second so that the resumed session's file is read last."""
+    import time
+
+    from tensorboard.summary.writer import event_file_writer
+    from torch.utils.tensorboard import SummaryWriter
+
+    counters = iter([9, 10])
+    monkeypatch.setattr(event_file_writer._global_uid, "get", lambda: next(counters))
+    time.sleep(1 - time.time() % 1)  # both files are opened within the same second but for the wait
+    with SummaryWriter(log_dir=str(tmp_path)) as earlier:  # an interrupted session, steps 1..5
+        for step in range(1, 6):
+            earlier.add_scalar("train/loss_bpd", float(step), step)
+    board = TrainingBoard(tmp_path, purge_step=3)  # resumed from its checkpoint at step 2
+    for step in (3, 4):
+        board.running_loss(step, 10.0 * step)
+    board.close()
+    files = sorted(path.name for path in tmp_path.glob("events.out.tfevents.*"))
+    assert files[-1].endswith(".10")
+    assert [(e.step, e.value) for e in read_events_dir(tmp_path).Scalars("train/loss_bpd")] == [
+        (1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)
+    ]  # fmt: skip
+
+
+def test_the_wait_for_a_later_second_is_short_and_bounded(tmp_path):
+    from pyro_srvae.tensorboard import wait_for_a_later_second
+
+    (tmp_path / "events.out.tfevents.0000000100.host.42.9").write_bytes(b"")
+    (tmp_path / "events.out.tfevents.0000000099.host.42.10").write_bytes(b"")
+    for now, expected in [(100.25, [0.75]), (101.0, []), (150.0, []), (90.0, [])]:  # 90: another clock's files
+        slept = []
+        wait_for_a_later_second(tmp_path, clock=lambda: now, sleep=slept.append)
+        assert slept == pytest.approx(expected), now
+    slept = []
+    wait_for_a_later_second(tmp_path / "empty", clock=lambda: 100.0, sleep=slept.append)
+    assert slept == []
