@@ -30,7 +30,9 @@ import torch
 
 from pyro_srvae.evaluation import bicubic_upsample, detail_mask, interval_coverages, make_consistent, psnr
 from pyro_srvae.images import match_channels, read_image
+from pyro_srvae.likelihoods import LIKELIHOODS
 from pyro_srvae.models import downscale
+from pyro_srvae.networks import SR_BASES
 from pyro_srvae.superresolve import load_model, superresolve_image
 from pyro_srvae.training import TrainConfig, train
 
@@ -90,6 +92,9 @@ def main(argv=None):
     parser.add_argument("--out", default="runs/photo-sr", help="folder for the photographs, the run and the scores")
     parser.add_argument("--patch-size", type=int, default=32)
     parser.add_argument("--hidden", type=int, default=32)
+    parser.add_argument("--sr-base", choices=SR_BASES, default="bilinear",
+                        help="the upsampling of y under the SR decoder's residual (train --sr-base)")
+    parser.add_argument("--likelihood", choices=LIKELIHOODS, default="gaussian", help="p(x|y,z,u) and p(y|u)")
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -111,7 +116,7 @@ def main(argv=None):
     if not args.skip_training:
         config = TrainConfig(
             guide="full", dataset="folder", data_dir=str(folder), patch_size=args.patch_size, channels=1,
-            augment=True, epochs=args.epochs, hidden=args.hidden, batch_size=args.batch_size, lr=args.lr, clip_norm=args.clip_norm,
+            augment=True, epochs=args.epochs, hidden=args.hidden, sr_base=args.sr_base, likelihood=args.likelihood, batch_size=args.batch_size, lr=args.lr, clip_norm=args.clip_norm,
             seed=args.seed, out=str(run), figures=False, eval_limit=1024,
         )  # fmt: skip
         train(config, progress=True)

@@ -19,7 +19,7 @@ from .folder import FolderDatasetError
 from .elbo import ELBO_NAMES
 from .likelihoods import LIKELIHOODS
 from .models import DOWNSCALE_FACTORS, DOWNSCALE_MODES, GUIDES, X_GIVEN_Y
-from .networks import ARCHS
+from .networks import ARCHS, SR_BASES
 from .priors import PRIORS
 from .training import (
     DEVICES,
@@ -98,6 +98,9 @@ def build_train_parser(prog=None):
         help="srVAE p(x|y,.): consistent (a normalized density of x: the Gaussian given its block means, "
         "or y on the 8-bit grid where no closed form exists), quantized (the paper's 8-bit y), "
         "or spec (the literal eq. 15: a joint of x and y, not a density of x)")
+    add("--sr-base", choices=SR_BASES, default=defaults.sr_base,
+        help="the upsampling of y the srVAE's SR decoder adds its residual to: bilinear (the default) or "
+        "bicubic (the stronger start on photographs)")
     add("--precision", choices=PRECISIONS, default=defaults.precision,
         help="bf16: the networks train under torch.autocast in bfloat16 (log-densities and loss stay float32)")
     add("--compile", action="store_true", help="torch.compile the networks (not Pyro's tracing)")
@@ -118,7 +121,7 @@ def config_from_args(parser, args):
             "model", "prior", "mog_components", "elbo", "num_particles", "dataset", "data_dir", "download",
             "max_steps", "batch_size", "lr", "kl_warmup", "clip_norm", "seed", "sr_samples", "eval_limit", "train_limit", "out",
             "checkpoint_every", "factor", "downscale_mode", "u_dim", "z_dim", "hidden",
-            "arch", "likelihood", "likelihood_components", "x_given_y", "precision", "compile",
+            "arch", "likelihood", "likelihood_components", "x_given_y", "sr_base", "precision", "compile",
             "patch_size", "patch_stride", "test_fraction", "channels", "augment", "cache_dir", "tensorboard",
         )
     }

@@ -395,6 +395,8 @@ class SRVAE(_ImageModel):
         likelihood_components: mixture components K of ``"dlogistic-mix"``.
         arch: "small" (CPU-sized conv nets) or "densenet".
         x_given_y: "consistent" (default), "quantized" or "spec" (:data:`X_GIVEN_Y`).
+        sr_base: the upsampling of y under the SR decoder's residual, "bilinear" (default) or
+            "bicubic" (:data:`~pyro_srvae.networks.SR_BASES`; not the spec's, which leaves it open).
     """
 
     def __init__(
@@ -415,6 +417,7 @@ class SRVAE(_ImageModel):
         likelihood_components=10,
         arch="small",
         x_given_y="consistent",
+        sr_base="bilinear",
     ):
         super().__init__(image_shape, name, validate_inputs, likelihood, likelihood_components, arch, gamma_init)
         _check_choice("guide", guide, GUIDES)
@@ -443,7 +446,7 @@ class SRVAE(_ImageModel):
         self.decoder_y = make_image_decoder(arch, u_dim, self.lr_shape, hidden, self.likelihood.out_channels(channels))
         self.prior_z = GaussianEncoder(channels, lr_hw, z_dim, hidden, condition_dim=u_dim, arch=arch)
         self.decoder_x = make_sr_decoder(
-            arch, self.image_shape, factor, z_dim, u_dim if full else 0, hidden, params_per_channel=params
+            arch, self.image_shape, factor, z_dim, u_dim if full else 0, hidden, params_per_channel=params, base=sr_base
         )
         self.encoder_u = GaussianEncoder(channels, lr_hw, u_dim, hidden, arch=arch)
         # The full guide sees x beside the upsampled y, and u: q(z|x,y,u), eq. (19).

@@ -41,6 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 
 ARCHS = ("small", "densenet")
+#: The upsamplings of y that the SR decoder's residual is added to (``sr_base=``).
+SR_BASES = ("bilinear", "bicubic")
 
 # A floor on predicted standard deviations: keeps the analytic KL finite when an
 # encoder is very confident, far below any scale that matters for 8-bit images.
@@ -216,9 +218,13 @@ class SuperResolutionDecoder(nn.Module):
 
     ``forward(y, z, u=None) -> (*, C, H, W)``.
 
-    The network predicts a residual on top of the bilinear upsampling of y: the
-    low-resolution image already fixes the coarse content of x, so z (and u) only
-    have to explain the detail y lacks -- the division of labour of section 3.1.
+    The network predicts a residual on top of an upsampling of y (``base``: bilinear, the
+    default, or bicubic, :data:`SR_BASES`): the low-resolution image already fixes the
+    coarse content of x, so z (and u) only have to explain the detail y lacks -- the
+    division of labour of section 3.1. The spec does not say what the residual is over.
+    Bicubic is the stronger start on photographs: a zero residual made consistent with y
+    is then exactly the consistent-bicubic baseline. Bilinear stays the default, so that
+    earlier runs and checkpoints keep their meaning.
     Its inputs (y and the latents) carry no information at the high resolution, so
     the convolutions run on the low-resolution grid and a final pixel shuffle
     (Shi et al. 2016) rearranges ``C * factor^2`` channels into the high-resolution
@@ -230,8 +236,12 @@ class SuperResolutionDecoder(nn.Module):
     parameters. With P = 1, ``forward`` is ``upsample(y) + residual(y, z, u)``.
     """
 
-    def __init__(self, out_shape, factor, z_dim, u_dim=0, hidden=32, latent_channels=8, params_per_channel=1):
+    def __init__(self, out_shape, factor, z_dim, u_dim=0, hidden=32, latent_channels=8, params_per_channel=1,
+                 base="bilinear"):
         super().__init__()
+        if base not in SR_BASES:
+            raise ValueError(f"unknown sr_base {base!r}; expected one of {', '.join(SR_BASES)}")
+        self.base = base
         channels, height, width = out_shape
         self.out_shape = tuple(out_shape)
         self.factor = factor
@@ -262,7 +272,7 @@ class SuperResolutionDecoder(nn.Module):
 
     def upsample(self, y):
         flat, batch_shape = _merge_leading(y, 3)
-        up = F.interpolate(flat, size=self.out_shape[1:], mode="bilinear", align_corners=False)
+        up = F.interpolate(flat, size=self.out_shape[1:], mode=self.base, align_corners=False)
         return _split_leading(up, batch_shape)
 
     def residual(self, y, z, u=None):
@@ -451,8 +461,8 @@ def make_image_decoder(arch, latent_dim, out_shape, hidden=32, out_channels=None
     return cls(latent_dim, out_shape, hidden, out_channels)
 
 
-def make_sr_decoder(arch, out_shape, factor, z_dim, u_dim=0, hidden=32, params_per_channel=1):
+def make_sr_decoder(arch, out_shape, factor, z_dim, u_dim=0, hidden=32, params_per_channel=1, base="bilinear"):
     """The ``arch`` super-resolution decoder (:class:`SuperResolutionDecoder` or the dense one)."""
     _check_arch(arch)
     cls = SuperResolutionDecoder if arch == "small" else DenseSuperResolutionDecoder
-    return cls(out_shape, factor, z_dim, u_dim, hidden, params_per_channel=params_per_channel)
+    return cls(out_shape, factor, z_dim, u_dim, hidden, params_per_channel=params_per_channel, base=base)

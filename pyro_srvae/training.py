@@ -55,7 +55,7 @@ from .elbo import ELBO_NAMES, make_elbo
 from .evaluation import bicubic_upsample, bits_per_dim, evaluate_model, fit_baseline_scale, particle_budget
 from .likelihoods import LIKELIHOODS
 from .models import DOWNSCALE_FACTORS, DOWNSCALE_MODES, GUIDES, SRVAE, VAE, X_GIVEN_Y
-from .networks import ARCHS
+from .networks import ARCHS, SR_BASES
 from .priors import PRIORS
 from .tensorboard import LOG_DIR as BOARD_DIR
 from .tensorboard import open_board, tensorboard_missing
@@ -130,6 +130,7 @@ class TrainConfig:
     likelihood_components: int = 10
     arch: str = "small"
     x_given_y: str = "consistent"
+    sr_base: str = "bilinear"
     figures: bool = True
     precision: str = "fp32"
     compile: bool = False
@@ -164,6 +165,7 @@ class TrainConfig:
             "arch": ARCHS,
             "precision": PRECISIONS,
             "x_given_y": X_GIVEN_Y,
+            "sr_base": SR_BASES,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -270,6 +272,7 @@ def build_model(config, image_shape):
         u_dim=config.u_dim,
         z_dim=config.z_dim,
         x_given_y=config.x_given_y,
+        sr_base=config.sr_base,
         **common,
     )
 

@@ -142,3 +142,26 @@ def test_densenet_default_size_is_gpu_scale():
     model = SRVAE((3, 32, 32), guide="full", arch="densenet", likelihood="dlogistic-mix")
     count = sum(p.numel() for p in model.parameters())
     assert 1e6 < count < 5e7
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_zero_residual_over_the_bicubic_base_is_the_consistent_bicubic_baseline(arch):
+    """``sr_base="bicubic"``: the SR decoder's base is the bicubic upsampling of y, so with its
+    last layer zeroed the consistent model's SR mean is ``bicubic + nearest_up(y - A bicubic)``."""
+    from pyro_srvae.evaluation import bicubic_upsample, bilinear_upsample, make_consistent
+
+    torch.manual_seed(0)
+    model = SRVAE((1, 12, 12), guide="full", arch=arch, hidden=4, sr_base="bicubic")
+    last = model.decoder_x.net[-2] if arch == "small" else model.decoder_x.hr_net[-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.zero_()
+    y = 0.25 + 0.5 * torch.rand(3, 1, 6, 6)  # bicubic stays inside [0, 1], where the baseline's clamp is idle
+    mean = model.super_resolve(y, num_samples=4).mean
+    assert torch.allclose(mean, make_consistent(bicubic_upsample(y, 2), y, 2), atol=1e-6)
+    assert not torch.allclose(mean, make_consistent(bilinear_upsample(y, 2), y, 2), atol=1e-3)
+    default = SRVAE((1, 12, 12), guide="full", arch=arch, hidden=4)
+    assert default.decoder_x.base == "bilinear"
+    assert torch.allclose(default.decoder_x.upsample(y), bilinear_upsample(y, 2), atol=1e-6)
+    with pytest.raises(ValueError, match="unknown sr_base 'nearest'; expected one of bilinear, bicubic"):
+        SRVAE((1, 12, 12), sr_base="nearest")

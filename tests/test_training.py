@@ -248,6 +248,19 @@ def test_other_likelihoods_and_the_densenet_train_from_the_command_line(tmp_path
     assert math.isfinite(metrics["test"]["iw_bpd"]) and "gamma_x" not in capsys.readouterr().out
 
 
+def test_the_sr_base_is_the_run_s_and_the_checkpoint_s(tmp_path):
+    """--sr-base bicubic reaches the SR decoder, and superresolve rebuilds it from the checkpoint."""
+    from pyro_srvae.superresolve import load_model
+
+    flags = ["--guide", "full", "--sr-base", "bicubic", "--max-steps", "2"]
+    assert main(flags + ["--out", str(tmp_path), "--no-figures"] + FAST_FLAGS) == 0
+    assert json.loads((tmp_path / "metrics.json").read_text())["config"]["sr_base"] == "bicubic"
+    assert load_model(tmp_path / "checkpoint.pt", device="cpu").decoder_x.base == "bicubic"
+    with pytest.raises(SystemExit):
+        main(["--sr-base", "nearest", "--out", str(tmp_path / "bad")])
+    assert not (tmp_path / "bad").exists()
+
+
 def test_super_resolution_beats_bicubic_after_one_epoch_on_the_default_data(tmp_path):
     """The main job's promise (>= 1 dB over bicubic), checked on one epoch of the default run."""
     config = TrainConfig(guide="full", epochs=1, eval_limit=256, eval_samples=2, sr_samples=8, figures=False)
