@@ -101,6 +101,10 @@ def build_train_parser(prog=None):
     add("--sr-base", choices=SR_BASES, default=defaults.sr_base,
         help="the upsampling of y the srVAE's SR decoder adds its residual to: bilinear (the default) or "
         "bicubic (the stronger start on photographs)")
+    add("--sr-arch", choices=ARCHS, default=None,
+        help="the srVAE's SR decoder alone in this architecture (default: --arch); the photographs' "
+        "benchmark pairs a densenet SR decoder with small encoders")
+    add("--sr-hidden", type=int, default=None, metavar="WIDTH", help="width of the SR decoder alone (default: --hidden)")
     add("--precision", choices=PRECISIONS, default=defaults.precision,
         help="bf16: the networks train under torch.autocast in bfloat16 (log-densities and loss stay float32)")
     add("--compile", action="store_true", help="torch.compile the networks (not Pyro's tracing)")
@@ -121,7 +125,7 @@ def config_from_args(parser, args):
             "model", "prior", "mog_components", "elbo", "num_particles", "dataset", "data_dir", "download",
             "max_steps", "batch_size", "lr", "kl_warmup", "clip_norm", "seed", "sr_samples", "eval_limit", "train_limit", "out",
             "checkpoint_every", "factor", "downscale_mode", "u_dim", "z_dim", "hidden",
-            "arch", "likelihood", "likelihood_components", "x_given_y", "sr_base", "precision", "compile",
+            "arch", "likelihood", "likelihood_components", "x_given_y", "sr_base", "sr_arch", "sr_hidden", "precision", "compile",
             "patch_size", "patch_stride", "test_fraction", "channels", "augment", "cache_dir", "tensorboard",
         )
     }

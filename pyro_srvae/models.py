@@ -397,6 +397,12 @@ class SRVAE(_ImageModel):
         x_given_y: "consistent" (default), "quantized" or "spec" (:data:`X_GIVEN_Y`).
         sr_base: the upsampling of y under the SR decoder's residual, "bilinear" (default) or
             "bicubic" (:data:`~pyro_srvae.networks.SR_BASES`; not the spec's, which leaves it open).
+        sr_arch, sr_hidden: the architecture and width of the SR decoder alone (default: ``arch``
+            and ``hidden``). The SR decoder is the network that draws the pixels a super-resolution
+            is judged on, while the four encoders and p(y|u)'s decoder only summarise small images
+            into u and z: ``sr_arch="densenet", sr_hidden=16`` beside small width-32 encoders is
+            the photographs' configuration (``benchmarks/photo_sr.py``, docs/results.md), where the
+            all-DenseNet model's latent scales ran away on a CPU budget.
     """
 
     def __init__(
@@ -418,6 +424,8 @@ class SRVAE(_ImageModel):
         arch="small",
         x_given_y="consistent",
         sr_base="bilinear",
+        sr_arch=None,
+        sr_hidden=None,
     ):
         super().__init__(image_shape, name, validate_inputs, likelihood, likelihood_components, arch, gamma_init)
         _check_choice("guide", guide, GUIDES)
@@ -445,8 +453,11 @@ class SRVAE(_ImageModel):
         self.prior_u = make_prior(prior, u_dim, mog_components)
         self.decoder_y = make_image_decoder(arch, u_dim, self.lr_shape, hidden, self.likelihood.out_channels(channels))
         self.prior_z = GaussianEncoder(channels, lr_hw, z_dim, hidden, condition_dim=u_dim, arch=arch)
+        self.sr_arch = arch if sr_arch is None else sr_arch
+        self.sr_hidden = hidden if sr_hidden is None else sr_hidden
         self.decoder_x = make_sr_decoder(
-            arch, self.image_shape, factor, z_dim, u_dim if full else 0, hidden, params_per_channel=params, base=sr_base
+            self.sr_arch, self.image_shape, factor, z_dim, u_dim if full else 0, self.sr_hidden,
+            params_per_channel=params, base=sr_base,
         )
         self.encoder_u = GaussianEncoder(channels, lr_hw, u_dim, hidden, arch=arch)
         # The full guide sees x beside the upsampled y, and u: q(z|x,y,u), eq. (19).

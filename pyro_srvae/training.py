@@ -131,6 +131,8 @@ class TrainConfig:
     arch: str = "small"
     x_given_y: str = "consistent"
     sr_base: str = "bilinear"
+    sr_arch: Optional[str] = None  # None: the SR decoder is --arch, like the other networks
+    sr_hidden: Optional[int] = None  # None: --hidden
     figures: bool = True
     precision: str = "fp32"
     compile: bool = False
@@ -183,7 +185,11 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
-        for name in ("max_steps", "checkpoint_every", "eval_limit", "train_limit"):
+        if self.sr_arch is not None and self.sr_arch not in ARCHS:
+            raise ConfigError(f"--sr-arch must be one of {', '.join(ARCHS)}")
+        if self.model == "vae" and (self.sr_arch is not None or self.sr_hidden is not None):
+            raise ConfigError("--sr-arch and --sr-hidden shape the srVAE's SR decoder p(x|y,z[,u]); the VAE has none")
+        for name in ("max_steps", "checkpoint_every", "eval_limit", "train_limit", "sr_hidden"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
@@ -273,6 +279,8 @@ def build_model(config, image_shape):
         z_dim=config.z_dim,
         x_given_y=config.x_given_y,
         sr_base=config.sr_base,
+        sr_arch=config.sr_arch,
+        sr_hidden=config.sr_hidden,
         **common,
     )
 

@@ -10,6 +10,7 @@ from pyro.infer import SVI
 from pyro.optim import Adam
 
 from pyro_srvae import SRVAE, VAE, make_elbo
+from pyro_srvae.models import downscale
 from pyro_srvae.networks import (
     ARCHS,
     DenseFeatures,
@@ -142,6 +143,26 @@ def test_densenet_default_size_is_gpu_scale():
     model = SRVAE((3, 32, 32), guide="full", arch="densenet", likelihood="dlogistic-mix")
     count = sum(p.numel() for p in model.parameters())
     assert 1e6 < count < 5e7
+
+
+def test_sr_arch_and_sr_hidden_change_the_sr_decoder_alone():
+    """``sr_arch``/``sr_hidden`` default to ``arch``/``hidden``; given, only p(x|y,z,u)'s network changes."""
+    torch.manual_seed(0)
+    plain = SRVAE((1, 12, 12), guide="full", arch="small", hidden=4)
+    assert type(plain.decoder_x) is SuperResolutionDecoder and (plain.sr_arch, plain.sr_hidden) == ("small", 4)
+    dense = SRVAE((1, 12, 12), guide="full", arch="densenet", hidden=4)
+    assert type(dense.decoder_x) is DenseSuperResolutionDecoder
+    mixed = SRVAE((1, 12, 12), guide="full", arch="small", hidden=4, sr_arch="densenet", sr_hidden=6)
+    assert type(mixed.decoder_x) is DenseSuperResolutionDecoder and mixed.decoder_x.lr_net[0].out_channels == 12
+    for name in ("encoder_u", "encoder_z", "prior_z", "decoder_y", "log_gamma_x"):
+        plain_shapes = [p.shape for p in getattr(plain, name).parameters()] if name != "log_gamma_x" else [()]
+        mixed_shapes = [p.shape for p in getattr(mixed, name).parameters()] if name != "log_gamma_x" else [()]
+        assert plain_shapes == mixed_shapes, name  # every other network is the small width-4 one
+    x = torch.rand(3, 1, 12, 12)
+    loss = pyro.infer.TraceMeanField_ELBO().differentiable_loss(mixed.model, mixed.guide, x)
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in mixed.decoder_x.parameters())
+    assert mixed.super_resolve(downscale(x), num_samples=2).mean.shape == (3, 1, 12, 12)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

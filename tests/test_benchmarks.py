@@ -10,6 +10,7 @@ import statistics
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -17,6 +18,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 import eval_time  # noqa: E402
+import photo_sr  # noqa: E402
 import step_time  # noqa: E402
 
 
@@ -170,3 +172,19 @@ def test_optimizer_benchmark_times_the_three_adams(capsys):
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert record["tensors"] > 10 and record["parameters"] > 0
     assert record["fused_speedup"] == pytest.approx(record["loop_ms"] / record["fused_ms"], rel=1e-2)
+
+
+def test_a_photograph_stored_nearest_upsampled_is_scored_at_its_own_resolution(tmp_path):
+    """skimage's moon is a 256x256 photograph stored with every 2x2 block constant: scored at 512x512,
+    y = A x would be the photograph itself and nearest upsampling exact; photo_sr scores its block means."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 256, size=(5, 7), dtype=np.uint8)
+    Image.fromarray(np.kron(small, np.ones((2, 2), dtype=np.uint8))).save(tmp_path / "blocky.png")
+    x, stored_upsampled = photo_sr.scored_photograph(tmp_path / "blocky.png")
+    assert stored_upsampled and x.shape == (1, 1, 4, 6)  # 5x7 at its own resolution, cut to even sizes
+    assert torch.equal(x[0, 0], torch.from_numpy((small[:4, :6] + 0.5) / 256).float())
+    Image.fromarray(rng.integers(0, 256, size=(10, 15), dtype=np.uint8)).save(tmp_path / "plain.png")
+    x, stored_upsampled = photo_sr.scored_photograph(tmp_path / "plain.png")
+    assert not stored_upsampled and x.shape == (1, 1, 10, 14)

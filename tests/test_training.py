@@ -177,6 +177,8 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
         (["--epochs", "0"], "--epochs must be a positive integer"),
         (["--lr", "-1"], "--lr must be a positive number"),
         (["--batch-size", "0"], "--batch-size must be a positive integer"),
+        (["--sr-hidden", "0"], "--sr-hidden must be a positive integer"),
+        (["--model", "vae", "--sr-arch", "densenet"], "the VAE has none"),
     ],
 )
 def test_impossible_flag_combinations_exit_2_with_one_line(capsys, flags, reason):
@@ -259,6 +261,24 @@ def test_the_sr_base_is_the_run_s_and_the_checkpoint_s(tmp_path):
     with pytest.raises(SystemExit):
         main(["--sr-base", "nearest", "--out", str(tmp_path / "bad")])
     assert not (tmp_path / "bad").exists()
+
+
+def test_the_sr_decoder_s_own_arch_and_width_are_the_run_s_and_the_checkpoint_s(tmp_path):
+    """--sr-arch densenet --sr-hidden 6 builds only the SR decoder so; superresolve rebuilds it."""
+    from pyro_srvae.networks import ConvFeatures, DenseFeatures, DenseSuperResolutionDecoder, ImageDecoder
+    from pyro_srvae.superresolve import load_model
+
+    flags = ["--guide", "full", "--sr-arch", "densenet", "--sr-hidden", "6", "--max-steps", "2"]
+    assert main(flags + ["--out", str(tmp_path), "--no-figures"] + FAST_FLAGS) == 0
+    config = json.loads((tmp_path / "metrics.json").read_text())["config"]
+    assert (config["arch"], config["hidden"], config["sr_arch"], config["sr_hidden"]) == ("small", 4, "densenet", 6)
+    model = load_model(tmp_path / "checkpoint.pt", device="cpu")
+    assert type(model.decoder_x) is DenseSuperResolutionDecoder
+    assert model.decoder_x.lr_net[0].out_channels == 2 * 6  # the SR decoder's own width
+    assert type(model.decoder_y) is ImageDecoder
+    for encoder in (model.encoder_u, model.encoder_z, model.prior_z):
+        assert type(encoder.features) is ConvFeatures and not isinstance(encoder.features, DenseFeatures)
+        assert encoder.features.net[0].out_channels == 4  # --hidden
 
 
 def test_super_resolution_beats_bicubic_after_one_epoch_on_the_default_data(tmp_path):
