@@ -6,7 +6,8 @@ grey photographs train the model (converted to grey, cut into patches); five gre
 are *not* in the training folder -- camera, coins, moon, page, text, 172 to 512 pixels a
 side -- are the held-out test set (moon's file is a 256x256 photograph stored 2x
 nearest-upsampled, so it is scored at 256x256: :func:`scored_photograph`). Each held-out
-photograph is downscaled 2x by block averaging (y = A x) and super-resolved whole (tiled, :func:`pyro_srvae.superresolve_image`);
+photograph is downscaled 2x by block averaging (y = A x) and super-resolved whole (tiled,
+:func:`pyro_srvae.superresolve_image`);
 the SR mean is scored against the photograph beside bicubic upsampling and bicubic made
 consistent with y (``bicubic + nearest_upsample(y - A bicubic)``), and the central 90%
 intervals of the SR draws are checked on the detail pixels (those differing from their
@@ -152,8 +153,9 @@ def main(argv=None):
     print(f"{'photo':<12} {'size':>9} {'SR mean':>8} {'bicubic':>8} {'consist.':>8} {'gain':>6} {'cov90 detail':>12}")
     for row in rows:
         gain = row["sr_psnr"] - row["bicubic_psnr"]
+        size = row["size"] + ("*" if row["stored_nearest_upsampled"] else "")
         print(
-            f"{row['photo']:<12} {row['size'] + ('*' if row['stored_nearest_upsampled'] else ''):>9} {row['sr_psnr']:8.2f} {row['bicubic_psnr']:8.2f} "
+            f"{row['photo']:<12} {size:>9} {row['sr_psnr']:8.2f} {row['bicubic_psnr']:8.2f} "
             f"{row['consistent_bicubic_psnr']:8.2f} {gain:+6.2f} {row['coverage90_detail']:12.3f}"
         )
     if any(row["stored_nearest_upsampled"] for row in rows):

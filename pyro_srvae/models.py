@@ -401,8 +401,7 @@ class SRVAE(_ImageModel):
             and ``hidden``). The SR decoder is the network that draws the pixels a super-resolution
             is judged on, while the four encoders and p(y|u)'s decoder only summarise small images
             into u and z: ``sr_arch="densenet", sr_hidden=16`` beside small width-32 encoders is
-            the photographs' configuration (``benchmarks/photo_sr.py``, docs/results.md), where the
-            all-DenseNet model's latent scales ran away on a CPU budget.
+            the photographs' configuration (``benchmarks/photo_sr.py``, docs/results.md).
     """
 
     def __init__(
