@@ -47,6 +47,23 @@ SR_BASES = ("bilinear", "bicubic")
 # A floor on predicted standard deviations: keeps the analytic KL finite when an
 # encoder is very confident, far below any scale that matters for 8-bit images.
 MIN_SCALE = 1e-4
+# A soft ceiling on them: s / (1 + (s / MAX_SCALE)^8)^(1/8), computed in logs. Below ~3 it
+# changes no float32 value (a relative 1e-12 at 1, 2e-6 at 5), so the scales a model reaches in
+# ordinary training, and the checkpoints written before it, are unchanged. Why it is there: once
+# a decoder stops reading z, KL(q(z|x,y,u) || p(z|y,u)) does not change when both scales grow by
+# one factor, so nothing held them back; on photographs they drifted to ~1,800 (docs/results.md,
+# the fourth run), and latents of that size make any later weight change that reads them blow
+# the loss up. Twenty prior standard deviations is far beyond any latent an image needs.
+MAX_SCALE = 20.0
+_CEILING_SHARPNESS = 8.0
+
+
+def bounded_scale(raw_scale):
+    """``softplus(raw) + MIN_SCALE``, softly capped at :data:`MAX_SCALE`: a positive scale."""
+    scale = F.softplus(raw_scale) + MIN_SCALE
+    excess = F.softplus(_CEILING_SHARPNESS * torch.log(scale / MAX_SCALE)) / _CEILING_SHARPNESS
+    # The clamp only removes float rounding above the ceiling (a relative 4e-6 at s = 1e30).
+    return (scale * torch.exp(-excess)).clamp(max=MAX_SCALE)
 
 
 def set_channels_last(enabled):
@@ -159,7 +176,7 @@ class GaussianEncoder(nn.Module):
         if self.condition_dim:
             h = _concat_vectors(h, condition)
         loc, raw_scale = self.head(h).chunk(2, dim=-1)
-        return loc, F.softplus(raw_scale) + MIN_SCALE
+        return loc, bounded_scale(raw_scale)
 
 
 def _check_arch(arch):
@@ -298,6 +315,45 @@ class SuperResolutionDecoder(nn.Module):
 # DenseNet architecture (arch="densenet")
 # ---------------------------------------------------------------------------
 
+
+class _ExpELU(torch.autograd.Function):
+    """ELU(x) = max(x, exp(clamp(x, -30, 0)) - 1), with the backward ELU's own: g * (min(out, 0) + 1).
+
+    The identity holds because exp(x) - 1 >= x everywhere (and is 0 for x >= 0). Below -30,
+    exp(x) - 1 rounds to -1 in float32 anyway; the clamp keeps exp away from the subnormal
+    results below about -87, which the CPU computes many times slower.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        out = torch.maximum(x, torch.clamp(x, min=-30.0, max=0).exp_().sub_(1))
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (out,) = ctx.saved_tensors
+        return grad_output * torch.clamp(out, max=0).add_(1)
+
+
+class ELU(nn.ELU):
+    """``nn.ELU`` (alpha 1) computed from ``exp`` on the CPU: the same function to float rounding.
+
+    Why: torch's CPU ``elu`` goes through ``expm1``, which measured ~6x slower than ``exp`` on
+    the 2-core AVX-512 VM of docs/performance.md; there it took 20 of the 38 seconds of 120
+    steps of the photograph benchmark's model (cProfile), more than the convolutions.
+    ``exp(x) - 1`` differs from ``expm1(x)`` by at most ~6e-8 (float32's rounding of exp near 1),
+    far below anything a network's activations resolve. ``benchmarks/elu_time.py`` measures
+    the two. On other devices, under ``torch.compile`` and for alpha != 1 it is ``nn.ELU``
+    itself. No parameters: checkpoints are the same as with ``nn.ELU``.
+    """
+
+    def forward(self, x):
+        if x.device.type != "cpu" or self.alpha != 1.0 or self.inplace or torch.compiler.is_compiling():
+            return super().forward(x)
+        return _ExpELU.apply(x)
+
+
 #: Dense layers per block; each adds ``growth`` channels.
 DENSE_STEPS = 3
 
@@ -311,7 +367,7 @@ class ChannelAttention(nn.Module):
         self.gate = nn.Sequential(
             nn.AdaptiveAvgPool2d(1),
             nn.Conv2d(channels, inner, 1),
-            nn.ELU(),
+            ELU(),
             nn.Conv2d(inner, channels, 1),
             nn.Sigmoid(),
         )
@@ -326,9 +382,9 @@ class DenseLayer(nn.Module):
     def __init__(self, in_channels, growth):
         super().__init__()
         self.net = nn.Sequential(
-            nn.ELU(),
+            ELU(),
             nn.Conv2d(in_channels, 4 * growth, 1),
-            nn.ELU(),
+            ELU(),
             nn.Conv2d(4 * growth, growth, 3, padding=1),
         )
 
@@ -356,7 +412,7 @@ class DenseBlock(nn.Module):
 def _dense_stage(in_channels, out_channels, growth, stride=1):
     """A dense block, then ELU and a 3x3 convolution (stride 1 or 2) to ``out_channels``."""
     block = DenseBlock(in_channels, growth)
-    return nn.Sequential(block, nn.ELU(), nn.Conv2d(block.out_channels, out_channels, 3, stride=stride, padding=1))
+    return nn.Sequential(block, ELU(), nn.Conv2d(block.out_channels, out_channels, 3, stride=stride, padding=1))
 
 
 class DenseFeatures(ConvFeatures):
@@ -376,7 +432,7 @@ class DenseFeatures(ConvFeatures):
             _dense_stage(hidden, 2 * hidden, hidden, stride=2),
             _dense_stage(2 * hidden, 2 * hidden, hidden, stride=2),
             _dense_stage(2 * hidden, 2 * hidden, hidden),
-            nn.ELU(),
+            ELU(),
             nn.Flatten(),
         )
         with torch.no_grad():
@@ -394,12 +450,12 @@ class DenseImageDecoder(ImageDecoder):
 
     def __init__(self, latent_dim, out_shape, hidden=32, out_channels=None):
         nn.Module.__init__(self)  # ImageDecoder's own stages are not built, only replaced
-        self._build_projection(latent_dim, out_shape, hidden, out_channels, nn.ELU())
+        self._build_projection(latent_dim, out_shape, hidden, out_channels, ELU())
         self.stage0 = _dense_stage(2 * hidden, 2 * hidden, hidden)
         self.stage1 = _dense_stage(2 * hidden, hidden, hidden)
         self.stage2 = nn.Sequential(
             _dense_stage(hidden, hidden, hidden),
-            nn.ELU(),
+            ELU(),
             nn.Conv2d(hidden, self.out_channels, 3, padding=1),
         )
 
@@ -424,7 +480,7 @@ class DenseSuperResolutionDecoder(SuperResolutionDecoder):
         )
         self.hr_net = nn.Sequential(
             _dense_stage(hidden + channels, hidden, hidden),
-            nn.ELU(),
+            ELU(),
             nn.Conv2d(hidden, channels * self.params_per_channel, 3, padding=1),
         )
 

@@ -11,6 +11,7 @@ from pyro.optim import Adam
 
 from pyro_srvae import SRVAE, VAE, make_elbo
 from pyro_srvae.models import downscale
+from pyro_srvae import networks
 from pyro_srvae.networks import (
     ARCHS,
     DenseFeatures,
@@ -186,3 +187,41 @@ def test_a_zero_residual_over_the_bicubic_base_is_the_consistent_bicubic_baselin
     assert torch.allclose(default.decoder_x.upsample(y), bilinear_upsample(y, 2), atol=1e-6)
     with pytest.raises(ValueError, match="unknown sr_base 'nearest'; expected one of bilinear, bicubic"):
         SRVAE((1, 12, 12), sr_base="nearest")
+
+
+def test_the_package_elu_is_torch_elu_to_float_rounding():
+    """networks.ELU (exp-based on the CPU) computes nn.ELU's values and gradients, far negative included."""
+    points = torch.cat([torch.linspace(-120.0, 120.0, 24001), 1e-3 * torch.randn(10000, generator=torch.Generator().manual_seed(0))])
+    ours, reference = points.clone().requires_grad_(), points.clone().requires_grad_()
+    out, expected = networks.ELU()(ours), torch.nn.ELU()(reference)
+    assert (out - expected).abs().max() <= 1.2e-7
+    weights = torch.linspace(-1.0, 1.0, points.numel())
+    (out * weights).sum().backward()
+    (expected * weights).sum().backward()
+    assert (ours.grad - reference.grad).abs().max() <= 1.2e-7
+    x = torch.randn(40, dtype=torch.float64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    assert torch.autograd.gradcheck(networks.ELU(), (x,))
+
+
+def test_the_densenet_networks_use_the_package_elu():
+    model = SRVAE((1, 8, 8), arch="densenet", hidden=4)
+    activations = [m for m in model.modules() if isinstance(m, torch.nn.ELU)]
+    assert activations and all(isinstance(m, networks.ELU) for m in activations)
+
+
+def test_latent_scales_are_the_softplus_below_three_and_capped_at_max_scale():
+    """bounded_scale leaves the scales of ordinary training bit-for-bit as before and stops the runaway."""
+    raw = torch.linspace(-30.0, 2.9, 5001)
+    assert torch.equal(networks.bounded_scale(raw), torch.nn.functional.softplus(raw) + networks.MIN_SCALE)
+    raw = torch.cat([torch.linspace(-30.0, 60.0, 9001), torch.tensor([1e3, 1e6, 1e30])]).requires_grad_()
+    scale = networks.bounded_scale(raw)
+    assert (scale > 0).all() and (scale <= networks.MAX_SCALE).all()
+    assert (scale[1:9001] >= scale[:9000] - 1e-5).all()  # monotone, to float rounding near the ceiling
+    assert scale[-1].item() == pytest.approx(networks.MAX_SCALE)
+    scale.sum().backward()
+    assert torch.isfinite(raw.grad).all() and (raw.grad >= 0).all()
+    encoder = GaussianEncoder(1, (8, 8), latent_dim=3, hidden=4)
+    with torch.no_grad():
+        encoder.head[-1].bias[3:] = 1e4  # the raw scales' biases
+    _, encoder_scale = encoder(torch.rand(2, 1, 8, 8))
+    assert encoder_scale.max() <= networks.MAX_SCALE and encoder_scale.min() > networks.MAX_SCALE - 1e-3

@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 
+import pyro
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
@@ -188,3 +190,27 @@ def test_a_photograph_stored_nearest_upsampled_is_scored_at_its_own_resolution(t
     Image.fromarray(rng.integers(0, 256, size=(10, 15), dtype=np.uint8)).save(tmp_path / "plain.png")
     x, stored_upsampled = photo_sr.scored_photograph(tmp_path / "plain.png")
     assert not stored_upsampled and x.shape == (1, 1, 10, 14)
+
+
+def test_elu_benchmark_compares_the_same_model_with_torch_s_elu(capsys):
+    import elu_time
+
+    from pyro_srvae import make_elbo, networks
+    from pyro_srvae.data import dequantize
+    from pyro_srvae.training import TrainConfig, build_model, training_mode
+
+    torch.manual_seed(0)
+    model = build_model(TrainConfig(guide="full", sr_arch="densenet", hidden=4, sr_hidden=4), (1, 8, 8))
+    copied = elu_time.with_torch_elu(model)
+    assert not any(isinstance(m, networks.ELU) for m in copied.modules())
+    x = dequantize(torch.randint(0, 256, (3, 1, 8, 8), dtype=torch.uint8))
+    elbo = make_elbo("meanfield")
+    losses = []
+    for each in (model, copied):
+        with training_mode(each, elbo):
+            pyro.set_rng_seed(1)
+            losses.append(elbo.differentiable_loss(each.model, each.guide, x).item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    elu_time.main(["--steps", "1", "--hidden", "4", "--sr-hidden", "4", "--shape", "1,8,8", "--batch-size", "2"])
+    lines = capsys.readouterr().out.splitlines()
+    assert sum("ratio" in line for line in lines) == 2, lines
