@@ -107,6 +107,7 @@ def score(model, path, num_samples, seed):
         "coverage90_all": float(coverage_all["0.9"]),
         "detail_fraction": float(mask.float().mean()),
         "detail_pixels": int(mask.sum()),
+        "pixels": int(x.numel()),
     }
 
 
@@ -166,8 +167,7 @@ def main(argv=None):
     mean = {key: float(np.mean([row[key] for row in rows])) for key in ("sr_psnr", "bicubic_psnr", "consistent_bicubic_psnr")}
     # Pooled over the detail pixels of all five photographs (each photograph weighs its pixel count).
     detail = sum(r["coverage90_detail"] * r["detail_pixels"] for r in rows) / max(sum(r["detail_pixels"] for r in rows), 1)
-    pixels = [int(np.prod([int(n) for n in r["size"].split("x")])) for r in rows]
-    every_pixel = sum(r["coverage90_all"] * n for r, n in zip(rows, pixels)) / sum(pixels)
+    every_pixel = sum(r["coverage90_all"] * r["pixels"] for r in rows) / sum(r["pixels"] for r in rows)
     print(
         f"{'mean':<12} {'':>9} {mean['sr_psnr']:8.2f} {mean['bicubic_psnr']:8.2f} {mean['consistent_bicubic_psnr']:8.2f} "
         f"{mean['sr_psnr'] - mean['bicubic_psnr']:+6.2f}"
