@@ -61,6 +61,7 @@ __all__ = [
     "make_consistent",
     "bilinear_upsample",
     "detail_mask",
+    "edge_mask",
     "fit_baseline_scale",
     "baseline_log_likelihood",
     "evaluate_model",
@@ -605,6 +606,9 @@ COVERAGE_LEVELS = (0.5, 0.8, 0.9, 0.95)
 #: more than one grey level: the pixels where super-resolution has something to add.
 DETAIL_THRESHOLD = 1.0 / 256
 
+#: The pixel sets of the SR coverage: all, "detail" (:func:`detail_mask`), "edges" (:func:`edge_mask`).
+COVERAGE_SUBSETS = ("all", "detail", "edges")
+
 
 def bilinear_upsample(y: torch.Tensor, factor: int) -> torch.Tensor:
     """Bilinear upsampling of ``y`` by ``factor`` (no clamp needed: no overshoot)."""
@@ -619,10 +623,25 @@ def make_consistent(upsampled: torch.Tensor, y: torch.Tensor, factor: int) -> to
 
 
 def detail_mask(x: torch.Tensor, factor: int) -> torch.Tensor:
-    """True where an HR pixel differs from its block's mean by more than one grey level."""
+    """True where an HR pixel differs from its block's mean by more than one grey level.
+
+    It selects on the truth x, so it is no calibration test: among the pixels a calibrated
+    predictive gives one interval, it keeps those the truth left further from the block mean,
+    which fall outside more often (:func:`edge_mask` selects on y instead)."""
     from .likelihoods import block_mean, nearest_upsample
 
     return (x - nearest_upsample(block_mean(x, factor), factor)).abs() > DETAIL_THRESHOLD
+
+
+def edge_mask(y: torch.Tensor, factor: int) -> torch.Tensor:
+    """True where the bicubic upsampling of the low-resolution ``y`` differs from y's own pixel
+    by more than one grey level: the HR pixels where y itself shows detail (edges, texture).
+
+    A function of y alone, so a predictive p(x | y) that is calibrated covers these pixels as
+    often as its level says, unlike the truth-selected :func:`detail_mask`."""
+    from .likelihoods import nearest_upsample
+
+    return (bicubic_upsample(y, factor) - nearest_upsample(y, factor)).abs() > DETAIL_THRESHOLD
 
 
 def crps_samples(samples: torch.Tensor, target: torch.Tensor, ordered: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -698,9 +717,11 @@ def _sr_sums(model, x: torch.Tensor, num_samples: int) -> Dict[str, float]:
         sums[f"{name}_psnr"] = psnr(estimate, x).sum().item()
         sums[f"{name}_ssim"] = ssim(estimate, x).sum().item()
     ordered = sr.samples.sort(dim=0).values  # once, for the coverage of both pixel sets and the CRPS
-    counts = _coverage_counts(ordered, x, {"all": None, "detail": detail_mask(x, factor)})
+    masks = {"all": None, "detail": detail_mask(x, factor), "edges": edge_mask(y, factor)}
+    counts = _coverage_counts(ordered, x, masks)
     sums["num_detail_pixels"] = counts["detail"]["pixels"]
-    for subset in ("all", "detail"):
+    sums["num_edge_pixels"] = counts["edges"]["pixels"]
+    for subset in COVERAGE_SUBSETS:
         for level in COVERAGE_LEVELS:
             sums[f"coverage_{subset}_{level}"] = counts[subset][str(level)]
     sums["sr_crps"] = crps_samples(sr.samples, x, ordered).sum().item()
@@ -713,6 +734,7 @@ def _sr_sums(model, x: torch.Tensor, num_samples: int) -> Dict[str, float]:
 
 def _sr_metrics_from_sums(sums: Dict[str, float], num_samples: int) -> Dict[str, object]:
     images, pixels, details = sums["num_images"], sums["num_pixels"], max(sums["num_detail_pixels"], 1.0)
+    edges = max(sums["num_edge_pixels"], 1.0)
     result: Dict[str, object] = {}
     for name in POINT_ESTIMATES:
         result[f"{name}_psnr"] = sums[f"{name}_psnr"] / images
@@ -720,8 +742,10 @@ def _sr_metrics_from_sums(sums: Dict[str, float], num_samples: int) -> Dict[str,
     coverage = {
         "all": {str(level): sums[f"coverage_all_{level}"] / pixels for level in COVERAGE_LEVELS},
         "detail": {str(level): sums[f"coverage_detail_{level}"] / details for level in COVERAGE_LEVELS},
+        "edges": {str(level): sums[f"coverage_edges_{level}"] / edges for level in COVERAGE_LEVELS},
         "expected": coverage_levels(num_samples),
         "detail_fraction": sums["num_detail_pixels"] / pixels,
+        "edge_fraction": sums["num_edge_pixels"] / pixels,
         "num_samples": int(num_samples),
     }
     result["sr_coverage"] = coverage
@@ -735,9 +759,9 @@ def _sr_metrics_from_sums(sums: Dict[str, float], num_samples: int) -> Dict[str,
 
 
 _SR_SUM_KEYS = (
-    ["num_images", "num_pixels", "num_detail_pixels", "sr_crps", "bicubic_mae", "sr_std_ms", "sr_std_latent_ms", "sr_std_noise_ms"]
+    ["num_images", "num_pixels", "num_detail_pixels", "num_edge_pixels", "sr_crps", "bicubic_mae", "sr_std_ms", "sr_std_latent_ms", "sr_std_noise_ms"]
     + [f"{name}_{metric}" for name in POINT_ESTIMATES for metric in ("psnr", "ssim")]
-    + [f"coverage_{subset}_{level}" for subset in ("all", "detail") for level in COVERAGE_LEVELS]
+    + [f"coverage_{subset}_{level}" for subset in COVERAGE_SUBSETS for level in COVERAGE_LEVELS]
 )  # fmt: skip
 
 
@@ -752,15 +776,17 @@ def super_resolution_metrics(model, x: torch.Tensor, num_samples: int = 16) -> D
 
     Calibration is measured **on the draws a user gets**, the same ``sr.samples``: the fraction
     of HR pixels inside their per-pixel central 50/80/90/95% intervals (order statistics,
-    :func:`interval_coverage`), over all pixels and over the "detail" pixels
-    (:func:`detail_mask`: flat background, which any interval covers, left out), beside the
+    :func:`interval_coverage`), over all pixels, over the "detail" pixels
+    (:func:`detail_mask`: flat background, which any interval covers, left out; chosen by the
+    truth, so even a calibrated predictive covers them less) and over the "edges"
+    (:func:`edge_mask`: where y itself shows detail; chosen from y, a calibration test), beside the
     coverage a calibrated predictive gets from ``num_samples`` draws (``expected``, not the
     nominal level). ``sr_crps`` is the CRPS of the predictive (:func:`crps_samples`), to read
     beside ``bicubic_mae``, the CRPS of the bicubic point forecast.
 
     Returns batch means: ``{sr,bicubic,bilinear,consistent_bicubic,consistent_bilinear}_{psnr,ssim}``,
-    ``sr_coverage`` (``{"all": {"0.5": ...}, "detail": {...}, "expected": {...},
-    "detail_fraction", "num_samples"}``), ``sr_coverage90`` and ``sr_coverage90_expected``
+    ``sr_coverage`` (``{"all": {"0.5": ...}, "detail": {...}, "edges": {...}, "expected": {...},
+    "detail_fraction", "edge_fraction", "num_samples"}``), ``sr_coverage90`` and ``sr_coverage90_expected``
     (the all-pixel 90% entry), ``sr_crps``, ``bicubic_mae``, and the root mean squares of the
     three std maps, ``sr_std_rms``, ``sr_std_latent_rms``, ``sr_std_noise_rms``. Runs under
     ``torch.no_grad()``.

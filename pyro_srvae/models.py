@@ -21,8 +21,8 @@ x; where no closed form exists it takes the paper's route, y on the 8-bit grid s
 lower bound on one). ``"spec"`` keeps the literal joint, for the derivation's checks.
 
 Beyond the spec, both models take ``likelihood=`` (:data:`~pyro_srvae.likelihoods.LIKELIHOODS`:
-the spec's ``"gaussian"``, the default, or ``"gaussian-pixel"`` / ``"dlogistic-mix"``, used for
-every observed image site, x and y) and ``arch=`` (:data:`~pyro_srvae.networks.ARCHS`:
+the spec's ``"gaussian"``, the default, or ``"gaussian-pixel"`` / ``"gaussian-pixel-faithful"`` /
+``"dlogistic-mix"``, used for every observed image site, x and y) and ``arch=`` (:data:`~pyro_srvae.networks.ARCHS`:
 ``"small"``, the default, or ``"densenet"``). The defaults build exactly the spec's model.
 """
 
@@ -258,8 +258,8 @@ class VAE(_ImageModel):
     eq. (4):  -ELBO = ||x - x_hat||^2 / (2 gamma_x^2) + k log gamma_x + (k/2) log 2 pi
                       + KL(q(z|x) || p(z))
 
-    With ``likelihood="gaussian-pixel"`` or ``"dlogistic-mix"`` (extensions beyond the
-    spec) p(x|z) is that likelihood of the decoder's output instead; eq. (4) keeps its
+    With ``likelihood="gaussian-pixel"`` (or ``"gaussian-pixel-faithful"``) or ``"dlogistic-mix"``
+    (extensions beyond the spec) p(x|z) is that likelihood of the decoder's output instead; eq. (4) keeps its
     form with the data term replaced by log p(x|z).
 
     Args:
@@ -272,8 +272,8 @@ class VAE(_ImageModel):
             for the other likelihoods.
         name: the name under which ``pyro.module`` registers the networks.
         validate_inputs: check shapes, NaN/inf and range on every call.
-        likelihood: "gaussian" (the spec, eq. 3), "gaussian-pixel" or "dlogistic-mix"
-            (:mod:`pyro_srvae.likelihoods`).
+        likelihood: "gaussian" (the spec, eq. 3), "gaussian-pixel", "gaussian-pixel-faithful"
+            or "dlogistic-mix" (:mod:`pyro_srvae.likelihoods`).
         likelihood_components: mixture components K of ``"dlogistic-mix"``.
         arch: "small" (CPU-sized conv nets) or "densenet" (:mod:`pyro_srvae.networks`).
     """
@@ -360,9 +360,10 @@ class SRVAE(_ImageModel):
     Guide:
         u ~ q(u|y);  z ~ q(z|x) (eq. 10, ELBO 17)  or  z ~ q(z|x,y,u) (eq. 19, ELBO 20-21)
 
-    With ``likelihood="gaussian-pixel"`` or ``"dlogistic-mix"`` (extensions beyond the spec)
+    With ``likelihood="gaussian-pixel"`` (or ``"gaussian-pixel-faithful"``, the same density
+    trained by the faithful gradient) or ``"dlogistic-mix"`` (extensions beyond the spec)
     both p(y|u) and p(x|y,z[,u]) use that likelihood; the x decoder's location parameters
-    stay a residual over the bilinear upsampling of y.
+    stay a residual over the upsampling of y (``sr_base``).
 
     ``x_given_y`` (departs from the spec by default, see the module docstring):
 
@@ -391,7 +392,8 @@ class SRVAE(_ImageModel):
         gamma_init: initial gamma_x and gamma_y (``"gaussian"``); initial per-pixel standard
             deviation for the other likelihoods.
         name, validate_inputs: as for :class:`VAE`.
-        likelihood: "gaussian" (the spec, eq. 12 and 15), "gaussian-pixel" or "dlogistic-mix".
+        likelihood: "gaussian" (the spec, eq. 12 and 15), "gaussian-pixel", "gaussian-pixel-faithful"
+            or "dlogistic-mix".
         likelihood_components: mixture components K of ``"dlogistic-mix"``.
         arch: "small" (CPU-sized conv nets) or "densenet".
         x_given_y: "consistent" (default), "quantized" or "spec" (:data:`X_GIVEN_Y`).

@@ -48,7 +48,7 @@ SR_BASES = ("bilinear", "bicubic")
 # encoder is very confident, far below any scale that matters for 8-bit images.
 MIN_SCALE = 1e-4
 # A soft ceiling on them: s / (1 + (s / MAX_SCALE)^8)^(1/8), computed in logs. Below ~3 it
-# changes no float32 value (a relative 1e-12 at 1, 2e-6 at 5), so the scales a model reaches in
+# moves a float32 value by one rounding at most (a relative 1e-12 at 1, 2e-6 at 5), so the scales a model reaches in
 # ordinary training, and the checkpoints written before it, are unchanged. Why it is there: once
 # a decoder stops reading z, KL(q(z|x,y,u) || p(z|y,u)) does not change when both scales grow by
 # one factor, so nothing held them back; on photographs they drifted to ~1,800 (docs/results.md,

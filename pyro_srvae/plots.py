@@ -626,7 +626,10 @@ def plot_uncertainty_parts(
 
 
 _CALIBRATION_SETS = (("all", "all HR pixels", "tab:blue", "o"),
-                     ("detail", "detail pixels", "tab:orange", "s"))
+                     ("detail", "detail pixels (chosen by x)", "tab:orange", "s"),
+                     ("edges", "edge pixels (chosen from y)", "tab:green", "^"))
+#: Pixel sets a coverage table may lack (written before the package measured them).
+_OPTIONAL_CALIBRATION_SETS = ("edges",)
 
 
 def _coverage_table(coverage, key: str) -> dict:
@@ -664,9 +667,9 @@ def plot_calibration(coverage: Mapping[str, Mapping], num_samples: int,
     """Calibration of the SR uncertainty: observed against expected coverage.
 
     ``coverage`` is ``{"all": {"0.5": c, "0.8": c, ...}, "detail": {...},
-    "expected": {"0.5": e, ...}}``: the observed fraction of high-resolution
-    pixels inside the central interval of each level, over all pixels and over
-    the "detail" pixels, and the coverage those intervals should have when they
+    "edges": {...}, "expected": {"0.5": e, ...}}``: the observed fraction of high-resolution
+    pixels inside the central interval of each level, over all pixels, over
+    the "detail" pixels and (optional) the "edge" pixels, and the coverage those intervals should have when they
     are estimated from ``num_samples`` draws. "all" and "detail" must give a
     value for every level of "expected" (NaN, e.g. no detail pixels, leaves that
     point out). One point per level and pixel set, joined per set and labelled
@@ -693,6 +696,8 @@ def plot_calibration(coverage: Mapping[str, Mapping], num_samples: int,
         raise ValueError("`coverage['expected']` must give a number for every level, got NaN")
     tables = {}
     for key, *_ in _CALIBRATION_SETS:
+        if key in _OPTIONAL_CALIBRATION_SETS and key not in coverage:
+            continue
         tables[key] = _coverage_table(coverage, key)
         absent = [level for level in expected if level not in tables[key]]
         if absent:
@@ -706,6 +711,8 @@ def plot_calibration(coverage: Mapping[str, Mapping], num_samples: int,
     ax = fig.subplots()
     ax.plot([0, 1], [0, 1], linestyle="--", color="0.5", linewidth=1, label="calibrated (observed = expected)")
     for key, label, colour, marker in _CALIBRATION_SETS:
+        if key not in tables:
+            continue
         points = [(expected[lv][1], tables[key][lv][1], lv) for lv in levels
                   if not math.isnan(tables[key][lv][1])]
         if not points:

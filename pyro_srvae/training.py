@@ -638,7 +638,7 @@ def check_bit_depth(model, bits):
         return
     if model.likelihood_name == "dlogistic-mix":
         raise ConfigError(
-            f"{bits}-bit data: --likelihood dlogistic-mix has 256 bins (8 bits); use gaussian or gaussian-pixel"
+            f"{bits}-bit data: --likelihood dlogistic-mix has 256 bins (8 bits); use gaussian, gaussian-pixel or gaussian-pixel-faithful"
         )
     if getattr(model, "quantized_y", False):
         raise ConfigError(
@@ -1113,6 +1113,14 @@ def model_label(config):
     return "vae" if config["model"] == "vae" else f"srvae ({config['guide']} guide)"
 
 
+#: The SR coverage rows of a run's summary: pixel set, label, and what the set means for calibration.
+COVERAGE_ROWS = (
+    ("all", "all pixels", ""),
+    ("detail", "detail pixels", " (chosen by the truth x: below the level even when calibrated)"),
+    ("edges", "edge pixels", " (chosen from y: a calibration test)"),
+)
+
+
 def bits_note(test):
     """' (exact density of x)' and the like: what a bits/dim of this run is."""
     density = test.get("x_density")
@@ -1139,9 +1147,10 @@ def test_metric_rows(test):
         ]  # fmt: skip
         coverage = test.get("sr_coverage")
         if coverage:
-            for subset in ("all", "detail"):
-                observed = ", ".join(f"{float(level):.0%} {coverage[subset][level]:.3f}" for level in coverage[subset])
-                rows.append((f"SR coverage ({subset} pixels)", observed))
+            for subset, label, note in COVERAGE_ROWS:
+                if subset in coverage:  # runs before the edge pixels have no "edges"
+                    observed = ", ".join(f"{float(level):.0%} {coverage[subset][level]:.3f}" for level in coverage[subset])
+                    rows.append((f"SR coverage ({label})", observed + note))
             expected = ", ".join(f"{float(level):.0%} {value:.3f}" for level, value in coverage["expected"].items())
             rows.append(("  expected", f"{expected} (from {coverage['num_samples']} draws)"))
         if test.get("sr_bpd") is not None:

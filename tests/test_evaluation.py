@@ -27,6 +27,9 @@ from pyro_srvae.evaluation import (
     LikelihoodEstimates,
     bicubic_upsample,
     bits_per_dim,
+    detail_mask,
+    edge_mask,
+    interval_coverages,
     evaluate_model,
     expected_interval_coverage,
     interval_coverage,
@@ -421,6 +424,23 @@ def test_super_resolution_metrics_with_stub():
     # draws that coincide cover (almost) nothing
     m2 = super_resolution_metrics(StubSR(noise=0.0), x, num_samples=8)
     assert m2["sr_coverage90"] < 0.05
+
+
+def test_super_resolution_metrics_report_the_coverage_of_the_edge_pixels_chosen_from_y():
+    columns = torch.arange(32).reshape(1, 1, 1, 32)
+    x = torch.where(columns < 13, 0.2, 0.8).expand(4, 1, 16, 32)  # one edge, inside a block
+    stub = StubSR(noise=0.05)
+    torch.manual_seed(0)
+    m = super_resolution_metrics(stub, x, num_samples=8)
+    torch.manual_seed(0)
+    y = stub.downscale(x)
+    samples = stub.super_resolve(y, num_samples=8).samples
+    edges = edge_mask(y, 2)
+    assert edges.float().mean() == 0.25 and detail_mask(x, 2).float().mean() == 0.0625
+    assert m["sr_coverage"]["edge_fraction"] == pytest.approx(edges.float().mean().item())
+    assert m["sr_coverage"]["edges"] == pytest.approx(interval_coverages(samples, x, edges))
+    assert m["sr_coverage"]["detail"] == pytest.approx(interval_coverages(samples, x, detail_mask(x, 2)))
+    assert m["sr_coverage"]["edges"]["0.9"] != pytest.approx(m["sr_coverage"]["detail"]["0.9"], abs=0.01)
 
 
 class ImageLinearGaussian(torch.nn.Module):

@@ -20,8 +20,12 @@ from pyro_srvae import SRVAE, VAE, make_elbo
 from pyro_srvae.data import dequantize
 from pyro_srvae.evaluation import bits_per_dim, iw_and_elbo
 from pyro_srvae.likelihoods import (
+    block_mean,
+    nearest_upsample,
     LIKELIHOODS,
     DiscretizedLogisticMixture,
+    ConsistentGaussian,
+    FaithfulGaussianPixelLikelihood,
     GaussianPixelLikelihood,
     make_likelihood,
 )
@@ -186,6 +190,104 @@ def test_gaussian_pixel_is_a_normal_with_softplus_scale():
     assert initial.item() == pytest.approx(0.1, rel=1e-5)
 
 
+# ---------------------------------------------------------------------------
+# gaussian-pixel-faithful: gaussian-pixel's density, the faithful gradient
+# ---------------------------------------------------------------------------
+
+
+def _faithful_inputs(seed=0):
+    torch.manual_seed(seed)
+    raw = torch.randn(3, 2, 4, 4).requires_grad_()
+    offset, x = torch.rand(3, 1, 4, 4), torch.rand(3, 1, 4, 4)
+    return raw, offset, x, block_mean(x, 2)
+
+
+def test_the_faithful_likelihood_reports_gaussian_pixel_s_density_draws_and_mean():
+    raw, offset, x, y = _faithful_inputs()
+    faithful, plain = FaithfulGaussianPixelLikelihood(), GaussianPixelLikelihood()
+    loc, sigma = plain.loc_and_scale(raw, offset)
+    onto_y = loc + nearest_upsample(y - block_mean(loc, 2), 2)  # the consistent form's locations, A loc = y
+    pairs = [
+        (faithful.distribution(raw, offset), plain.distribution(raw, offset)),
+        (faithful.consistent_distribution(raw, offset, None, y, 2), ConsistentGaussian(onto_y, sigma, y, 2)),
+    ]
+    for ours, theirs in pairs:
+        assert ours.batch_shape == theirs.batch_shape == (3,) and ours.event_shape == theirs.event_shape == (1, 4, 4)
+        assert torch.equal(ours.log_prob(x), theirs.log_prob(x))
+        with torch.no_grad():
+            assert torch.equal(ours.log_prob(x), theirs.log_prob(x))
+        assert torch.equal(ours.mean, theirs.mean) and torch.equal(ours.variance, theirs.variance)
+        torch.manual_seed(1)
+        draw = ours.sample()
+        torch.manual_seed(1)
+        assert torch.equal(draw, theirs.sample())
+        assert ours.expand((2, 3)).log_prob(x).shape == (2, 3)
+    discrete = faithful.pmf_distribution(raw, offset).log_prob(y.repeat(1, 1, 2, 2))
+    assert torch.equal(discrete, plain.pmf_distribution(raw, offset).log_prob(y.repeat(1, 1, 2, 2)))
+
+
+def test_the_faithful_consistent_mean_has_the_block_means_of_y_and_does_not_move_with_the_sigmas():
+    """Its locations are moved onto A loc = y, so the conditional mean is the locations whatever
+    the sigmas: the squared-error fit of the locations is a fit of the predictive mean."""
+    raw, offset, x, y = _faithful_inputs()
+    likelihood = FaithfulGaussianPixelLikelihood()
+    other_sigmas = raw.detach().clone()
+    other_sigmas[:, 1:] = 3 * torch.randn(3, 1, 4, 4)
+    mean = likelihood.consistent_distribution(raw, offset, None, y, 2).mean
+    torch.testing.assert_close(block_mean(mean, 2), y)
+    torch.testing.assert_close(likelihood.consistent_distribution(other_sigmas, offset, None, y, 2).mean, mean)
+    # the plain per-pixel likelihood's conditional mean moves with its sigmas
+    plain = GaussianPixelLikelihood()
+    moved = plain.consistent_distribution(other_sigmas, offset, None, y, 2).mean
+    assert (moved - plain.consistent_distribution(raw, offset, None, y, 2).mean).abs().max() > 0.01
+
+
+def test_the_faithful_gradient_fits_locations_under_one_scale_and_scales_given_the_locations():
+    """Closed forms: d/d loc = (x - loc) / s^2 with s^2 the mean predicted variance (one scale for
+    every pixel), and d/d sigma = -1/sigma + (x - loc)^2 / sigma^3 (the per-pixel Gaussian's),
+    times the damping weight of the sigmas' gradient."""
+    raw, offset, x, _ = _faithful_inputs()
+    likelihood = FaithfulGaussianPixelLikelihood()
+    likelihood.distribution(raw, offset).log_prob(x).sum().backward()
+    with torch.no_grad():
+        loc, sigma = likelihood.loc_and_scale(raw, offset)
+        residual = x - loc
+        d_loc = residual / sigma.square().mean()
+        d_sigma = -1 / sigma + residual.square() / sigma**3
+        d_raw_scale = d_sigma * torch.sigmoid(raw[:, 1:] + likelihood.shift)  # sigma = softplus(raw + b) + floor
+        d_raw_scale = likelihood.scale_gradient_weight * d_raw_scale  # damped: same optimum
+    assert torch.allclose(raw.grad[:, :1], d_loc, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(raw.grad[:, 1:], d_raw_scale, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name, expected_location", [("gaussian-pixel", 0.0064), ("gaussian-pixel-faithful", 0.1)])
+def test_a_shared_location_is_the_least_squares_fit_only_under_the_faithful_gradient(name, expected_location):
+    """One location shared by two pixels whose data are N(0, 0.05^2) and N(0.2, 0.2^2), each pixel with
+    its own free scale. The plain likelihood's maximum (the one minimum of log(0.05^2 + m^2) +
+    log(0.2^2 + (0.2 - m)^2), at m = 0.0064) weighs the pixels by 1/sigma^2 and puts the location at
+    the quiet pixel's mean; the faithful fit is the least-squares one, the average 0.1. Both fit
+    each pixel's scale to its root mean squared residual."""
+    torch.manual_seed(0)
+    n = 4096
+    data = torch.stack([0.05 * torch.randn(n), 0.2 + 0.2 * torch.randn(n)], dim=-1).reshape(n, 1, 1, 2)
+    data = data - data.mean(0) + torch.tensor([0.0, 0.2]).reshape(1, 1, 2)  # exact sample means
+    likelihood = make_likelihood(name)
+    location = torch.zeros(1, requires_grad=True)
+    raw_scales = torch.zeros(2, requires_grad=True)
+    optimizer = torch.optim.Adam([location, raw_scales], lr=0.02)
+    for _ in range(1500):
+        optimizer.zero_grad()
+        raw = torch.cat([location.expand(2), raw_scales]).reshape(1, 2, 1, 2)
+        loss = -likelihood.distribution(raw).log_prob(data).mean()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        _, sigma = likelihood.loc_and_scale(torch.cat([location.expand(2), raw_scales]).reshape(1, 2, 1, 2))
+        rms = (data - location).square().mean(0).sqrt()
+    assert location.item() == pytest.approx(expected_location, abs=0.005)
+    assert torch.allclose(sigma.flatten(), rms.flatten(), rtol=0.05)
+
+
 def test_unknown_likelihood_and_bad_components():
     with pytest.raises(ValueError, match="unknown likelihood 'laplace'; expected one of gaussian, gaussian-pixel"):
         VAE((1, 8, 8), likelihood="laplace")
@@ -209,7 +311,7 @@ def _loss(model, x):
     return make_elbo("meanfield", num_particles=10, vectorize_particles=True).loss(model.model, model.guide, x)
 
 
-@pytest.mark.parametrize("likelihood", ["gaussian-pixel", "dlogistic-mix"])
+@pytest.mark.parametrize("likelihood", ["gaussian-pixel", "gaussian-pixel-faithful", "dlogistic-mix"])
 @pytest.mark.parametrize("model_class, kwargs", VARIANTS)
 def test_models_train_with_every_likelihood(model_class, kwargs, likelihood):
     x = tiny_images(8, (1, 8, 8))
@@ -231,7 +333,7 @@ def test_srvae_sites_generation_and_super_resolution(likelihood):
     trace = poutine.trace(model.model).get_trace(x)
     assert trace.nodes["x"]["fn"].event_shape == (1, 8, 8) and trace.nodes["x"]["fn"].batch_shape == (4,)
     assert trace.nodes["y"]["fn"].event_shape == (1, 4, 4)
-    per_channel = {"gaussian": 1, "gaussian-pixel": 2, "dlogistic-mix": 6}[likelihood]
+    per_channel = {"gaussian": 1, "gaussian-pixel": 2, "gaussian-pixel-faithful": 2, "dlogistic-mix": 6}[likelihood]
     raw = model.decoder_x.residual(model.downscale(x), torch.zeros(4, model.z_dim), torch.zeros(4, model.u_dim))
     assert raw.shape == (4, per_channel, 8, 8)
     assert (model.gamma_y is None) == (likelihood != "gaussian")
@@ -248,7 +350,8 @@ def test_srvae_sites_generation_and_super_resolution(likelihood):
             assert images.min() >= 0 and images.max() <= 1
     # the x locations are a residual over upsample(y): with a zero raw output they equal it
     raw, up = torch.zeros(4, per_channel, 8, 8), model.decoder_x.upsample(y)
-    distribution = model.likelihood.distribution(raw, up, scale=model.gamma_x).base_dist
+    distribution = model.likelihood.distribution(raw, up, scale=model.gamma_x)
+    distribution = getattr(distribution, "value", distribution).base_dist  # faithful: the density it reports
     locs = distribution.locs if likelihood == "dlogistic-mix" else distribution.loc.unsqueeze(-1)
     assert torch.equal(locs, up.unsqueeze(-1).expand_as(locs))
 

@@ -538,10 +538,21 @@ def test_calibration(tmp_path, figs):
     assert np.allclose(everything.get_ydata(), [0.46, 0.74, 0.85, 0.91])
     assert np.allclose(detail.get_ydata(), [0.31, 0.58, 0.7])
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert labels[1:] == ["all HR pixels", "detail pixels"] and "calibrated" in labels[0]
+    assert labels[1:] == ["all HR pixels", "detail pixels (chosen by x)"] and "calibrated" in labels[0]
     assert ax.get_xlim() == (0.0, 1.0) and ax.get_ylim() == (0.0, 1.0)
     _read_png(tmp_path / "c.png", min_w=300, min_h=300)
     _only_file(tmp_path, "c.png")
+
+
+def test_calibration_draws_the_edge_pixels_when_the_table_has_them(tmp_path, figs):
+    coverage = _coverage()
+    coverage["edges"] = {"0.5": 0.4, "0.8": 0.7, "0.9": 0.8, "0.95": 0.86}
+    plots.plot_calibration(coverage, 16, tmp_path / "c.png")
+    (ax,) = figs[0].axes
+    _, _, _, edges = ax.get_lines()
+    assert np.allclose(edges.get_ydata(), [0.4, 0.7, 0.8, 0.86])
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels[1:] == ["all HR pixels", "detail pixels (chosen by x)", "edge pixels (chosen from y)"]
 
 
 @pytest.mark.parametrize("coverage, message", [
