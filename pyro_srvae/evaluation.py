@@ -716,7 +716,7 @@ def _sr_sums(model, x: torch.Tensor, num_samples: int) -> Dict[str, float]:
     for name, estimate in points.items():
         sums[f"{name}_psnr"] = psnr(estimate, x).sum().item()
         sums[f"{name}_ssim"] = ssim(estimate, x).sum().item()
-    ordered = sr.samples.sort(dim=0).values  # once, for the coverage of both pixel sets and the CRPS
+    ordered = sr.samples.sort(dim=0).values  # once, for the coverage of every pixel set and the CRPS
     masks = {"all": None, "detail": detail_mask(x, factor), "edges": edge_mask(y, factor)}
     counts = _coverage_counts(ordered, x, masks)
     sums["num_detail_pixels"] = counts["detail"]["pixels"]

@@ -552,7 +552,6 @@ class SurrogateGradient(TorchDistribution):
     """
 
     arg_constraints = {}
-    has_rsample = True
 
     def __init__(self, value, gradient_terms, weights=None, validate_args=None):
         self.value = value
@@ -563,6 +562,10 @@ class SurrogateGradient(TorchDistribution):
     @property
     def support(self):
         return self.value.support
+
+    @property
+    def has_rsample(self):
+        return self.value.has_rsample
 
     def expand(self, batch_shape, _instance=None):
         batch_shape = torch.Size(batch_shape)

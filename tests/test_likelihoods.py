@@ -217,11 +217,13 @@ def test_the_faithful_likelihood_reports_gaussian_pixel_s_density_draws_and_mean
         with torch.no_grad():
             assert torch.equal(ours.log_prob(x), theirs.log_prob(x))
         assert torch.equal(ours.mean, theirs.mean) and torch.equal(ours.variance, theirs.variance)
+        assert ours.has_rsample == theirs.has_rsample
         torch.manual_seed(1)
         draw = ours.sample()
         torch.manual_seed(1)
         assert torch.equal(draw, theirs.sample())
         assert ours.expand((2, 3)).log_prob(x).shape == (2, 3)
+    assert not faithful.pmf_distribution(raw, offset).has_rsample  # a pmf over bins: no reparametrized draws
     discrete = faithful.pmf_distribution(raw, offset).log_prob(y.repeat(1, 1, 2, 2))
     assert torch.equal(discrete, plain.pmf_distribution(raw, offset).log_prob(y.repeat(1, 1, 2, 2)))
 
