@@ -15,6 +15,12 @@ block mean by more than one grey level: chosen by the truth, which lowers even a
 predictive's coverage), on the edge pixels (where the bicubic upsampling of y is more than a grey
 level off y's own pixel: chosen from y alone, a calibration test) and on all pixels.
 
+Before scoring, the SR spread is calibrated (:mod:`pyro_srvae.calibration`, ``pyro-srvae
+calibrate``) on three photographs in neither folder -- scikit-image's clock_motion and
+microaneurysms, matplotlib's grace_hopper -- and written into the checkpoint: the coverages are
+those of the draws ``superresolve`` then gives, beside the model's own (``*_model``).
+``--calibrate-on none`` scores the model's own spread only.
+
     python benchmarks/photo_sr.py --out runs/photo-sr            # trains, then scores
     python benchmarks/photo_sr.py --out runs/photo-sr --skip-training   # scores the checkpoint again
 
@@ -32,12 +38,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pyro_srvae.calibration import CALIBRATION_PIXELS, calibrate_checkpoint, model_spread
 from pyro_srvae.evaluation import bicubic_upsample, detail_mask, edge_mask, interval_coverages, make_consistent, psnr
 from pyro_srvae.images import match_channels, read_image
 from pyro_srvae.likelihoods import LIKELIHOODS, block_mean, nearest_upsample
 from pyro_srvae.models import downscale
 from pyro_srvae.networks import ARCHS, SR_BASES
-from pyro_srvae.superresolve import load_model, superresolve_image
+from pyro_srvae.superresolve import default_views, load_model, superresolve_image
 from pyro_srvae.training import TrainConfig, train
 
 TRAIN_PHOTOS = (
@@ -45,6 +52,9 @@ TRAIN_PHOTOS = (
     "hubble_deep_field.jpg", "ihc.png", "motorcycle_left.png", "motorcycle_right.png", "retina.jpg", "rocket.jpg",
 )  # fmt: skip
 HELD_OUT_PHOTOS = ("camera.png", "coins.png", "moon.png", "page.png", "text.png")
+#: Photographs in neither folder that calibrate the SR spread (pyro_srvae.calibration): the
+#: package files (scikit-image's and matplotlib's wheels) they come from.
+CALIBRATION_PHOTOS = (("skimage", "clock_motion.png"), ("skimage", "microaneurysms.png"), ("matplotlib", "grace_hopper.jpg"))
 FACTOR = 2
 
 
@@ -57,6 +67,25 @@ def photo_folder():
     if missing:
         sys.exit(f"photo_sr: {folder} lacks {', '.join(missing)} (another scikit-image version?)")
     return folder
+
+
+def calibration_paths(skimage_folder):
+    """The :data:`CALIBRATION_PHOTOS` as paths (matplotlib's sample data ships with it)."""
+    import matplotlib
+
+    folders = {"skimage": skimage_folder, "matplotlib": Path(matplotlib.get_data_path()) / "sample_data"}
+    paths = [folders[package] / name for package, name in CALIBRATION_PHOTOS]
+    missing = [str(path) for path in paths if not path.is_file()]
+    if missing:
+        sys.exit(f"photo_sr: the calibration photographs are missing: {', '.join(missing)}")
+    return paths
+
+
+def calibrate(run, paths, pixels, num_samples, seed):
+    """Fit the spread on the calibration photographs (as scored: grey, cut to the factor) into the checkpoint."""
+    images = [scored_photograph(path)[0][0] for path in paths]
+    return calibrate_checkpoint(run / "checkpoint.pt", images, names=[path.name for path in paths], pixels=pixels,
+                                num_samples=num_samples, seed=seed)  # fmt: skip
 
 
 def build_folder(source, root):
@@ -89,16 +118,25 @@ def scored_photograph(path):
 
 
 def score(model, path, num_samples, seed):
-    """PSNRs of the SR mean and the baselines on one photograph, and the 90% detail coverage."""
+    """PSNRs of the SR mean and the baselines on one photograph, and the 90% coverages.
+
+    The coverages are those of the draws ``superresolve`` writes (the calibrated spread, when
+    the checkpoint holds one); ``*_model`` are those of the model's own predictive, from the
+    same draws before the noise is scaled.
+    """
     x, stored_upsampled = scored_photograph(path)
     height, width = x.shape[-2:]
     y = downscale(x, FACTOR, "area")
-    sr = superresolve_image(model, y[0], num_samples, seed=seed)
+    with model_spread(model):
+        sr = superresolve_image(model, y[0], num_samples, seed=seed)
+    scale = torch.ones(1) if model.spread_scale is None else torch.tensor(model.spread_scale)
+    draws = {"": sr.means + scale.view(-1, 1, 1) * (sr.samples - sr.means), "_model": sr.samples}
     bicubic = bicubic_upsample(y, FACTOR)
     mask, edges = detail_mask(x, FACTOR), edge_mask(y, FACTOR)
-    coverage = interval_coverages(sr.samples[:, None], x, mask, levels=(0.9,))
-    coverage_edges = interval_coverages(sr.samples[:, None], x, edges, levels=(0.9,))
-    coverage_all = interval_coverages(sr.samples[:, None], x, levels=(0.9,))
+    coverages = {}
+    for suffix, samples in draws.items():
+        for name, pixels in (("detail", mask), ("edges", edges), ("all", None)):
+            coverages[f"coverage90_{name}{suffix}"] = float(interval_coverages(samples[:, None], x, pixels, levels=(0.9,))["0.9"])
     return {
         "photo": path.name,
         "size": f"{height}x{width}",
@@ -106,9 +144,7 @@ def score(model, path, num_samples, seed):
         "sr_psnr": float(psnr(sr.mean.clamp(0, 1)[None], x)),
         "bicubic_psnr": float(psnr(bicubic, x)),
         "consistent_bicubic_psnr": float(psnr(make_consistent(bicubic, y, FACTOR), x)),
-        "coverage90_detail": float(coverage["0.9"]),
-        "coverage90_edges": float(coverage_edges["0.9"]),
-        "coverage90_all": float(coverage_all["0.9"]),
+        **coverages,
         "detail_fraction": float(mask.float().mean()),
         "detail_pixels": int(mask.sum()),
         "edge_pixels": int(edges.sum()),
@@ -127,8 +163,11 @@ def main(argv=None):
     parser.add_argument("--sr-hidden", type=int, default=16, help="the SR decoder's width (train --sr-hidden)")
     parser.add_argument("--sr-base", choices=SR_BASES, default="bicubic",
                         help="the upsampling of y under the SR decoder's residual (train --sr-base)")
-    parser.add_argument("--likelihood", choices=LIKELIHOODS, default="gaussian", help="p(x|y,z,u) and p(y|u)")
-    parser.add_argument("--epochs", type=int, default=4, help="4 (2,816 steps): 12 minutes held to AVX2 (docs/results.md)")
+    parser.add_argument("--likelihood", choices=LIKELIHOODS, default="gaussian-pixel-faithful",
+                        help="p(x|y,z,u) and p(y|u): per-pixel scales fitted faithfully (the spec's gamma: gaussian)")
+    parser.add_argument("--faithful-scale-weight", type=float, default=0.01, metavar="W",
+                        help="train --faithful-scale-weight (gaussian-pixel-faithful only; 0.01: the ninth run's recipe)")
+    parser.add_argument("--epochs", type=int, default=4, help="4 (2,816 steps): 11-13 minutes held to AVX2 (docs/results.md)")
     parser.add_argument("--kl-warmup", type=float, default=0.0, metavar="EPOCHS", help="linear KL warm-up (train --kl-warmup)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -140,6 +179,9 @@ def main(argv=None):
     parser.add_argument("--sr-samples", type=int, default=16, help="SR draws per photograph (for the intervals)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-training", action="store_true", help="score the checkpoint already in OUT/run")
+    parser.add_argument("--calibrate-on", choices=CALIBRATION_PIXELS + ("none",), default="detail",
+                        help="fit the SR spread on the three calibration photographs' pixels of this set "
+                        "(pyro-srvae calibrate --pixels); none: score the model's own spread")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
 
@@ -151,30 +193,41 @@ def main(argv=None):
         config = TrainConfig(
             guide="full", dataset="folder", data_dir=str(folder), patch_size=args.patch_size, channels=1,
             augment=True, epochs=args.epochs, hidden=args.hidden, arch=args.arch, sr_arch=args.sr_arch, sr_hidden=args.sr_hidden,
-            sr_base=args.sr_base, likelihood=args.likelihood, batch_size=args.batch_size, lr=args.lr, clip_norm=args.clip_norm, kl_warmup=args.kl_warmup,
+            sr_base=args.sr_base, likelihood=args.likelihood,
+            faithful_scale_weight=args.faithful_scale_weight if args.likelihood == "gaussian-pixel-faithful" else 1.0, batch_size=args.batch_size, lr=args.lr, clip_norm=args.clip_norm, kl_warmup=args.kl_warmup,
             seed=args.seed, out=str(run), figures=False, eval_limit=1024,
         )  # fmt: skip
         train(config, progress=True)
     train_seconds = time.perf_counter() - started
+    calibration = None
+    if args.calibrate_on != "none":
+        calibration = calibrate(run, calibration_paths(photo_folder()), args.calibrate_on, args.sr_samples, args.seed)
+        print(f"spread {calibration.describe()}")
     model = load_model(run / "checkpoint.pt", device="cpu")
+    if calibration is None:
+        model.spread_scale = None
     rows = [score(model, folder / "test" / name, args.sr_samples, args.seed) for name in HELD_OUT_PHOTOS]
+    print(f"{args.sr_samples} SR draws per photograph from {default_views(model)} flipped and turned views (superresolve --views)")
 
-    print(f"{'photo':<12} {'size':>9} {'SR mean':>8} {'bicubic':>8} {'consist.':>8} {'gain':>6} {'cov90 detail':>12} {'edges':>6} {'all':>6}")
+    print(f"{'':<12} {'':>9} {'':>8} {'':>8} {'':>8} {'':>6} {'90% coverage, as drawn':>23} {'model own':>10}")
+    print(f"{'photo':<12} {'size':>9} {'SR mean':>8} {'bicubic':>8} {'consist.':>8} {'gain':>6} {'detail':>7} {'edges':>7} {'all':>7} {'detail':>10}")
     for row in rows:
         gain = row["sr_psnr"] - row["bicubic_psnr"]
         size = row["size"] + ("*" if row["stored_nearest_upsampled"] else "")
         print(
             f"{row['photo']:<12} {size:>9} {row['sr_psnr']:8.2f} {row['bicubic_psnr']:8.2f} "
-            f"{row['consistent_bicubic_psnr']:8.2f} {gain:+6.2f} {row['coverage90_detail']:12.3f} "
-            f"{row['coverage90_edges']:6.3f} {row['coverage90_all']:6.3f}"
+            f"{row['consistent_bicubic_psnr']:8.2f} {gain:+6.2f} {row['coverage90_detail']:7.3f} "
+            f"{row['coverage90_edges']:7.3f} {row['coverage90_all']:7.3f} {row['coverage90_detail_model']:10.3f}"
         )
     if any(row["stored_nearest_upsampled"] for row in rows):
         print(f"* stored {FACTOR}x nearest-upsampled (every block constant): scored at its own resolution, its block means")
     mean = {key: float(np.mean([row[key] for row in rows])) for key in ("sr_psnr", "bicubic_psnr", "consistent_bicubic_psnr")}
-    # Pooled over the detail pixels of all five photographs (each photograph weighs its pixel count).
-    detail = sum(r["coverage90_detail"] * r["detail_pixels"] for r in rows) / max(sum(r["detail_pixels"] for r in rows), 1)
-    edges = sum(r["coverage90_edges"] * r["edge_pixels"] for r in rows) / max(sum(r["edge_pixels"] for r in rows), 1)
-    every_pixel = sum(r["coverage90_all"] * r["pixels"] for r in rows) / sum(r["pixels"] for r in rows)
+    # Pooled over the pixels of each set in all five photographs (each photograph weighs its pixel count).
+    counts = {"detail": "detail_pixels", "edges": "edge_pixels", "all": "pixels"}
+    pooled = {
+        f"coverage90_{name}{suffix}_pooled": sum(r[f"coverage90_{name}{suffix}"] * r[count] for r in rows) / max(sum(r[count] for r in rows), 1)
+        for name, count in counts.items() for suffix in ("", "_model")
+    }  # fmt: skip
     print(
         f"{'mean':<12} {'':>9} {mean['sr_psnr']:8.2f} {mean['bicubic_psnr']:8.2f} {mean['consistent_bicubic_psnr']:8.2f} "
         f"{mean['sr_psnr'] - mean['bicubic_psnr']:+6.2f}"
@@ -185,17 +238,21 @@ def main(argv=None):
         "gain_over_bicubic_db": mean["sr_psnr"] - mean["bicubic_psnr"],
         "beats_consistent_bicubic_on_every_photo": all(r["sr_psnr"] > r["consistent_bicubic_psnr"] for r in rows),
         "sr_samples": args.sr_samples,
+        "views": default_views(model),
+        "spread_calibration": None if calibration is None else calibration.to_dict(),
         "train_seconds": None if args.skip_training else train_seconds,
         "torch_threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "args": vars(args),
+        **pooled,
     }
     print(f"gain over bicubic {report['gain_over_bicubic_db']:+.2f} dB; beats consistent bicubic on every photo: "
-          f"{report['beats_consistent_bicubic_on_every_photo']}; 90% coverage (pooled) {detail:.3f} of the detail pixels, "
-          f"{every_pixel:.3f} of all pixels, {edges:.3f} of the edge pixels (chosen from y)")
-    report["coverage90_detail_pooled"] = detail
-    report["coverage90_all_pooled"] = every_pixel
-    report["coverage90_edges_pooled"] = edges
+          f"{report['beats_consistent_bicubic_on_every_photo']}")
+    spread = "the model's own spread" if calibration is None else f"the spread calibrated on {args.calibrate_on} pixels"
+    print(f"90% coverage (pooled), {spread}: {pooled['coverage90_detail_pooled']:.3f} of the detail pixels, "
+          f"{pooled['coverage90_edges_pooled']:.3f} of the edge pixels (chosen from y), {pooled['coverage90_all_pooled']:.3f} of all; "
+          f"the model's own: {pooled['coverage90_detail_model_pooled']:.3f} / {pooled['coverage90_edges_model_pooled']:.3f} / "
+          f"{pooled['coverage90_all_model_pooled']:.3f}")
     (out / "photo_sr.json").write_text(json.dumps(report, indent=2) + "\n")
     if not args.skip_training:
         print(f"training and evaluation of the run: {train_seconds:.0f} s")

@@ -10,6 +10,7 @@ from .priors import MixtureOfGaussiansPrior, StandardNormalPrior
 from .evaluation import bits_per_dim, evaluate_model, iw_log_likelihood
 from .training import ConfigError, TrainConfig, TrainResult, build_model, train
 from .superresolve import SuperResolvedImage, SuperResolveError, load_model, superresolve, superresolve_image
+from .calibration import SpreadCalibration, calibrate_checkpoint, fit_spread_scale
 
 evaluate = evaluate_model
 
@@ -30,6 +31,9 @@ __all__ = [
     "load_model",
     "superresolve",
     "superresolve_image",
+    "SpreadCalibration",
+    "calibrate_checkpoint",
+    "fit_spread_scale",
     "ELBO_NAMES",
     "IWAE_DReG",
     "MixtureKLBound_ELBO",

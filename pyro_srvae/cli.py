@@ -3,7 +3,8 @@
 * :func:`main` -- ``examples/train_srvae.py`` and ``pyro-srvae train``: flags -> :func:`pyro_srvae.train`.
 * :func:`console_main` -- the ``pyro-srvae`` console command, with the subcommands
   ``train``, ``evaluate`` (:func:`pyro_srvae.superresolve.evaluate_checkpoint`) and
-  ``superresolve`` (:func:`pyro_srvae.superresolve.superresolve`).
+  ``superresolve`` (:func:`pyro_srvae.superresolve.superresolve`) and ``calibrate``
+  (:func:`pyro_srvae.calibration.calibrate_checkpoint`).
 
 Exit codes: 0 done, 1 a bad input, checkpoint or dataset (one line on stderr, no
 traceback), 2 bad flags, 130 / 143 interrupted.
@@ -13,6 +14,7 @@ import argparse
 import os
 import sys
 
+from .calibration import SpreadCalibration
 from .checkpoint import CheckpointError
 from .data import DATASET_NAMES, DATASETS, DatasetNotFoundError
 from .folder import FolderDatasetError
@@ -36,6 +38,7 @@ from .training import (
 )
 
 EXIT_INTERRUPTED = {2: 130, 15: 143}  # the shell's 128 + signal number
+SPREADS = ("calibrated", "model")
 
 
 def build_train_parser(prog=None):
@@ -94,6 +97,9 @@ def build_train_parser(prog=None):
         "or a discretized mixture of logistics")
     add("--likelihood-components", type=int, default=defaults.likelihood_components, metavar="K",
         help="logistic components per pixel for --likelihood dlogistic-mix")
+    add("--faithful-scale-weight", type=float, default=defaults.faithful_scale_weight, metavar="W",
+        help="--likelihood gaussian-pixel-faithful: the weight of the sigmas' gradient (0.01: the photographs' "
+        "benchmark, docs/results.md)")
     add("--x-given-y", choices=X_GIVEN_Y, default=defaults.x_given_y,
         help="srVAE p(x|y,.): consistent (a normalized density of x: the Gaussian given its block means, "
         "or y on the 8-bit grid where no closed form exists), quantized (the paper's 8-bit y), "
@@ -125,7 +131,7 @@ def config_from_args(parser, args):
             "model", "prior", "mog_components", "elbo", "num_particles", "dataset", "data_dir", "download",
             "max_steps", "batch_size", "lr", "kl_warmup", "clip_norm", "seed", "sr_samples", "eval_limit", "train_limit", "out",
             "checkpoint_every", "factor", "downscale_mode", "u_dim", "z_dim", "hidden",
-            "arch", "likelihood", "likelihood_components", "x_given_y", "sr_base", "sr_arch", "sr_hidden", "precision", "compile",
+            "arch", "likelihood", "likelihood_components", "faithful_scale_weight", "x_given_y", "sr_base", "sr_arch", "sr_hidden", "precision", "compile",
             "patch_size", "patch_stride", "test_fraction", "channels", "augment", "cache_dir", "tensorboard",
         )
     }
@@ -193,6 +199,7 @@ COMMANDS = {
     "evaluate": "re-run the test-set evaluation of a checkpoint, write evaluation.json",
     "superresolve": "super-resolve your own images with a trained srVAE, with per-pixel uncertainty",
     "compare": "the paper's comparison: VAE vs srVAE (simple, full) x (Gaussian, MoG) under one budget",
+    "calibrate": "fit the SR predictive's spread on held-out images, store it in the checkpoint",
 }
 
 
@@ -266,8 +273,22 @@ def build_superresolve_parser(prog=None):
     add("--tile-batch", type=_positive_int, default=None, metavar="N", help="tiles per network call [256 // samples on a CPU, 8192 // samples on a GPU]")
     add("--seed", type=int, default=0, help="seed of the latent draws")
     add("--device", choices=DEVICES, default="auto", help="where to compute (auto: a GPU if there is one)")
+    add("--views", type=_int_at_least(1, "an integer from 1 to 8"), default=None, metavar="V",
+        help="mix the predictives of V flipped and turned copies of each input (the mean: a self-ensemble) "
+        "[8 for a model trained with --augment, else 1]")
+    add("--spread", choices=SPREADS, default="calibrated",
+        help="calibrated: the likelihood noise scaled as fitted by 'pyro-srvae calibrate' (when the checkpoint "
+        "holds a calibration); model: the model's own predictive")
     add("--quiet", action="store_true", help="no progress bar, no per-image lines")
     return parser
+
+
+def _spread_note(model):
+    calibration = getattr(model, "spread_calibration", None)
+    if model.spread_scale is None:
+        return "spread: the model's own predictive" + (" (calibration ignored: --spread model)" if calibration else
+                                                       " (not calibrated: see pyro-srvae calibrate)")
+    return "spread: " + calibration.describe()
 
 
 def superresolve_main(argv=None, prog=None):
@@ -282,6 +303,12 @@ def superresolve_main(argv=None, prog=None):
         tile_h, tile_w = model.lr_shape[1:]
         if args.overlap is not None and args.overlap >= min(tile_h, tile_w):
             parser.error(f"--overlap must be smaller than the model's {tile_h}x{tile_w} tiles, got {args.overlap}")
+        if args.views is not None and args.views > 8:
+            parser.error(f"--views must be from 1 to 8, got {args.views}")
+        if args.spread == "model":
+            model.spread_scale = None
+        if not args.quiet:
+            print(_spread_note(model))
         results = superresolve(
             model,
             args.inputs,
@@ -291,6 +318,7 @@ def superresolve_main(argv=None, prog=None):
             seed=args.seed,
             device=args.device,
             tile_batch=args.tile_batch,
+            views=args.views,
             progress=not args.quiet and len(args.inputs) > 1,
             log=(lambda *_: None) if args.quiet else print,
             return_arrays=False,
@@ -347,6 +375,10 @@ def evaluation_summary(report):
         ("model", f"{model_label(config)}, {config['prior']} prior, step {report['step']}"),
         ("test images", f"{settings['num_images']} of {settings['dataset']}"),
     ]
+    if config["model"] == "srvae":
+        calibration = report.get("spread_calibration")
+        rows.append(("SR spread", "the model's own" if calibration is None else
+                     SpreadCalibration.from_dict(dict(calibration)).describe()))
     return format_rows(rows + test_metric_rows(test))
 
 
@@ -475,6 +507,73 @@ def compare_main(argv=None, prog=None):
     return 0
 
 
+# --------------------------------------------------------------------------- #
+# calibrate: the SR predictive's spread on held-out images
+# --------------------------------------------------------------------------- #
+def build_calibrate_parser(prog=None):
+    from .calibration import CALIBRATION_PIXELS, DEFAULT_LEVEL, DEFAULT_SAMPLES
+
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=(
+            "Fit one factor per channel on the SR predictive's likelihood noise so that, on held-out "
+            "high-resolution images (never trained on), the central --level interval of --samples draws "
+            "covers the truth as often as an exact predictive would; store it in the checkpoint, where "
+            "superresolve and evaluate use it (superresolve --spread model ignores it). The densities "
+            "(bits/dim) stay the trained model's."
+        ),
+        formatter_class=_DefaultsFormatter,
+    )
+    add = parser.add_argument
+    add("inputs", nargs="+", metavar="INPUT",
+        help="held-out images (PNG/JPEG/TIFF/.npy) or folders of them, at full resolution: each is downscaled as in training")
+    add("--checkpoint", required=True, metavar="CKPT", help="checkpoint.pt of a trained srVAE")
+    add("--out", default=None, metavar="FILE", help="write the calibrated checkpoint here [over CKPT, atomically]")
+    add("--pixels", choices=CALIBRATION_PIXELS, default="detail",
+        help="the pixels whose coverage is fitted: detail (differing from their block mean by more than a grey "
+        "level), all, or edges (chosen from y)")
+    add("--level", type=float, default=DEFAULT_LEVEL, help="the central interval's level")
+    add("--samples", type=_int_at_least(2, "an integer >= 2"), default=DEFAULT_SAMPLES, metavar="N",
+        help="SR draws per image in the fit")
+    add("--seed", type=int, default=0, help="seed of the draws")
+    add("--views", type=_int_at_least(1, "an integer from 1 to 8"), default=None, metavar="V",
+        help="as superresolve --views: calibrate the predictive superresolve will draw from [the model's default]")
+    add("--device", choices=DEVICES, default="auto", help="where to compute (auto: a GPU if there is one)")
+    return parser
+
+
+def calibrate_main(argv=None, prog=None):
+    """``pyro-srvae calibrate``: returns the exit code."""
+    from .calibration import CalibrationError, calibrate_checkpoint, read_calibration_images
+    from .superresolve import load_model
+
+    parser = build_calibrate_parser(prog)
+    args = parser.parse_args(argv)
+    _check_device(parser, args.device)
+    if not 0 < args.level < 1:
+        parser.error(f"--level must lie strictly between 0 and 1, got {args.level}")
+    if args.views is not None and args.views > 8:
+        parser.error(f"--views must be from 1 to 8, got {args.views}")
+    try:
+        model = load_model(args.checkpoint, device=args.device)
+        images, names = read_calibration_images(model, args.inputs)
+        calibration = calibrate_checkpoint(
+            args.checkpoint, images, names=names, out=args.out, model=model,
+            level=args.level, pixels=args.pixels, num_samples=args.samples, seed=args.seed, views=args.views,
+        )  # fmt: skip
+    except (CheckpointError, CalibrationError) as error:
+        return _error(error)
+    except OSError as error:
+        return _error(f"cannot write the checkpoint: {error.strerror or error}")
+    except KeyboardInterrupt:
+        print("interrupted; the checkpoint was not changed", file=sys.stderr)
+        return 130
+    print(calibration.describe())
+    print(f"after: {', '.join(f'{c:.3f}' for c in calibration.coverage_after)} of {calibration.num_pixels} pixels per channel")
+    print(f"wrote {args.out or args.checkpoint}")
+    return 0
+
+
 def build_console_parser():
     parser = argparse.ArgumentParser(
         prog="pyro-srvae",
@@ -512,6 +611,8 @@ def console_main(argv=None):
         return evaluate_main(rest, prog=prog)
     if command == "compare":
         return compare_main(rest, prog=prog)
+    if command == "calibrate":
+        return calibrate_main(rest, prog=prog)
     return superresolve_main(rest, prog=prog)
 
 

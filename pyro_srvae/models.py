@@ -447,6 +447,9 @@ class SRVAE(_ImageModel):
         self.downscale_mode = downscale_mode
         self.u_dim, self.z_dim = u_dim, z_dim
         self.lr_shape = (channels, height // factor, width // factor)
+        #: Per-channel factors on the likelihood's noise in :meth:`super_resolve` (None: the
+        #: model's own spread); set from a calibrated checkpoint (pyro_srvae.calibration).
+        self.spread_scale = None
         lr_hw, hr_hw = self.lr_shape[1:], (height, width)
         full = guide == "full"
 
@@ -619,6 +622,11 @@ class SRVAE(_ImageModel):
         variance): see :class:`SuperResolution`. ``observation_noise=False`` returns the
         decoder means as the draws (``std == std_latent``, ``std_noise == 0``): the
         spread of the mean images only, which understates the predictive's.
+
+        With :attr:`spread_scale` set (a checkpoint calibrated by
+        :func:`pyro_srvae.calibration.fit_spread_scale`), the likelihood's noise around each
+        decoder mean is multiplied by that factor per channel: the same model with its
+        likelihood scale times t, fitted on held-out images (``None``: the model's own).
         """
         y = self._prepare(y, self.lr_shape, "y")
         if int(num_samples) != num_samples or num_samples < 1:
@@ -637,6 +645,10 @@ class SRVAE(_ImageModel):
                 noise_variance = likelihood.variance.expand_as(means)
             except NotImplementedError:  # dlogistic-mix: the draws' own squared residuals
                 noise_variance = (samples - means).square()
+            if self.spread_scale is not None:  # the likelihood's scale times t: pyro_srvae.calibration
+                t = torch.as_tensor(self.spread_scale, dtype=means.dtype, device=means.device).view(-1, 1, 1)
+                samples = means + t * (samples - means)
+                noise_variance = noise_variance * t.square()
         return SuperResolution(
             mean=means.mean(dim=0),
             std=_spread(samples),

@@ -98,7 +98,7 @@ import torch
 
 import pyro
 
-from .checkpoint import CheckpointError, fsync_directory, load_checkpoint
+from .checkpoint import CheckpointError, derive_seed, fsync_directory, load_checkpoint
 from .images import ImageError, check_image_size, match_channels, read_image, to_uint8_image
 from .models import SuperResolution
 
@@ -243,6 +243,15 @@ def _load(checkpoint, device=None, require_super_resolution=True, x_given_y=None
     if bits not in (8, 16):
         raise CheckpointError(f"{path} records {bits!r}-bit data; expected 8 or 16")
     model.bits = bits
+    model.default_views = MAX_VIEWS if config.augment else 1  # trained on every flip and turn: each view is valid
+    model.spread_calibration = None
+    if payload.get("spread_calibration") is not None and config.model == "srvae":
+        from .calibration import SpreadCalibration
+
+        calibration = SpreadCalibration.from_dict(dict(payload["spread_calibration"]))
+        if len(calibration.scale) != shape[0]:
+            raise CheckpointError(f"{path}: spread_calibration has {len(calibration.scale)} factors for {shape[0]} channels")
+        model.spread_calibration, model.spread_scale = calibration, list(calibration.scale)
     device = _resolve_device(device if device is not None else "auto")
     model = model.to(device).eval()
     return model, config, payload
@@ -390,6 +399,26 @@ def _sample_statistics(samples: torch.Tensor):
     return first + shift, var.sqrt()
 
 
+#: The dihedral views of an image, in the order ``views=V`` takes the first V: quarter turns,
+#: then the same after a left-right flip.
+MAX_VIEWS = 8
+
+
+def _view(image: torch.Tensor, k: int) -> torch.Tensor:
+    turned = torch.rot90(image, k % 4, dims=(-2, -1))
+    return torch.flip(turned, dims=(-1,)) if k >= 4 else turned
+
+
+def _unview(image: torch.Tensor, k: int) -> torch.Tensor:
+    unflipped = torch.flip(image, dims=(-1,)) if k >= 4 else image
+    return torch.rot90(unflipped, -(k % 4), dims=(-2, -1))
+
+
+def default_views(model) -> int:
+    """8 for a model trained on flipped and turned images (``--augment``), else 1."""
+    return int(getattr(model, "default_views", 1))
+
+
 @torch.no_grad()
 def superresolve_image(
     model,
@@ -401,9 +430,20 @@ def superresolve_image(
     tile_batch=None,
     device=None,
     observation_noise=True,
+    views=None,
 ):
     """Super-resolve one low-resolution image ``y`` of any size with an :class:`~pyro_srvae.SRVAE`.
 
+    With ``views=V > 1`` the predictive is the equal mixture of the model's predictives for
+    V flipped and turned copies of y (each turned back): draw s comes from view ``s mod V``,
+    the mean is the average of all draws' decoder means (the mixture's mean: the
+    "self-ensemble" of Lim et al., CVPR workshops 2017), and ``std_latent`` then also holds
+    the spread between views. Each view is a valid predictive only for a model trained on
+    flipped and turned images, so the default is :func:`default_views` (8 after
+    ``--augment``, else 1). Every view of a consistent model keeps the block means y. The draw
+    count per view differs by one at most (``num_samples`` not a multiple of V weighs the
+    views by their draws); ``V`` is capped at ``num_samples`` and at 8.
+    
     Args:
         model: a trained SRVAE (any object with ``lr_shape``, ``factor`` and
             ``super_resolve(y, num_samples, observation_noise=...)`` returning a
@@ -421,6 +461,8 @@ def superresolve_image(
         observation_noise: passed to ``model.super_resolve``: ``True`` (default) draws
             the full predictive, the likelihood's noise included; ``False`` takes the
             decoder means as the draws (then ``std == std_latent`` and ``std_noise == 0``).
+        views: how many dihedral views of y to mix (above), 1 to 8; default
+            :func:`default_views`.
 
     Returns a :class:`~pyro_srvae.SuperResolution` of CPU tensors: ``mean``, ``std``,
     ``std_latent``, ``std_noise`` ``(C, f*H, f*W)``, ``samples`` and ``means``
@@ -431,6 +473,31 @@ def superresolve_image(
     if isinstance(num_samples, bool) or int(num_samples) != num_samples or num_samples < 1:
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
     num_samples = int(num_samples)
+    views = default_views(model) if views is None else views
+    if isinstance(views, bool) or int(views) != views or not 1 <= views <= MAX_VIEWS:
+        raise ValueError(f"views must be an integer from 1 to {MAX_VIEWS}, got {views!r}")
+    views = min(int(views), num_samples)
+    options = dict(overlap=overlap, tile_batch=tile_batch, device=device, observation_noise=observation_noise)
+    if views == 1:
+        return _superresolve_view(model, y, num_samples, seed=seed, **options)
+    y = _as_image_tensor(y, model.lr_shape[0])
+    parts = []
+    for k in range(views):
+        count = len(range(k, num_samples, views))
+        view_seed = None if seed is None else derive_seed(seed, "view", k) if k else seed
+        sr = _superresolve_view(model, _view(y, k), count, seed=view_seed, **options)
+        parts.append((count, SuperResolution(*(_unview(t, k) for t in sr))))
+    samples = torch.cat([sr.samples for _, sr in parts])
+    means = torch.cat([sr.means for _, sr in parts])
+    mean, std_latent = _sample_statistics(means)
+    _, std = _sample_statistics(samples)
+    noise_variance = sum(count * sr.std_noise.square() for count, sr in parts) / num_samples
+    return SuperResolution(mean=mean, std=std, samples=samples, std_latent=std_latent,
+                           std_noise=noise_variance.sqrt(), means=means)  # fmt: skip
+
+
+def _superresolve_view(model, y, num_samples, *, overlap, seed, tile_batch, device, observation_noise):
+    """:func:`superresolve_image` of one view: the tiled predictive itself."""
     channels, tile_h, tile_w = model.lr_shape
     factor = model.factor
     y = _as_image_tensor(y, channels)
@@ -686,6 +753,7 @@ def superresolve(
     log=None,
     return_arrays=True,
     observation_noise=True,
+    views=None,
 ) -> List[SuperResolvedImage]:
     """Super-resolve image files with a trained srVAE and, with ``out_dir``, write the results.
 
@@ -706,7 +774,7 @@ def superresolve(
             noise), ``name_uncertainty.png`` (the three maps side by side, one shared colour
             bar), ``name_sr_samples.npy`` and ``.png`` (the draws). ``None``: write nothing,
             only return the arrays.
-        overlap, seed, tile_batch, device, observation_noise: as in :func:`superresolve_image`.
+        overlap, seed, tile_batch, device, observation_noise, views: as in :func:`superresolve_image`.
         progress: a progress bar over the inputs.
         log: called with one-line notes (channel conversions, files written).
         return_arrays: ``False`` returns results without the arrays (``None``), so that
@@ -800,6 +868,7 @@ def superresolve(
                 tile_batch=tile_batch,
                 device=device,
                 observation_noise=observation_noise,
+                views=views,
             )
             if files:
                 try:
@@ -866,8 +935,10 @@ def evaluate_checkpoint(
     folder), atomically, and returns its content: ``checkpoint``, ``step``, ``epoch``,
     ``config`` (with ``x_given_y`` as evaluated: pass ``x_given_y="consistent"`` to re-score a
     checkpoint of the spec's joint as a normalized density of x), ``evaluation``, ``test``;
-    ``evaluation`` (the settings used) and ``test`` (the metrics of
-    :func:`pyro_srvae.evaluate_model`, ``sr_coverage90`` included for an srVAE).
+    ``evaluation`` (the settings used), ``test`` (the metrics of
+    :func:`pyro_srvae.evaluate_model`, ``sr_coverage90`` included for an srVAE) and
+    ``spread_calibration`` (the checkpoint's :class:`~pyro_srvae.calibration.SpreadCalibration`
+    as a dict, which the SR draws used, or None: the model's own spread).
 
     Raises ``CheckpointError`` and ``DatasetNotFoundError`` with one-line messages.
     """
@@ -919,6 +990,8 @@ def evaluate_checkpoint(
             "device": str(model_device),
         },
         "test": test,
+        # The SR draws (coverage, CRPS) come from the calibrated spread when the checkpoint holds one.
+        "spread_calibration": None if model.spread_calibration is None else model.spread_calibration.to_dict(),
     }
     out_dir = Path(out_dir) if out_dir is not None else Path(checkpoint).parent
     report["path"] = str(_atomic_write_text(out_dir / "evaluation.json", json.dumps(report, indent=2) + "\n"))

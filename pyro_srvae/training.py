@@ -128,6 +128,8 @@ class TrainConfig:
     hidden: int = 16
     likelihood: str = "gaussian"
     likelihood_components: int = 10
+    # gaussian-pixel-faithful: the weight of the sigmas' gradient (its scale_gradient_weight).
+    faithful_scale_weight: float = 1.0
     arch: str = "small"
     x_given_y: str = "consistent"
     sr_base: str = "bilinear"
@@ -193,6 +195,11 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+        if not (self.faithful_scale_weight > 0 and math.isfinite(self.faithful_scale_weight)):
+            raise ConfigError(f"--faithful-scale-weight must be a positive number, got {self.faithful_scale_weight}")
+        if self.faithful_scale_weight != 1.0 and self.likelihood != "gaussian-pixel-faithful":
+            raise ConfigError("--faithful-scale-weight weighs the gaussian-pixel-faithful likelihood's sigmas; "
+                              f"--likelihood {self.likelihood} has none")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"--lr must be a positive number, got {self.lr}")
         if self.kl_warmup < 0:
@@ -264,13 +271,13 @@ def build_model(config, image_shape):
         arch=config.arch,
     )
     if config.model == "vae":
-        return VAE(image_shape, z_dim=config.z_dim, **common)
+        return _weigh_faithful_scales(VAE(image_shape, z_dim=config.z_dim, **common), config)
     _, height, width = image_shape
     if height % config.factor or width % config.factor:
         raise ConfigError(
             f"--factor {config.factor} does not divide the {height}x{width} images of {config.dataset}"
         )
-    return SRVAE(
+    model = SRVAE(
         image_shape,
         guide=config.guide,
         factor=config.factor,
@@ -283,6 +290,14 @@ def build_model(config, image_shape):
         sr_hidden=config.sr_hidden,
         **common,
     )
+    return _weigh_faithful_scales(model, config)
+
+
+def _weigh_faithful_scales(model, config):
+    # An instance attribute over the class's 1.0: it changes the gradient only, never a density.
+    if config.likelihood == "gaussian-pixel-faithful":
+        model.likelihood.scale_gradient_weight = float(getattr(config, "faithful_scale_weight", 1.0))
+    return model
 
 
 def resolve_device(name):

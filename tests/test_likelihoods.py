@@ -366,3 +366,28 @@ def test_iw_estimate_of_the_dlogistic_vae_is_a_discrete_bound():
     assert estimates.iw.shape == (3,) and torch.isfinite(estimates.iw).all()
     assert (estimates.elbo <= estimates.iw + 1e-4).all()
     assert (bits_per_dim(estimates.iw, 64) > 0).all()  # a discrete model cannot beat 0 bits/dim
+
+
+def test_faithful_scale_weight_from_the_configuration_scales_the_sigmas_gradient_only():
+    from pyro_srvae.likelihoods import FaithfulGaussianPixelLikelihood
+    from pyro_srvae.training import ConfigError, TrainConfig, build_model
+
+    config = TrainConfig(likelihood="gaussian-pixel-faithful", faithful_scale_weight=0.01, hidden=4).validate()
+    damped = build_model(config, (1, 8, 8)).likelihood
+    assert damped.scale_gradient_weight == 0.01
+    assert FaithfulGaussianPixelLikelihood.scale_gradient_weight == 1.0  # the class keeps the published fit
+    plain = build_model(TrainConfig(likelihood="gaussian-pixel-faithful", hidden=4), (1, 8, 8)).likelihood
+    x = torch.rand(3, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    raw = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(2))
+    grads = []
+    for likelihood in (plain, damped):
+        leaf = raw.clone().requires_grad_()
+        likelihood.distribution(leaf).log_prob(x).sum().backward()
+        grads.append(leaf.grad)
+        assert likelihood.distribution(leaf).log_prob(x).detach().equal(plain.distribution(raw).log_prob(x))
+    torch.testing.assert_close(grads[1][:, 0], grads[0][:, 0])  # the locations' gradient is unchanged
+    torch.testing.assert_close(grads[1][:, 1], 0.01 * grads[0][:, 1])
+    with pytest.raises(ConfigError, match="faithful-scale-weight"):
+        TrainConfig(likelihood="gaussian", faithful_scale_weight=0.5).validate()
+    with pytest.raises(ConfigError, match="positive number"):
+        TrainConfig(likelihood="gaussian-pixel-faithful", faithful_scale_weight=0.0).validate()

@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pyro_srvae import SRVAE, SuperResolution, TrainConfig, load_model, superresolve, superresolve_image, train
-from pyro_srvae.checkpoint import load_checkpoint, save_checkpoint
+from pyro_srvae.checkpoint import derive_seed, load_checkpoint, save_checkpoint
 from pyro_srvae.cli import console_main
 from pyro_srvae.images import load_image, read_image, to_uint8_image
-from pyro_srvae.superresolve import OUTPUT_SUFFIXES, SuperResolveError, plan_axis, tile_window
+from pyro_srvae.superresolve import OUTPUT_SUFFIXES, SuperResolveError, _unview, _view, plan_axis, tile_window
 
 TRAIN_FLAGS = [
     "--max-steps", "2", "--train-limit", "64", "--eval-limit", "8", "--batch-size", "32", "--hidden", "4",
@@ -692,3 +692,66 @@ def test_console_usage():
     with pytest.raises(SystemExit) as exit_info:
         console_main(["superresolve", "--checkpoint", "x.pt", "--samples", "0", "a.png"])
     assert exit_info.value.code == 2
+
+
+# --------------------------------------------------------------------------- #
+# Views: the self-ensemble over flips and quarter turns
+# --------------------------------------------------------------------------- #
+def test_views_mix_the_predictives_of_the_flipped_and_turned_copies(checkpoint):
+    model = load_model(checkpoint)
+    y = torch.rand(1, 11, 17, generator=torch.Generator().manual_seed(8))
+    mixed = superresolve_image(model, y, 16, seed=4, views=8)
+    # Draw s of the mixture comes from view s mod 8: two draws a view, each view seeded on its own.
+    per_view = []
+    for k in range(8):
+        seed = 4 if k == 0 else derive_seed(4, "view", k)
+        sr = superresolve_image(model, _view(y, k), 2, seed=seed, views=1)
+        per_view.append(SuperResolution(*(_unview(t, k) for t in sr)))
+    torch.testing.assert_close(mixed.samples, torch.cat([sr.samples for sr in per_view]))
+    torch.testing.assert_close(mixed.mean, torch.stack([sr.mean for sr in per_view]).mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        mixed.std_noise, torch.stack([sr.std_noise.square() for sr in per_view]).mean(0).sqrt(), rtol=1e-5, atol=1e-7
+    )
+    assert not torch.allclose(per_view[0].mean, per_view[5].mean)  # the model is not equivariant: the views differ
+    for field in (mixed.samples, mixed.means):  # every view keeps the block means of y
+        assert (F.avg_pool2d(field, 2) - y).abs().max().item() < 1e-5
+    torch.testing.assert_close(superresolve_image(model, y, 4, seed=4, views=1).samples,
+                               superresolve_image(model, y, 4, seed=4).samples)  # fmt: skip
+
+
+def test_views_default_to_eight_for_a_model_trained_on_flips_and_turns(checkpoint, tmp_path):
+    assert load_model(checkpoint).default_views == 1
+    payload = load_checkpoint(checkpoint)
+    payload["config"]["augment"] = True
+    path = tmp_path / "augmented.pt"
+    save_checkpoint(path, {k: v for k, v in payload.items() if k not in ("format", "version")})
+    model = load_model(path)
+    assert model.default_views == 8
+    y = torch.rand(1, 14, 14, generator=torch.Generator().manual_seed(9))
+    torch.testing.assert_close(superresolve_image(model, y, 8, seed=1).samples,
+                               superresolve_image(model, y, 8, seed=1, views=8).samples)  # fmt: skip
+    assert superresolve_image(model, y, 3, seed=1).samples.shape[0] == 3  # 3 draws: 3 views
+
+
+@pytest.mark.parametrize("views", [0, 9, 2.5, True])
+def test_bad_views_are_refused(checkpoint, views):
+    with pytest.raises(ValueError, match="views must be an integer from 1 to 8"):
+        superresolve_image(load_model(checkpoint), torch.rand(1, 8, 8), 4, views=views)
+
+
+def test_console_views_out_of_range_is_a_flag_error(checkpoint, tmp_path):
+    image = write_png(tmp_path / "a.png", np.zeros((8, 8), dtype=np.uint8))
+    with pytest.raises(SystemExit) as exit_info:
+        console_main(["superresolve", "--checkpoint", str(checkpoint), "--views", "9", "--out", str(tmp_path / "o"), str(image)])
+    assert exit_info.value.code == 2
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_eight_views_are_the_dihedral_group_and_turn_back_exactly():
+    image = torch.arange(2 * 3 * 5, dtype=torch.float32).reshape(2, 3, 5)
+    views = [_view(image, k) for k in range(8)]
+    assert len({tuple(v.flatten().tolist()) + tuple(v.shape) for v in views}) == 8  # all distinct
+    for k, view in enumerate(views):
+        assert torch.equal(_unview(view, k), image)
+    assert torch.equal(views[4], torch.flip(image, dims=(-1,)))
+    assert torch.equal(views[1], torch.rot90(image, 1, dims=(-2, -1)))

@@ -1,0 +1,220 @@
+"""The SR spread calibrated on held-out images (pyro_srvae.calibration, pyro-srvae calibrate)."""
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pyro_srvae.calibration import CalibrationError, fit_spread_scale, model_spread
+from pyro_srvae.checkpoint import load_checkpoint, save_checkpoint
+from pyro_srvae.cli import console_main
+from pyro_srvae.data import load_dataset
+from pyro_srvae.evaluation import expected_interval_coverage, interval_coverages
+from pyro_srvae.likelihoods import block_mean
+from pyro_srvae.superresolve import load_model, superresolve_image
+from pyro_srvae.training import TrainConfig, build_model
+
+TRAIN_FLAGS = [
+    "--max-steps", "2", "--train-limit", "64", "--eval-limit", "8", "--batch-size", "32", "--hidden", "4",
+    "--eval-samples", "2", "--sr-samples", "2", "--no-figures", "--quiet",
+]  # fmt: skip
+SCALE = 1.7  # the spread the truths are drawn with, in units of the model's own
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    assert console_main(["train", *TRAIN_FLAGS, "--out", str(out)]) == 0
+    return out / "checkpoint.pt"
+
+
+def truths_drawn_wider(model, count, scale=SCALE, seed=100, with_y=False):
+    """High-resolution images drawn from the model's own predictive with its noise times ``scale``.
+
+    Under the consistent p(x|y,.) each has block means y, so ``model.downscale`` gives back the
+    y it was drawn for: a calibration on them should find ``scale`` itself.
+    """
+    images = (load_dataset("fashion-mnist-mini", "test").images[:count].float() + 0.5) / 256
+    truths, ys = [], []
+    model.spread_scale = [scale]
+    try:
+        for i, x in enumerate(images):
+            ys.append(model.downscale(x[None])[0])
+            truths.append(superresolve_image(model, ys[-1], 1, seed=seed + i).samples[0])
+    finally:
+        model.spread_scale = None
+    return (truths, ys) if with_y else truths
+
+
+def sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def write_png(path, array):
+    Image.fromarray(array).save(path)
+    return path
+
+
+def test_the_fit_finds_the_spread_the_truths_were_drawn_with(checkpoint):
+    model = load_model(checkpoint, device="cpu")
+    truths, ys = truths_drawn_wider(model, 48, with_y=True)
+    for x, y in zip(truths, ys):  # drawn on the consistent subspace: their y is the one they were drawn for
+        torch.testing.assert_close(model.downscale(x[None])[0], y, rtol=0, atol=2e-6)
+    calibration = fit_spread_scale(model, truths, pixels="all", num_samples=16, seed=1)
+    assert calibration.scale[0] == pytest.approx(SCALE, rel=0.05)
+    assert calibration.target_coverage == pytest.approx(expected_interval_coverage(16, 0.9))
+    assert calibration.coverage_before[0] < calibration.target_coverage - 0.05  # too narrow before
+    assert calibration.coverage_after[0] == pytest.approx(calibration.target_coverage, abs=0.005)
+    assert calibration.num_pixels == 48 * 28 * 28
+    # Truths drawn from the model itself need no widening.
+    own = fit_spread_scale(model, truths_drawn_wider(model, 48, scale=1.0), pixels="all", seed=1)
+    assert own.scale[0] == pytest.approx(1.0, rel=0.05)
+
+
+def test_fresh_draws_of_the_calibrated_model_cover_at_the_level(checkpoint):
+    model = load_model(checkpoint, device="cpu")
+    truths = truths_drawn_wider(model, 48, seed=300)
+    model.spread_scale = fit_spread_scale(model, truths[:24], pixels="all", seed=2).scale
+    covered = []
+    for i, x in enumerate(truths[24:]):
+        sr = superresolve_image(model, model.downscale(x[None])[0], 16, seed=500 + i)
+        covered.append(interval_coverages(sr.samples[:, None], x[None], levels=(0.9,))["0.9"])
+    assert np.mean(covered) == pytest.approx(expected_interval_coverage(16, 0.9), abs=0.02)
+    with model_spread(model):  # the model's own draws cover less
+        sr = superresolve_image(model, model.downscale(truths[30][None])[0], 16, seed=7)
+    assert interval_coverages(sr.samples[:, None], truths[30][None], levels=(0.9,))["0.9"] < 0.85
+
+
+def test_the_calibrated_noise_is_the_models_times_t_and_keeps_the_block_means(checkpoint):
+    model = load_model(checkpoint, device="cpu")
+    y = model.downscale((load_dataset("fashion-mnist-mini", "test").images[:1].float() + 0.5) / 256)[0]
+    own = superresolve_image(model, y, 6, seed=3)
+    model.spread_scale = [2.5]
+    wide = superresolve_image(model, y, 6, seed=3)
+    torch.testing.assert_close(wide.means, own.means)
+    torch.testing.assert_close(wide.samples - wide.means, 2.5 * (own.samples - own.means), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(wide.std_noise, 2.5 * own.std_noise, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(block_mean(wide.samples, 2), y.expand(6, *y.shape), rtol=0, atol=2e-6)
+
+
+def test_the_detail_pixels_ask_for_a_wider_spread_than_all_pixels(checkpoint):
+    # The detail pixels are chosen by the truth as those far from their block mean, so they fall
+    # outside a given interval more often than pixels at large: a wider spread covers them.
+    model = load_model(checkpoint, device="cpu")
+    truths = truths_drawn_wider(model, 24, seed=900)
+    detail = fit_spread_scale(model, truths, pixels="detail", seed=4)
+    every = fit_spread_scale(model, truths, pixels="all", seed=4)
+    assert detail.pixels == "detail" and every.pixels == "all"
+    assert detail.num_pixels < every.num_pixels
+    assert detail.scale[0] > every.scale[0]
+
+
+def test_a_discrete_likelihood_and_empty_inputs_are_refused():
+    model = build_model(TrainConfig(likelihood="dlogistic-mix", hidden=4), (1, 8, 8))
+    with pytest.raises(CalibrationError, match="8-bit grid"):
+        fit_spread_scale(model, [torch.rand(1, 8, 8)])
+    model = build_model(TrainConfig(hidden=4), (1, 8, 8))
+    with pytest.raises(CalibrationError, match="no calibration images"):
+        fit_spread_scale(model, [])
+    with pytest.raises(CalibrationError, match="multiples of 2"):
+        fit_spread_scale(model, [torch.rand(1, 9, 8)])
+    with pytest.raises(CalibrationError, match="pixels must be one of"):
+        fit_spread_scale(model, [torch.rand(1, 8, 8)], pixels="flat")
+
+
+# --------------------------------------------------------------------------- #
+# The console commands
+# --------------------------------------------------------------------------- #
+@pytest.fixture()
+def calibration_pngs(checkpoint, tmp_path):
+    model = load_model(checkpoint, device="cpu")
+    folder = tmp_path / "held-out"
+    folder.mkdir()
+    for i, x in enumerate(truths_drawn_wider(model, 16, seed=700)):
+        write_png(folder / f"{i}.png", (x[0].clamp(0, 1) * 255).round().numpy().astype(np.uint8))
+    return folder
+
+
+def test_console_calibrate_writes_the_factor_and_superresolve_uses_it(checkpoint, calibration_pngs, tmp_path, capsys):
+    calibrated = tmp_path / "calibrated.pt"
+    before = sha(checkpoint)
+    code = console_main(["calibrate", "--checkpoint", str(checkpoint), "--out", str(calibrated), "--pixels", "all",
+                         str(calibration_pngs)])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "calibrated: likelihood noise x" in out and "16 held-out image(s)" in out
+    assert sha(checkpoint) == before  # --out: the original is left as it was
+    payload, original = load_checkpoint(calibrated), load_checkpoint(checkpoint)
+    assert payload["spread_calibration"]["pixels"] == "all"
+    assert payload["model_state"].keys() == original["model_state"].keys()
+    assert all(torch.equal(payload["model_state"][k], original["model_state"][k]) for k in original["model_state"])
+    # Written as 8-bit PNGs the truths are clipped to [0, 1], which narrows them on the black
+    # background: the factor lies between the model's own spread and the 1.7 they were drawn with.
+    scale = payload["spread_calibration"]["scale"][0]
+    assert 1.1 < scale < SCALE
+    model = load_model(calibrated, device="cpu")
+    assert model.spread_scale == [scale]
+
+    image = write_png(tmp_path / "in.png", np.random.default_rng(0).integers(0, 256, (14, 14), dtype=np.uint8))
+    stds = {}
+    for spread in ("calibrated", "model"):
+        code = console_main(["superresolve", "--checkpoint", str(calibrated), "--samples", "4", "--spread", spread,
+                             "--out", str(tmp_path / spread), str(image)])  # fmt: skip
+        printed = capsys.readouterr().out
+        assert code == 0
+        assert ("spread: calibrated" in printed) == (spread == "calibrated")
+        stds[spread] = np.load(tmp_path / spread / "in_sr_std_noise.npy")
+    np.testing.assert_allclose(stds["calibrated"], scale * stds["model"], rtol=1e-5)
+
+    # evaluate draws from the calibrated spread and says so.
+    for path, expected in ((calibrated, "calibrated: likelihood noise x"), (checkpoint, "the model's own")):
+        assert console_main(["evaluate", "--checkpoint", str(path), "--out", str(tmp_path / path.stem), "--quiet"]) == 0
+        summary = [line for line in capsys.readouterr().out.splitlines() if "SR spread" in line]
+        assert len(summary) == 1 and expected in summary[0]
+    reports = {name: json.loads((tmp_path / name / "evaluation.json").read_text()) for name in ("calibrated", "checkpoint")}
+    assert reports["calibrated"]["spread_calibration"]["scale"] == [scale]
+    assert reports["checkpoint"]["spread_calibration"] is None
+    assert reports["calibrated"]["test"]["sr_coverage90"] > reports["checkpoint"]["test"]["sr_coverage90"]
+
+
+def test_console_calibrate_bad_input_is_one_line_and_leaves_the_checkpoint(checkpoint, tmp_path, capsys):
+    copy = tmp_path / "checkpoint.pt"
+    copy.write_bytes(checkpoint.read_bytes())
+    before = sha(copy)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    truncated = tmp_path / "truncated.png"
+    write_png(tmp_path / "whole.png", np.zeros((8, 8), dtype=np.uint8))
+    truncated.write_bytes((tmp_path / "whole.png").read_bytes()[:30])
+    rgba16 = tmp_path / "deep.npy"
+    np.save(rgba16, np.zeros((8, 8), dtype=np.uint16))
+    for inputs, message in (
+        ([empty], "no images found"),
+        ([tmp_path / "missing.png"], "no such file or folder"),
+        ([truncated], "truncated.png"),
+        ([rgba16], "16-bit"),
+    ):
+        code = console_main(["calibrate", "--checkpoint", str(copy), *map(str, inputs)])
+        err = capsys.readouterr().err
+        assert code == 1
+        assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+        assert sha(copy) == before
+    assert console_main(["calibrate", "--checkpoint", str(tmp_path / "none.pt"), str(tmp_path / "whole.png")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        console_main(["calibrate", "--checkpoint", str(copy), "--level", "1.5", str(tmp_path / "whole.png")])
+    assert exit_info.value.code == 2
+    assert sha(copy) == before
+
+
+def test_a_broken_calibration_record_is_a_checkpoint_error(checkpoint, tmp_path):
+    payload = load_checkpoint(checkpoint)
+    payload["spread_calibration"] = {"scale": [-1.0]}
+    path = tmp_path / "broken.pt"
+    save_checkpoint(path, {k: v for k, v in payload.items() if k not in ("format", "version")})
+    assert console_main(["superresolve", "--checkpoint", str(path), "--out", str(tmp_path / "o"),
+                         str(write_png(tmp_path / "a.png", np.zeros((8, 8), dtype=np.uint8)))]) == 1  # fmt: skip
+    assert not (tmp_path / "o").exists()
