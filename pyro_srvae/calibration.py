@@ -168,7 +168,7 @@ def fit_spread_scale(
     no images, or no pixels of the chosen set.
     """
     from .evaluation import _order_statistic_ranks, expected_interval_coverage
-    from .superresolve import default_views, superresolve_image
+    from .superresolve import _model_device, default_views, superresolve_image
 
     if pixels not in CALIBRATION_PIXELS:
         raise CalibrationError(f"pixels must be one of {', '.join(CALIBRATION_PIXELS)}, got {pixels!r}")
@@ -199,7 +199,7 @@ def fit_spread_scale(
                 raise CalibrationError(
                     f"{name}: expected a ({channels}, H, W) image with H and W multiples of {factor}, got {tuple(x.shape)}"
                 )
-            y = model.downscale(x[None].to(_device(model)))[0].cpu()
+            y = model.downscale(x[None].to(_model_device(model)))[0].cpu()
             sr = superresolve_image(model, y, num_samples, seed=seed, views=views)
             mask = _pixel_mask(pixels, x, y, factor)
             for c in range(channels):
@@ -225,13 +225,6 @@ def fit_spread_scale(
         scale=scale, level=float(level), pixels=pixels, num_samples=int(num_samples), target_coverage=goal,
         coverage_before=before, coverage_after=after, num_pixels=min(counts), images=names, views=views,
     )  # fmt: skip
-
-
-def _device(model):
-    try:
-        return next(model.parameters()).device
-    except (StopIteration, AttributeError):
-        return torch.device("cpu")
 
 
 def read_calibration_images(model, inputs) -> tuple:

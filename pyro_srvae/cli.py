@@ -208,15 +208,15 @@ def _error(message):
     return 1
 
 
-def _int_at_least(minimum, description):
-    """An argparse type: an integer >= ``minimum``, refused with ``expected DESCRIPTION``."""
+def _int_at_least(minimum, description, maximum=None):
+    """An argparse type: an integer >= ``minimum`` (and <= ``maximum``), refused with ``expected DESCRIPTION``."""
 
     def parse(text):
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {description}, got {text!r}") from None
-        if value < minimum:
+        if value < minimum or (maximum is not None and value > maximum):
             raise argparse.ArgumentTypeError(f"expected {description}, got {value}")
         return value
 
@@ -224,6 +224,7 @@ def _int_at_least(minimum, description):
 
 
 _positive_int = _int_at_least(1, "a positive integer")
+_views = _int_at_least(1, "an integer from 1 to 8", maximum=8)
 _non_negative_int = _int_at_least(0, "an integer >= 0")
 
 
@@ -273,7 +274,7 @@ def build_superresolve_parser(prog=None):
     add("--tile-batch", type=_positive_int, default=None, metavar="N", help="tiles per network call [256 // samples on a CPU, 8192 // samples on a GPU]")
     add("--seed", type=int, default=0, help="seed of the latent draws")
     add("--device", choices=DEVICES, default="auto", help="where to compute (auto: a GPU if there is one)")
-    add("--views", type=_int_at_least(1, "an integer from 1 to 8"), default=None, metavar="V",
+    add("--views", type=_views, default=None, metavar="V",
         help="mix the predictives of V flipped and turned copies of each input (the mean: a self-ensemble) "
         "[8 for a model trained with --augment, else 1]")
     add("--spread", choices=SPREADS, default="calibrated",
@@ -303,8 +304,6 @@ def superresolve_main(argv=None, prog=None):
         tile_h, tile_w = model.lr_shape[1:]
         if args.overlap is not None and args.overlap >= min(tile_h, tile_w):
             parser.error(f"--overlap must be smaller than the model's {tile_h}x{tile_w} tiles, got {args.overlap}")
-        if args.views is not None and args.views > 8:
-            parser.error(f"--views must be from 1 to 8, got {args.views}")
         if args.spread == "model":
             model.spread_scale = None
         if not args.quiet:
@@ -536,7 +535,7 @@ def build_calibrate_parser(prog=None):
     add("--samples", type=_int_at_least(2, "an integer >= 2"), default=DEFAULT_SAMPLES, metavar="N",
         help="SR draws per image in the fit")
     add("--seed", type=int, default=0, help="seed of the draws")
-    add("--views", type=_int_at_least(1, "an integer from 1 to 8"), default=None, metavar="V",
+    add("--views", type=_views, default=None, metavar="V",
         help="as superresolve --views: calibrate the predictive superresolve will draw from [the model's default]")
     add("--device", choices=DEVICES, default="auto", help="where to compute (auto: a GPU if there is one)")
     return parser
@@ -552,8 +551,6 @@ def calibrate_main(argv=None, prog=None):
     _check_device(parser, args.device)
     if not 0 < args.level < 1:
         parser.error(f"--level must lie strictly between 0 and 1, got {args.level}")
-    if args.views is not None and args.views > 8:
-        parser.error(f"--views must be from 1 to 8, got {args.views}")
     try:
         model = load_model(args.checkpoint, device=args.device)
         images, names = read_calibration_images(model, args.inputs)
