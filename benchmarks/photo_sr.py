@@ -43,7 +43,8 @@ from pyro_srvae.evaluation import bicubic_upsample, detail_mask, edge_mask, inte
 from pyro_srvae.images import match_channels, read_image
 from pyro_srvae.likelihoods import LIKELIHOODS, block_mean, nearest_upsample
 from pyro_srvae.models import downscale
-from pyro_srvae.networks import ARCHS, SR_BASES
+from pyro_srvae.latents import latent_share
+from pyro_srvae.networks import ARCHS, SR_BASES, Z_INJECTIONS
 from pyro_srvae.superresolve import default_views, load_model, superresolve_image
 from pyro_srvae.training import TrainConfig, train
 
@@ -137,11 +138,19 @@ def score(model, path, num_samples, seed):
     for suffix, samples in draws.items():
         for name, pixels in (("detail", mask), ("edges", edges), ("all", None)):
             coverages[f"coverage90_{name}{suffix}"] = float(interval_coverages(samples[:, None], x, pixels, levels=(0.9,))["0.9"])
+    # What z carries (pyro_srvae.latents): the latents' share of the model's own predictive variance,
+    # and the best of the draws' decoder means against the mean.
+    latent, noise = sr.std_latent.square(), sr.std_noise.square()
+    best_of = max(float(psnr(m.clamp(0, 1)[None], x)) for m in sr.means)
+    sr_psnr = float(psnr(sr.mean.clamp(0, 1)[None], x))
     return {
         "photo": path.name,
         "size": f"{height}x{width}",
         "stored_nearest_upsampled": stored_upsampled,
-        "sr_psnr": float(psnr(sr.mean.clamp(0, 1)[None], x)),
+        "sr_psnr": sr_psnr,
+        "latent_share": latent_share(float(latent.sum()), float(noise.sum())),
+        "latent_share_detail": latent_share(float(latent[mask[0]].sum()), float(noise[mask[0]].sum())),
+        "best_of_gain": best_of - sr_psnr,
         "bicubic_psnr": float(psnr(bicubic, x)),
         "consistent_bicubic_psnr": float(psnr(make_consistent(bicubic, y, FACTOR), x)),
         **coverages,
@@ -176,6 +185,9 @@ def main(argv=None):
         help="global gradient-norm clipping: photographs' flat and saturated patches give rare huge gradients "
         "(median norm ~4e4, 99th percentile ~3e5 at the start); unclipped, one such step wrecked a run",
     )
+    parser.add_argument("--z-channels", type=int, default=0,
+                        help="train --z-channels: 0 (a vector z, the layout the runs of docs/results.md used) or a map")
+    parser.add_argument("--z-injection", choices=Z_INJECTIONS, default="input", help="train --z-injection")
     parser.add_argument("--sr-samples", type=int, default=16, help="SR draws per photograph (for the intervals)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-training", action="store_true", help="score the checkpoint already in OUT/run")
@@ -196,6 +208,7 @@ def main(argv=None):
             sr_base=args.sr_base, likelihood=args.likelihood,
             faithful_scale_weight=args.faithful_scale_weight if args.likelihood == "gaussian-pixel-faithful" else 1.0, batch_size=args.batch_size, lr=args.lr, clip_norm=args.clip_norm, kl_warmup=args.kl_warmup,
             seed=args.seed, out=str(run), figures=False, eval_limit=1024,
+            z_channels=args.z_channels, z_injection=args.z_injection,
         )  # fmt: skip
         train(config, progress=True)
     train_seconds = time.perf_counter() - started
@@ -236,6 +249,7 @@ def main(argv=None):
         "photos": rows,
         "mean": mean,
         "gain_over_bicubic_db": mean["sr_psnr"] - mean["bicubic_psnr"],
+        **{key: float(np.mean([row[key] for row in rows])) for key in ("latent_share", "latent_share_detail", "best_of_gain")},
         "beats_consistent_bicubic_on_every_photo": all(r["sr_psnr"] > r["consistent_bicubic_psnr"] for r in rows),
         "sr_samples": args.sr_samples,
         "views": default_views(model),
@@ -246,6 +260,9 @@ def main(argv=None):
         "args": vars(args),
         **pooled,
     }
+    print(f"what z carries: latent share {report['latent_share']:.3f} of the predictive variance "
+          f"({report['latent_share_detail']:.3f} on detail pixels), best of {args.sr_samples} decoder means "
+          f"{report['best_of_gain']:+.2f} dB over the mean (averages over the photographs)")
     print(f"gain over bicubic {report['gain_over_bicubic_db']:+.2f} dB; beats consistent bicubic on every photo: "
           f"{report['beats_consistent_bicubic_on_every_photo']}")
     spread = "the model's own spread" if calibration is None else f"the spread calibrated on {args.calibrate_on} pixels"

@@ -4,10 +4,11 @@ The derivation this package implements is ``../shared/seeds/000_73dd18991a948ff9
 ("SRVAE math"); ``docs/derivation.md`` maps each of its equations to the code.
 """
 
-from .elbo import ELBO_NAMES, IWAE_DReG, MixtureKLBound_ELBO, make_elbo, mixture_kl_upper_bound
+from .elbo import ELBO_NAMES, FreeBits_ELBO, IWAE_DReG, MixtureKLBound_ELBO, make_elbo, mixture_kl_upper_bound
 from .models import SRVAE, VAE, X_GIVEN_Y, SRSample, SuperResolution, check_images, downscale
 from .priors import MixtureOfGaussiansPrior, StandardNormalPrior
 from .evaluation import bits_per_dim, evaluate_model, iw_log_likelihood
+from .latents import kl_per_image, posterior_means
 from .training import ConfigError, TrainConfig, TrainResult, build_model, train
 from .superresolve import SuperResolvedImage, SuperResolveError, load_model, superresolve, superresolve_image
 from .calibration import SpreadCalibration, calibrate_checkpoint, fit_spread_scale
@@ -25,6 +26,8 @@ __all__ = [
     "evaluate",
     "evaluate_model",
     "iw_log_likelihood",
+    "kl_per_image",
+    "posterior_means",
     "train",
     "SuperResolveError",
     "SuperResolvedImage",
@@ -35,6 +38,7 @@ __all__ = [
     "calibrate_checkpoint",
     "fit_spread_scale",
     "ELBO_NAMES",
+    "FreeBits_ELBO",
     "IWAE_DReG",
     "MixtureKLBound_ELBO",
     "MixtureOfGaussiansPrior",

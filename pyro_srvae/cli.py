@@ -21,10 +21,11 @@ from .folder import FolderDatasetError
 from .elbo import ELBO_NAMES
 from .likelihoods import LIKELIHOODS
 from .models import DOWNSCALE_FACTORS, DOWNSCALE_MODES, GUIDES, X_GIVEN_Y
-from .networks import ARCHS, SR_BASES
+from .networks import ARCHS, SR_BASES, Z_INJECTIONS
 from .priors import PRIORS
 from .training import (
     DEVICES,
+    MODEL_DEFAULTS,
     MODELS,
     PRECISIONS,
     ConfigError,
@@ -76,6 +77,8 @@ def build_train_parser(prog=None):
     add("--batch-size", type=int, default=defaults.batch_size)
     add("--lr", type=float, default=defaults.lr)
     add("--kl-warmup", type=float, default=defaults.kl_warmup, metavar="EPOCHS", help="linear KL warm-up length")
+    add("--free-bits", type=float, default=defaults.free_bits, metavar="NATS",
+        help=f"free bits on z: nats per dimension below which its batch-averaged KL costs nothing [{defaults.free_bits}]")
     add("--clip-norm", type=float, default=defaults.clip_norm, help="global gradient-norm clipping")
     add("--device", choices=DEVICES, default=None, help="[auto]")
     add("--seed", type=int, default=defaults.seed)
@@ -111,6 +114,12 @@ def build_train_parser(prog=None):
         help="the srVAE's SR decoder alone in this architecture (default: --arch); the photographs' "
         "benchmark pairs a densenet SR decoder with small encoders")
     add("--sr-hidden", type=int, default=None, metavar="WIDTH", help="width of the SR decoder alone (default: --hidden)")
+    srvae = MODEL_DEFAULTS["srvae"]
+    add("--z-channels", type=int, default=None, metavar="C",
+        help="srVAE: z as a map of C channels at the low resolution (z-dim C*h*w, convolutional p(z|y,u) "
+        f"and q(z|x,y,u), as the srVAE paper's latents); 0: a vector of --z-dim [{srvae['z_channels']}]")
+    add("--z-injection", choices=Z_INJECTIONS, default=None,
+        help=f"where the srVAE's SR decoder reads z and u: its first layer (input) or every layer [{srvae['z_injection']}]")
     add("--precision", choices=PRECISIONS, default=defaults.precision,
         help="bf16: the networks train under torch.autocast in bfloat16 (log-densities and loss stay float32)")
     add("--compile", action="store_true", help="torch.compile the networks (not Pyro's tracing)")
@@ -129,9 +138,9 @@ def config_from_args(parser, args):
         name: getattr(args, name)
         for name in (
             "model", "prior", "mog_components", "elbo", "num_particles", "dataset", "data_dir", "download",
-            "max_steps", "batch_size", "lr", "kl_warmup", "clip_norm", "seed", "sr_samples", "eval_limit", "train_limit", "out",
+            "max_steps", "batch_size", "lr", "kl_warmup", "free_bits", "clip_norm", "seed", "sr_samples", "eval_limit", "train_limit", "out",
             "checkpoint_every", "factor", "downscale_mode", "u_dim", "z_dim", "hidden",
-            "arch", "likelihood", "likelihood_components", "faithful_scale_weight", "x_given_y", "sr_base", "sr_arch", "sr_hidden", "precision", "compile",
+            "arch", "likelihood", "likelihood_components", "faithful_scale_weight", "x_given_y", "sr_base", "sr_arch", "sr_hidden", "z_injection", "z_channels", "precision", "compile",
             "patch_size", "patch_stride", "test_fraction", "channels", "augment", "cache_dir", "tensorboard",
         )
     }

@@ -77,6 +77,8 @@ CELL_NAMES = [name for name, *_ in CELLS]
 
 #: The keys every row of ``results.json`` has (issue #4); rows carry a few more.
 ROW_KEYS = ("model", "guide", "prior", "iw_bpd", "elbo_bpd", "sr_psnr", "bicubic_psnr", "sr_ssim", "fd", "epochs", "seconds")
+#: What the latents carry, per cell (pyro_srvae.latents; the SR ones are None for the VAE).
+LATENT_KEYS = ("kl_z_bits", "kl_u_bits", "active_z", "z_dim", "sr_latent_share", "sr_best_of_gain")
 
 SETTINGS_FILE = "comparison.json"
 ROW_FILE = "row.json"
@@ -88,7 +90,8 @@ FIGURE_SAMPLES = 16
 
 @dataclass
 class Budget:
-    """What every cell of the grid gets: training, evaluation and ``fd`` settings.
+    """What every cell of the grid gets: training, evaluation and ``fd`` settings (the batch
+    size and learning rate as when docs/results.md's grid was run, not the main job's).
 
     ``None`` limits mean the whole split. ``fd_samples=None`` generates as many images
     as there are test images (the reference set).
@@ -98,6 +101,7 @@ class Budget:
     hidden: int
     iw_samples: int
     batch_size: int = 64
+    lr: float = 2e-3
     train_limit: Optional[int] = None
     eval_limit: Optional[int] = None
     sr_samples: int = 16
@@ -164,7 +168,10 @@ def cell_config(settings: ComparisonSettings, cell: str, out_dir, device="auto")
         eval_limit=budget.eval_limit, eval_samples=budget.iw_samples, sr_samples=budget.sr_samples,
         seed=settings.seed, likelihood=settings.likelihood, likelihood_components=settings.likelihood_components,
         arch=settings.arch, device=device, out=str(out_dir),
-        x_given_y=settings.x_given_y if model == "srvae" else "consistent",
+        x_given_y=settings.x_given_y if model == "srvae" else "consistent", lr=budget.lr,
+        # The grid of docs/results.md was run with the spec's vector z read by the SR decoder's
+        # first layer; it keeps that layout, so that its numbers stay those of the code.
+        z_channels=0, z_injection="input",
     ).validate()  # fmt: skip
 
 
@@ -235,6 +242,8 @@ def run_cell(settings: ComparisonSettings, cell: str, out_dir, *, device="auto",
         "bicubic_psnr": test_metrics.get("bicubic_psnr"),
         "sr_ssim": test_metrics.get("sr_ssim"),
         "bicubic_ssim": test_metrics.get("bicubic_ssim"),
+        # What the latents carry (pyro_srvae.latents): z is the VAE's only latent, the srVAE's detail one.
+        **{key: test_metrics.get(key) for key in LATENT_KEYS},
         "fd": fd,
         "inception_fid": inception_fid,
         "mixture_effective_components": (result.metrics.get("mixture") or {}).get("effective_components"),
@@ -508,6 +517,21 @@ def results_markdown(rows, settings: ComparisonSettings, figure=None, breakdown=
     if any(row.get("inception_fid") is not None for row in rows):
         lines += ["", "Inception FID: " + ", ".join(
             f"{_label(r)} ({r['prior']}) {_number(r.get('inception_fid'), 2)}" for r in rows)]  # fmt: skip
+    carried = [row for row in rows if row.get("kl_z_bits") is not None]
+    if carried:
+        lines += [
+            "", "## What the latents carry", "",
+            "KL(q || p) in bits per test image; active units of z (Cov > 0.01); for the srVAE, the latents' "
+            "share of the SR predictive's variance and the best of the SR draws' decoder means against the mean "
+            "(docs/results.md, \"What z carries\").",
+            "", "| model | prior | KL(z) bits | KL(u) bits | active z | latent share | best of S (dB over the mean) |",
+            "|---|---|---|---|---|---|---|",
+        ]  # fmt: skip
+        for row in carried:
+            active = f"{row['active_z']}/{row['z_dim']}" if row.get("active_z") is not None else "-"
+            gain = "—" if row.get("sr_best_of_gain") is None else f"{row['sr_best_of_gain']:+.2f}"
+            lines.append(f"| {_label(row)} | {row['prior']} | {_number(row['kl_z_bits'], 1)} | "
+                         f"{_number(row.get('kl_u_bits'), 1)} | {active} | {_number(row.get('sr_latent_share'), 3)} | {gain} |")
     checks = check_targets(rows)
     if checks:
         lines += ["", "## Targets", "", "| model | target | met | numbers |", "|---|---|---|---|"]

@@ -15,6 +15,9 @@ name                      estimator
                           doubly-reparameterized gradient (DReG) for the guide (Tucker et
                           al. 2019); K = ``num_particles`` >= 2, always vectorized
 ========================  ===================================================================
+
+``make_elbo("meanfield", free_bits=...)`` is :class:`FreeBits_ELBO`, a training objective
+that keeps z from collapsing (not a bound; evaluation never scores it).
 """
 
 import math
@@ -58,18 +61,22 @@ def _is_gaussian_mixture(d):
     return isinstance(d, torch.distributions.MixtureSameFamily) and _is_diagonal_gaussian(d.component_distribution)
 
 
-class MixtureKLBound_ELBO(TraceMeanField_ELBO):
-    """The mean-field ELBO with the mixture KL bounded by eq. (23).
+class _ClosedFormKL_ELBO(TraceMeanField_ELBO):
+    """``TraceMeanField_ELBO``'s loop over sites, with each latent site's KL from :meth:`site_kl`.
 
-    For every latent site whose prior is a mixture of diagonal Gaussians and whose
-    guide is a diagonal Gaussian, the sampled term log q - log p of
-    ``TraceMeanField_ELBO`` is replaced by sum_i w_i KL(q || p_i): a deterministic
-    (zero-variance) upper bound on the KL, hence a valid, looser lower bound on log p(x).
-    Every other site is handled exactly as by ``TraceMeanField_ELBO``.
+    The data terms are Pyro's; a latent site's KL(q || p) comes from :meth:`site_kl`
+    (closed form where torch has one), or is sampled, log q - log p at the guide's draw,
+    where it returns None. Subclasses change :meth:`site_kl` alone.
     """
 
+    def site_kl(self, name, q, p):
+        """KL(q || p) of one latent site, in the site's batch shape; None to sample it."""
+        try:
+            return kl_divergence(q, p)
+        except NotImplementedError:
+            return None
+
     def _differentiable_loss_particle(self, model_trace, guide_trace):
-        # The loop of TraceMeanField_ELBO, with one more closed form for the KL term.
         elbo_particle = 0
         for name, model_site in model_trace.nodes.items():
             if model_site["type"] != "sample":
@@ -80,16 +87,11 @@ class MixtureKLBound_ELBO(TraceMeanField_ELBO):
             guide_site = guide_trace.nodes[name]
             if is_validation_enabled():
                 check_fully_reparametrized(guide_site)
-            q, p = guide_site["fn"], model_site["fn"]
-            if _is_gaussian_mixture(p) and _is_diagonal_gaussian(q):
-                kl_qp = mixture_kl_upper_bound(q, p)  # eq. (23)
-            else:
-                try:
-                    kl_qp = kl_divergence(q, p)
-                except NotImplementedError:
-                    entropy_term = guide_site["score_parts"].entropy_term
-                    elbo_particle = elbo_particle + model_site["log_prob_sum"] - entropy_term.sum()
-                    continue
+            kl_qp = self.site_kl(name, guide_site["fn"], model_site["fn"])
+            if kl_qp is None:
+                entropy_term = guide_site["score_parts"].entropy_term
+                elbo_particle = elbo_particle + model_site["log_prob_sum"] - entropy_term.sum()
+                continue
             kl_qp = scale_and_mask(kl_qp, scale=guide_site["scale"], mask=guide_site["mask"])
             elbo_particle = elbo_particle - kl_qp.sum()
 
@@ -97,11 +99,59 @@ class MixtureKLBound_ELBO(TraceMeanField_ELBO):
             if guide_site["type"] == "sample" and name not in model_trace.nodes:
                 raise ValueError(
                     f"guide site {name!r} has no counterpart in the model; "
-                    "the eq. (23) bound ELBO supports no auxiliary guide sites"
+                    f"{type(self).__name__} supports no auxiliary guide sites"
                 )
 
         loss = -(elbo_particle.detach() if torch._C._get_tracing_state() else torch_item(elbo_particle))
         return loss, -elbo_particle
+
+
+class MixtureKLBound_ELBO(_ClosedFormKL_ELBO):
+    """The mean-field ELBO with the mixture KL bounded by eq. (23).
+
+    For every latent site whose prior is a mixture of diagonal Gaussians and whose
+    guide is a diagonal Gaussian, the sampled term log q - log p of
+    ``TraceMeanField_ELBO`` is replaced by sum_i w_i KL(q || p_i): a deterministic
+    (zero-variance) upper bound on the KL, hence a valid, looser lower bound on log p(x).
+    Every other site is handled exactly as by ``TraceMeanField_ELBO``.
+    """
+
+    def site_kl(self, name, q, p):
+        if _is_gaussian_mixture(p) and _is_diagonal_gaussian(q):
+            return mixture_kl_upper_bound(q, p)  # eq. (23)
+        return super().site_kl(name, q, p)
+
+
+class FreeBits_ELBO(_ClosedFormKL_ELBO):
+    """The mean-field objective with free bits on the latents named in ``sites`` (Kingma et al. 2016).
+
+    A training objective, not a bound: per dimension d of a site's diagonal Gaussian, the
+    KL averaged over the batch, m_d = mean_b KL(q(z_d|.) || p(z_d|.)), is replaced by
+    max(m_d, ``free_bits``) (in nats). Below the threshold a dimension's KL costs nothing,
+    so the optimizer has no reason to close it -- the posterior collapse of z that the
+    ELBO of eq. (17)/(21) allows when the decoder can do without it -- and above it the
+    loss is the mean-field ELBO's. Every other site is ``TraceMeanField_ELBO``'s. The
+    model and its honest bounds are unchanged: evaluation scores the ELBO and the IW
+    bound of log p(x), never this objective.
+    """
+
+    def __init__(self, free_bits, sites=("z",), **kwargs):
+        if not (free_bits >= 0 and math.isfinite(free_bits)):
+            raise ValueError(f"free_bits must be a finite number of nats >= 0, got {free_bits!r}")
+        super().__init__(**kwargs)
+        self.free_bits = float(free_bits)
+        self.sites = tuple(sites)
+
+    def site_kl(self, name, q, p):
+        if name not in self.sites or self.free_bits == 0:
+            return super().site_kl(name, q, p)
+        if not (_is_diagonal_gaussian(q) and _is_diagonal_gaussian(p)):
+            raise ValueError(f"free bits on site {name!r} need diagonal Gaussians for q and p, got "
+                             f"{type(q).__name__} and {type(p).__name__}")
+        kl_per_dim = kl_divergence(q.base_dist, p.base_dist)  # (..., B, D): the data plate is dim -2
+        above = kl_per_dim.detach().mean(-2, keepdim=True) > self.free_bits
+        # Summed over the batch, this is B * sum_d max(m_d, free_bits); no gradient below the threshold.
+        return torch.where(above, kl_per_dim, torch.full_like(kl_per_dim, self.free_bits)).sum(-1)
 
 
 def _is_latent(site):
@@ -304,16 +354,22 @@ class IWAE_DReG(ELBO):
         return loss
 
 
-def make_elbo(name, num_particles=1, vectorize_particles=False, **options):
+def make_elbo(name, num_particles=1, vectorize_particles=False, free_bits=0.0, **options):
     """The Pyro ELBO called ``name``; see the module docstring for the names.
 
     ``options`` go to the Pyro class (``alpha`` for ``renyi``, ``max_plate_nesting``,
     ...). ``max_plate_nesting`` defaults to 1 -- the models' single ``"data"`` plate --
     which spares Pyro a guessing run of the model when particles are vectorized.
     ``iwae-dreg`` always vectorizes its K >= 2 particles, whatever ``vectorize_particles``.
+    ``free_bits > 0`` (nats per dimension of z, ``meanfield`` only) trains with
+    :class:`FreeBits_ELBO` instead.
     """
     options.setdefault("max_plate_nesting", 1)
     common = dict(num_particles=num_particles, vectorize_particles=vectorize_particles, **options)
+    if free_bits:
+        if name != "meanfield":
+            raise ValueError(f"free bits are a mean-field objective (--elbo meanfield), not {name!r}")
+        return FreeBits_ELBO(free_bits, **common)
     if name == "trace":
         return Trace_ELBO(**common)
     if name == "meanfield":

@@ -36,6 +36,8 @@ import pyro.poutine as poutine
 from pyro.distributions.util import scale_and_mask
 from pyro.poutine.util import site_is_factor, site_is_subsample
 
+from .latents import latent_metrics_from_sums, latent_share, latent_sum_keys, latent_sums
+
 __all__ = [
     "DATA_PLATE",
     "PARTICLE_PLATE",
@@ -729,6 +731,12 @@ def _sr_sums(model, x: torch.Tensor, num_samples: int) -> Dict[str, float]:
     sums["sr_std_ms"] = sr.std.square().sum().item()
     sums["sr_std_latent_ms"] = sr.std_latent.square().sum().item()
     sums["sr_std_noise_ms"] = sr.std_noise.square().sum().item()
+    sums["sr_std_latent_detail_ms"] = sr.std_latent.square()[masks["detail"]].sum().item()
+    sums["sr_std_noise_detail_ms"] = sr.std_noise.square()[masks["detail"]].sum().item()
+    # What z proposes: how close the best of the S decoder means comes to the truth, per image.
+    per_draw = torch.stack([psnr(m, x) for m in sr.means.clamp(0.0, 1.0)])  # (S, B)
+    sums["sr_best_of_psnr"] = per_draw.max(0).values.sum().item()
+    sums["sr_draw_psnr"] = torch.stack([psnr(d, x) for d in sr.samples.clamp(0.0, 1.0)]).mean(0).sum().item()
     return sums
 
 
@@ -755,11 +763,17 @@ def _sr_metrics_from_sums(sums: Dict[str, float], num_samples: int) -> Dict[str,
     result["bicubic_mae"] = sums["bicubic_mae"] / pixels
     for part in ("std", "std_latent", "std_noise"):
         result[f"sr_{part}_rms"] = math.sqrt(sums[f"sr_{part}_ms"] / pixels)
+    result["sr_latent_share"] = latent_share(sums["sr_std_latent_ms"], sums["sr_std_noise_ms"])
+    result["sr_latent_share_detail"] = latent_share(sums["sr_std_latent_detail_ms"], sums["sr_std_noise_detail_ms"])
+    result["sr_best_of_psnr"] = sums["sr_best_of_psnr"] / images
+    result["sr_best_of_gain"] = result["sr_best_of_psnr"] - result["sr_psnr"]
+    result["sr_draw_psnr"] = sums["sr_draw_psnr"] / images
     return result
 
 
 _SR_SUM_KEYS = (
     ["num_images", "num_pixels", "num_detail_pixels", "num_edge_pixels", "sr_crps", "bicubic_mae", "sr_std_ms", "sr_std_latent_ms", "sr_std_noise_ms"]
+    + ["sr_std_latent_detail_ms", "sr_std_noise_detail_ms", "sr_best_of_psnr", "sr_draw_psnr"]
     + [f"{name}_{metric}" for name in POINT_ESTIMATES for metric in ("psnr", "ssim")]
     + [f"coverage_{subset}_{level}" for subset in COVERAGE_SUBSETS for level in COVERAGE_LEVELS]
 )  # fmt: skip
@@ -788,8 +802,15 @@ def super_resolution_metrics(model, x: torch.Tensor, num_samples: int = 16) -> D
     ``sr_coverage`` (``{"all": {"0.5": ...}, "detail": {...}, "edges": {...}, "expected": {...},
     "detail_fraction", "edge_fraction", "num_samples"}``), ``sr_coverage90`` and ``sr_coverage90_expected``
     (the all-pixel 90% entry), ``sr_crps``, ``bicubic_mae``, and the root mean squares of the
-    three std maps, ``sr_std_rms``, ``sr_std_latent_rms``, ``sr_std_noise_rms``. Runs under
-    ``torch.no_grad()``.
+    three std maps, ``sr_std_rms``, ``sr_std_latent_rms``, ``sr_std_noise_rms``.
+
+    What the latents carry (:mod:`pyro_srvae.latents`): ``sr_latent_share`` and
+    ``sr_latent_share_detail``, the latents' share of the predictive variance
+    (``std_latent^2 / (std_latent^2 + std_noise^2)`` pooled over all or the detail pixels: 0
+    when z and u change nothing in the decoder mean); ``sr_best_of_psnr``, per image the PSNR
+    of the best of the S decoder means (each clamped), and ``sr_best_of_gain``, its excess over
+    the mean's PSNR (0 when every draw proposes the mean); ``sr_draw_psnr``, the PSNR of
+    the full draws a user gets, noise included. Runs under ``torch.no_grad()``.
     """
     with torch.no_grad():
         sums = _sr_sums(model, x, num_samples)
@@ -868,6 +889,7 @@ def evaluate_model(
     rank: int = 0,
     world_size: int = 1,
     baseline_scale: Optional[float] = None,
+    latents: bool = True,
 ) -> Dict[str, float]:
     """Evaluate a VAE or SRVAE on a uint8 (or uint16) test set ``images`` ``(N, C, H, W)``.
 
@@ -926,6 +948,8 @@ def evaluate_model(
         seed: seeds both the dequantization noise and the latent samples.
         progress: show a tqdm bar over batches (if tqdm is installed).
         super_resolution: set False to skip the SR metrics (e.g. a quick per-epoch ELBO).
+        latents: set False to skip what the latents carry (:mod:`pyro_srvae.latents`: ``kl_u_bits``,
+            ``kl_z_bits``, ``active_u``, ``active_z`` of ``u_dim``, ``z_dim``), reported by default.
         chunk_size: particles per vectorized pass, passed on to
             :func:`log_importance_weights` (default chosen from the batch size).
         rank, world_size: this process's share of a sharded evaluation.
@@ -977,6 +1001,7 @@ def evaluate_model(
     sums: Dict[str, float] = {"elbo": 0.0, "iw": 0.0, "log_p_x_given_y": 0.0, "baseline_log_p_x_given_y": 0.0}
     conditional = is_sr and getattr(model, "x_density", None) == "exact" and hasattr(model, "lr_model")
     sr_sums: Dict[str, float] = {}
+    carried: Dict[str, float] = {}  # what the latents carry (pyro_srvae.latents)
     try:
         if was_training is not None:
             model.eval()
@@ -1006,6 +1031,9 @@ def evaluate_model(
                     if baseline_scale is not None:
                         baseline = baseline_log_likelihood(x.double(), model.factor, baseline_scale)
                         sums["baseline_log_p_x_given_y"] += baseline.sum().item()
+                if latents:
+                    for key, value in latent_sums(model, x).items():
+                        carried[key] = carried.get(key, 0.0) + value
                 if is_sr:
                     for key, value in _sr_sums(model, x, sr_samples).items():
                         sr_sums[key] = sr_sums.get(key, 0.0) + value
@@ -1014,11 +1042,14 @@ def evaluate_model(
             model.train(was_training)
     if is_sr:
         sums.update({f"sr.{key}": value for key, value in sr_sums.items()})
+    sums.update({f"latent.{key}": value for key, value in carried.items()})
     if world_size > 1:
         # One all-reduce of every sum, on the evaluation device (nccl reduces GPU tensors).
         # A rank may have evaluated no batch: every rank's dict must have the same keys.
         if is_sr and not sr_sums:
             sums.update({f"sr.{key}": 0.0 for key in _SR_SUM_KEYS})
+        if latents and not carried:
+            sums.update({f"latent.{key}": 0.0 for key in latent_sum_keys(model)})
         names = sorted(sums)
         totals = torch.tensor([sums[name] for name in names], dtype=torch.float64, device=device)
         torch.distributed.all_reduce(totals, op=torch.distributed.ReduceOp.SUM)
@@ -1038,6 +1069,7 @@ def evaluate_model(
     }
     if getattr(model, "x_density", None) is not None:
         result["x_density"] = model.x_density
+    result.update(latent_metrics_from_sums({k[7:]: v for k, v in sums.items() if k.startswith("latent.")}, n))
     if is_sr:
         result.update(_sr_metrics_from_sums({k[3:]: v for k, v in sums.items() if k.startswith("sr.")}, sr_samples))
         fixed = model.lr_shape[0] * model.lr_shape[1] * model.lr_shape[2]

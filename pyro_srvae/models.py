@@ -37,7 +37,9 @@ import pyro
 import pyro.distributions as dist
 
 from .likelihoods import LIKELIHOODS, NUM_BINS, bin_centres, make_likelihood
-from .networks import ARCHS, NETWORK_TYPES, GaussianEncoder, float32_outputs, make_image_decoder, make_sr_decoder
+from .networks import (
+    ARCHS, NETWORK_TYPES, GaussianEncoder, SpatialGaussianEncoder, float32_outputs, make_image_decoder, make_sr_decoder,
+)
 from .priors import PRIORS, make_prior
 
 GUIDES = ("simple", "full")
@@ -404,6 +406,12 @@ class SRVAE(_ImageModel):
             is judged on, while the four encoders and p(y|u)'s decoder only summarise small images
             into u and z: ``sr_arch="densenet", sr_hidden=16`` beside small width-32 encoders is
             the photographs' configuration (``benchmarks/photo_sr.py``, docs/results.md).
+        z_channels: 0 (default): z is a vector of ``z_dim``; C > 0: z is a map of C channels at the
+            low resolution (``z_dim = C * H/f * W/f``), with convolutional p(z|y,u) and q(z|.)
+            (:class:`~pyro_srvae.networks.SpatialGaussianEncoder`), as the srVAE paper's latents.
+        z_injection: where the SR decoder reads z (and u): its first layer (``"input"``) or every
+            layer (``"every"``, :data:`~pyro_srvae.networks.Z_INJECTIONS`), a lever against the
+            posterior collapse of z (docs/results.md, "What z carries").
     """
 
     def __init__(
@@ -427,6 +435,8 @@ class SRVAE(_ImageModel):
         sr_base="bilinear",
         sr_arch=None,
         sr_hidden=None,
+        z_injection="input",
+        z_channels=0,
     ):
         super().__init__(image_shape, name, validate_inputs, likelihood, likelihood_components, arch, gamma_init)
         _check_choice("guide", guide, GUIDES)
@@ -445,8 +455,13 @@ class SRVAE(_ImageModel):
         self.x_given_y = x_given_y
         self.factor = factor
         self.downscale_mode = downscale_mode
-        self.u_dim, self.z_dim = u_dim, z_dim
         self.lr_shape = (channels, height // factor, width // factor)
+        if int(z_channels) != z_channels or z_channels < 0:
+            raise ValueError(f"z_channels must be an integer >= 0, got {z_channels!r}")
+        self.z_channels = int(z_channels)
+        if self.z_channels:  # z a map at the low resolution: its l coefficients, laid out in space
+            z_dim = self.z_channels * self.lr_shape[1] * self.lr_shape[2]
+        self.u_dim, self.z_dim = u_dim, z_dim
         #: Per-channel factors on the likelihood's noise in :meth:`super_resolve` (None: the
         #: model's own spread); set from a calibrated checkpoint (pyro_srvae.calibration).
         self.spread_scale = None
@@ -456,21 +471,25 @@ class SRVAE(_ImageModel):
         params = self.likelihood.params_per_channel
         self.prior_u = make_prior(prior, u_dim, mog_components)
         self.decoder_y = make_image_decoder(arch, u_dim, self.lr_shape, hidden, self.likelihood.out_channels(channels))
-        self.prior_z = GaussianEncoder(channels, lr_hw, z_dim, hidden, condition_dim=u_dim, arch=arch)
+        self.prior_z = self._z_network(channels, lr_hw, hidden, u_dim, arch)
         self.sr_arch = arch if sr_arch is None else sr_arch
         self.sr_hidden = hidden if sr_hidden is None else sr_hidden
         self.decoder_x = make_sr_decoder(
             self.sr_arch, self.image_shape, factor, z_dim, u_dim if full else 0, self.sr_hidden,
-            params_per_channel=params, base=sr_base,
+            params_per_channel=params, base=sr_base, z_injection=z_injection, z_channels=self.z_channels,
         )
         self.encoder_u = GaussianEncoder(channels, lr_hw, u_dim, hidden, arch=arch)
         # The full guide sees x beside the upsampled y, and u: q(z|x,y,u), eq. (19).
-        self.encoder_z = GaussianEncoder(
-            2 * channels if full else channels, hr_hw, z_dim, hidden, condition_dim=u_dim if full else 0, arch=arch
-        )
+        self.encoder_z = self._z_network(2 * channels if full else channels, hr_hw, hidden, u_dim if full else 0, arch)
         self.log_gamma_x = self._learned_scale(gamma_init)
         self.log_gamma_y = self._learned_scale(gamma_init)
         self._finish_networks()
+
+    def _z_network(self, in_channels, image_hw, hidden, condition_dim, arch):
+        """A Gaussian over z from an image (and u): a vector, or a map with ``z_channels``."""
+        if self.z_channels:
+            return SpatialGaussianEncoder(in_channels, image_hw, self.z_channels, self.lr_shape[1:], hidden, condition_dim)
+        return GaussianEncoder(in_channels, image_hw, self.z_dim, hidden, condition_dim=condition_dim, arch=arch)
 
     @property
     def full(self):

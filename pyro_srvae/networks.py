@@ -41,6 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 
 ARCHS = ("small", "densenet")
+#: Where the SR decoder reads the latents (``z_injection=``): its first layer only, or every layer.
+Z_INJECTIONS = ("input", "every")
 #: The upsamplings of y that the SR decoder's residual is added to (``sr_base=``).
 SR_BASES = ("bilinear", "bicubic")
 
@@ -179,6 +181,49 @@ class GaussianEncoder(nn.Module):
         return loc, bounded_scale(raw_scale)
 
 
+class SpatialGaussianEncoder(nn.Module):
+    """A diagonal Gaussian over a latent *map* of ``out_channels x h x w`` at the low resolution,
+    returned flattened: ``forward(image, condition=None) -> (loc, scale)``, each ``(*, out_channels*h*w)``.
+
+    The latent is still the spec's vector of l coefficients with a diagonal covariance
+    (l = ``out_channels * h * w``); only its layout is spatial, as the srVAE paper's latents
+    are (3-D tensors), so that each coefficient describes its own neighbourhood of the image.
+    An image of ``factor`` times the size (x beside the upsampled y, for q(z|x,y,u)) is folded
+    to the low resolution by a pixel unshuffle; three 3x3 convolutions at the low resolution,
+    none strided. The condition u shifts each output channel's loc and raw scale by a linear
+    function of u, the same over the map: p(z|y,u) (eq. 16) and q(z|x,y,u) (eq. 19) with z a map
+    (``SRVAE(z_channels=...)``). So the convolutions run once per image, not once per particle
+    of u, which importance-weighted evaluation draws K of per image.
+    """
+
+    def __init__(self, in_channels, image_hw, out_channels, lr_hw, hidden=32, condition_dim=0):
+        super().__init__()
+        self.lr_hw = tuple(lr_hw)
+        self.fold = image_hw[0] // self.lr_hw[0]
+        if tuple(d * self.fold for d in self.lr_hw) != tuple(image_hw):
+            raise ValueError(f"a {image_hw} image does not fold onto the {self.lr_hw} latent map")
+        self.condition_dim = condition_dim
+        self.latent_dim = out_channels * self.lr_hw[0] * self.lr_hw[1]
+        width = 2 * hidden
+        self.net = nn.Sequential(
+            nn.Conv2d(in_channels * self.fold**2, width, 3, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(width, width, 3, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(width, 2 * out_channels, 3, padding=1),
+        )
+        self.condition = nn.Linear(condition_dim, 2 * out_channels) if condition_dim else None
+
+    def forward(self, image, condition=None):
+        flat, batch_shape = _merge_leading(image, 3)
+        folded = F.pixel_unshuffle(flat, self.fold) if self.fold > 1 else flat
+        maps = _split_leading(self.net(_conv_input(folded)), batch_shape)  # (*, 2C, h, w)
+        if self.condition is not None:
+            maps = maps + self.condition(condition)[..., None, None]  # broadcast over particles of u
+        loc, raw_scale = maps.flatten(-3).chunk(2, dim=-1)
+        return loc, bounded_scale(raw_scale)
+
+
 def _check_arch(arch):
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHS)}")
@@ -254,38 +299,75 @@ class SuperResolutionDecoder(nn.Module):
     """
 
     def __init__(self, out_shape, factor, z_dim, u_dim=0, hidden=32, latent_channels=8, params_per_channel=1,
-                 base="bilinear"):
+                 base="bilinear", z_injection="input", z_channels=0):
         super().__init__()
         if base not in SR_BASES:
             raise ValueError(f"unknown sr_base {base!r}; expected one of {', '.join(SR_BASES)}")
+        if z_injection not in Z_INJECTIONS:
+            raise ValueError(f"unknown z_injection {z_injection!r}; expected one of {', '.join(Z_INJECTIONS)}")
         self.base = base
+        self.z_injection = z_injection
         channels, height, width = out_shape
         self.out_shape = tuple(out_shape)
         self.factor = factor
         self.lr_hw = (height // factor, width // factor)
-        self.latent_channels = latent_channels
         self.params_per_channel = params_per_channel
-        self.project = nn.Sequential(
-            nn.Linear(z_dim + u_dim, latent_channels * self.lr_hw[0] * self.lr_hw[1]), nn.SiLU()
-        )
+        # A vector z (and u) is projected onto a latent map of latent_channels at the low
+        # resolution; a z that is already a map of z_channels (SpatialGaussianEncoder) is read
+        # as it is, beside the projection of u alone.
+        self.z_channels = z_channels
+        projected = u_dim if z_channels else z_dim + u_dim
+        self.projected_channels = latent_channels if projected else 0
+        self.latent_channels = z_channels + self.projected_channels
+        self.project = None
+        if projected:
+            self.project = nn.Sequential(
+                nn.Linear(projected, latent_channels * self.lr_hw[0] * self.lr_hw[1]), nn.SiLU()
+            )
         self._build(channels, hidden)
+
+    def _latent_map(self, z, u):
+        """The latents as ``(*, latent_channels, h, w)`` maps at the low resolution."""
+        maps = []
+        if self.z_channels:
+            maps.append(z.view(z.shape[:-1] + (self.z_channels,) + self.lr_hw))
+        vector = (u if self.z_channels else z if u is None else _concat_vectors(z, u))
+        if self.project is not None and vector is not None:
+            projected = self.project(vector)
+            maps.append(projected.view(projected.shape[:-1] + (self.projected_channels,) + self.lr_hw))
+        if len(maps) == 1:
+            return maps[0]
+        batch_shape = torch.broadcast_shapes(*(m.shape[:-3] for m in maps))
+        return torch.cat([_expand_leading(m, batch_shape, 3) for m in maps], dim=-3)
 
     def _build(self, channels, hidden):
         width_lr = 2 * hidden
+        # With z_injection="every" each later convolution also reads the latent map, so
+        # that z reaches the output through one layer, not four (a lever against posterior
+        # collapse: docs/results.md, "What z carries").
+        extra = self.latent_channels if self.z_injection == "every" else 0
         self.net = nn.Sequential(
             nn.Conv2d(channels + self.latent_channels, width_lr, 3, padding=1),
             nn.SiLU(),
-            nn.Conv2d(width_lr, width_lr, 3, padding=1),
+            nn.Conv2d(width_lr + extra, width_lr, 3, padding=1),
             nn.SiLU(),
-            nn.Conv2d(width_lr, width_lr, 3, padding=1),
+            nn.Conv2d(width_lr + extra, width_lr, 3, padding=1),
             nn.SiLU(),
-            nn.Conv2d(width_lr, channels * self.params_per_channel * self.factor**2, 3, padding=1),
+            nn.Conv2d(width_lr + extra, channels * self.params_per_channel * self.factor**2, 3, padding=1),
             nn.PixelShuffle(self.factor),
         )
 
     def _network(self, inputs):
         """``(N, C + latent_channels, h, w)`` low-resolution inputs -> ``(N, P*C, H, W)``."""
-        return self.net(inputs)
+        if self.z_injection == "input":
+            return self.net(inputs)
+        latent_map = inputs[:, -self.latent_channels :]
+        h = inputs
+        for layer in self.net:
+            if isinstance(layer, nn.Conv2d) and h is not inputs:
+                h = torch.cat([h, latent_map], dim=1)
+            h = layer(h)
+        return h
 
     def upsample(self, y):
         flat, batch_shape = _merge_leading(y, 3)
@@ -294,9 +376,7 @@ class SuperResolutionDecoder(nn.Module):
 
     def residual(self, y, z, u=None):
         """The raw output ``(*, P * C, H, W)``: the residual over ``upsample(y)`` for P = 1."""
-        latents = z if u is None else _concat_vectors(z, u)
-        latent_map = self.project(latents)
-        latent_map = latent_map.view(latent_map.shape[:-1] + (self.latent_channels,) + self.lr_hw)
+        latent_map = self._latent_map(z, u)
         batch_shape = torch.broadcast_shapes(y.shape[:-3], latent_map.shape[:-3])
         inputs = torch.cat(
             [_expand_leading(y, batch_shape, 3), _expand_leading(latent_map, batch_shape, 3)], dim=-3
@@ -478,8 +558,9 @@ class DenseSuperResolutionDecoder(SuperResolutionDecoder):
             _dense_stage(width_lr, hidden * self.factor**2, hidden),
             nn.PixelShuffle(self.factor),
         )
+        extra = self.latent_channels if self.z_injection == "every" else 0
         self.hr_net = nn.Sequential(
-            _dense_stage(hidden + channels, hidden, hidden),
+            _dense_stage(hidden + channels + extra, hidden, hidden),
             ELU(),
             nn.Conv2d(hidden, channels * self.params_per_channel, 3, padding=1),
         )
@@ -487,11 +568,14 @@ class DenseSuperResolutionDecoder(SuperResolutionDecoder):
     def _network(self, inputs):
         channels = self.out_shape[0]
         up = F.interpolate(inputs[:, :channels], size=self.out_shape[1:], mode="bilinear", align_corners=False)
-        return self.hr_net(torch.cat([self.lr_net(inputs), up], dim=1))
+        hr_inputs = [self.lr_net(inputs), up]
+        if self.z_injection == "every":  # the latent map again, at the high resolution
+            hr_inputs.append(F.interpolate(inputs[:, channels:], size=self.out_shape[1:], mode="nearest"))
+        return self.hr_net(torch.cat(hr_inputs, dim=1))
 
 
 #: The network classes; a model's networks are its submodules of these types.
-NETWORK_TYPES = (GaussianEncoder, ImageDecoder, SuperResolutionDecoder)
+NETWORK_TYPES = (GaussianEncoder, SpatialGaussianEncoder, ImageDecoder, SuperResolutionDecoder)
 
 
 def float32_outputs(module, args, output):
@@ -517,8 +601,10 @@ def make_image_decoder(arch, latent_dim, out_shape, hidden=32, out_channels=None
     return cls(latent_dim, out_shape, hidden, out_channels)
 
 
-def make_sr_decoder(arch, out_shape, factor, z_dim, u_dim=0, hidden=32, params_per_channel=1, base="bilinear"):
+def make_sr_decoder(arch, out_shape, factor, z_dim, u_dim=0, hidden=32, params_per_channel=1, base="bilinear",
+                    z_injection="input", z_channels=0):
     """The ``arch`` super-resolution decoder (:class:`SuperResolutionDecoder` or the dense one)."""
     _check_arch(arch)
     cls = SuperResolutionDecoder if arch == "small" else DenseSuperResolutionDecoder
-    return cls(out_shape, factor, z_dim, u_dim, hidden, params_per_channel=params_per_channel, base=base)
+    return cls(out_shape, factor, z_dim, u_dim, hidden, params_per_channel=params_per_channel, base=base,
+               z_injection=z_injection, z_channels=z_channels)

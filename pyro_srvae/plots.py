@@ -423,19 +423,22 @@ def plot_super_resolution(
     path: PathLike,
     max_images: int = 8,
     title: Optional[str] = None,
+    sr_means: Optional[torch.Tensor] = None,
 ) -> PathLike:
     """Super-resolution comparison, one row per image.
 
     Columns: ``LR input`` (nearest-neighbour upscaled to the HR size) |
-    ``bicubic`` | ``SR mean`` | up to 4 ``SR sample k`` | ``per-pixel std``
-    (channel-averaged, ``magma`` heat map with a shared colour bar) |
-    ``HR truth``.
+    ``bicubic`` | ``SR mean`` | up to 3 ``z draw k`` (with ``sr_means``: the
+    decoder means of single latent draws, what z proposes) | up to 4 (3 beside
+    the z draws) ``SR sample k`` (full draws, the likelihood's noise included) |
+    ``per-pixel std`` (channel-averaged, ``magma`` heat map with a shared colour
+    bar) | ``HR truth``.
 
     Shapes: ``lr`` (N, C, h, w); ``bicubic``, ``sr_mean``, ``hr``
-    (N, C, H, W); ``sr_samples`` (S, N, C, H, W); ``sr_std`` (N, C', H, W)
-    with any C' (averaged over channels).  ``bicubic``, ``sr_samples``,
-    ``sr_std`` and ``hr`` may be ``None``, which drops their columns (e.g.
-    when no HR ground truth exists).
+    (N, C, H, W); ``sr_samples`` and ``sr_means`` (S, N, C, H, W); ``sr_std``
+    (N, C', H, W) with any C' (averaged over channels).  ``bicubic``,
+    ``sr_samples``, ``sr_means``, ``sr_std`` and ``hr`` may be ``None``, which
+    drops their columns (e.g. when no HR ground truth exists).
     """
     lr = _check_images(lr, "lr")
     sr_mean = _check_images(sr_mean, "sr_mean")
@@ -453,6 +456,10 @@ def plot_super_resolution(
         sr_samples = _check_images(sr_samples, "sr_samples", "(S, N, C, H, W)")
         _check_match("sr_mean", sr_mean, range(4), "sr_samples", sr_samples,
                      range(1, 5), "per-sample shape (N, C, H, W)")
+    if sr_means is not None:
+        sr_means = _check_images(sr_means, "sr_means", "(S, N, C, H, W)")
+        _check_match("sr_mean", sr_mean, range(4), "sr_means", sr_means,
+                     range(1, 5), "per-draw shape (N, C, H, W)")
     if sr_std is not None:
         sr_std = _check_images(sr_std, "sr_std")
         _check_match("sr_mean", sr_mean, [0, 2, 3], "sr_std", sr_std, [0, 2, 3],
@@ -471,8 +478,11 @@ def plot_super_resolution(
     if bicubic is not None:
         columns.append(("bicubic", "img", bicubic))
     columns.append(("SR mean", "img", sr_mean))
+    if sr_means is not None:
+        for s in range(min(sr_means.shape[0], 3)):
+            columns.append((f"z draw {s + 1}", "img", sr_means[s]))
     if sr_samples is not None:
-        for s in range(min(sr_samples.shape[0], 4)):
+        for s in range(min(sr_samples.shape[0], 4 if sr_means is None else 3)):
             columns.append((f"SR sample {s + 1}", "img", sr_samples[s]))
     std_map = vmax = None
     if sr_std is not None:
@@ -736,23 +746,33 @@ def plot_calibration(coverage: Mapping[str, Mapping], num_samples: int,
 
 def plot_sample_strip(
     samples: torch.Tensor, path: PathLike, max_images: int = 16,
-    title: Optional[str] = None,
+    title: Optional[str] = None, means: Optional[torch.Tensor] = None,
 ) -> PathLike:
-    """Several samples (S, C, H, W) of one image in a strip (8 per row)."""
+    """Several samples (S, C, H, W) of one image in a strip (8 per row).
+
+    With ``means`` (S, C, H, W), the decoder means of the same draws (what z proposes)
+    fill the rows above the samples, ``z draw k`` over ``sample k``."""
     s = _check_images(samples, "samples", "(S, C, H, W)")
     n = min(s.shape[0], int(max_images))
     if n < 1:
         raise ValueError(f"`max_images` must be >= 1, got {max_images}")
+    blocks = [("sample", s)]
+    if means is not None:
+        means = _check_images(means, "means", "(S, C, H, W)")
+        _check_match("samples", s, range(4), "means", means, range(4), "shape (S, C, H, W)")
+        blocks.insert(0, ("z draw", means))
     nrows, ncols = _grid_shape(n)
-    fig = _new_figure(_CELL * ncols + 0.2, _CELL * 1.1 * nrows + 0.6)
-    axes = fig.subplots(nrows, ncols, squeeze=False)
-    for i in range(nrows * ncols):
-        ax = axes[divmod(i, ncols)]
-        if i < n:
-            _show(ax, s[i])
-            ax.set_title(f"sample {i + 1}", fontsize=8)
-        else:
-            ax.set_axis_off()
+    fig = _new_figure(_CELL * ncols + 0.2, _CELL * 1.1 * nrows * len(blocks) + 0.6)
+    axes = fig.subplots(nrows * len(blocks), ncols, squeeze=False)
+    for b, (label, images) in enumerate(blocks):
+        for i in range(nrows * ncols):
+            row, col = divmod(i, ncols)
+            ax = axes[b * nrows + row, col]
+            if i < n:
+                _show(ax, images[i])
+                ax.set_title(f"{label} {i + 1}", fontsize=8)
+            else:
+                ax.set_axis_off()
     fig.suptitle(_with_note(title or f"{s.shape[0]} samples of one image",
                             s.shape[1]))
     return _save_figure(fig, path)

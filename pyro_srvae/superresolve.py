@@ -730,7 +730,8 @@ def _write_outputs(out_dir: Path, files: Dict[str, Path], result: SuperResolutio
         staged.write_via_path(
             files["samples_png"],
             lambda tmp: plots.plot_sample_strip(
-                samples, tmp, max_images=STRIP_MAX_SAMPLES, title=f"{label}: {count} SR samples"
+                samples, tmp, max_images=STRIP_MAX_SAMPLES, means=result.means,
+                title=f"{label}: {count} SR draws: decoder means (what z proposes) over full samples",
             ),
         )
         staged.commit()

@@ -8,12 +8,15 @@
 * at each epoch's last step: ``train/elbo_bpd``, ``test/elbo_bpd`` and ``train/kl_scale``
   of the epoch record; ``elbo_terms_bits_per_dim/<term>`` (each term of
   :func:`pyro_srvae.evaluation.elbo_terms` on a fixed batch of test images, divided by
-  ``D ln 2``: they sum to ``8 - test ELBO bits/dim``); ``gamma/x``, ``gamma/y``; for a
+  ``D ln 2``: they sum to ``8 - test ELBO bits/dim``); ``latents/kl_<site>_bits_per_image`` (the
+  KL of each latent on the same batch, :func:`pyro_srvae.latents.kl_per_image`); ``gamma/x``,
+  ``gamma/y``; for a
   mixture prior ``mixture/weight_<k>`` and ``mixture/effective_components``; the images
   ``images/samples`` (and ``images/samples_y`` for the srVAE) and, for the srVAE,
-  ``images/super_resolution`` (rows of test images: y upsampled | SR mean | truth);
+  ``images/super_resolution`` (rows of test images: y upsampled | SR mean | two z draws, the
+  decoder means of two latent draws | truth);
 * at the end, in the sub-run ``hparams/``: the configuration as hparams, with the final test
-  metrics as ``final/<key>`` (the floats of ``metrics.json``'s ``test``).
+  metrics as ``final/<key>`` (the floats of ``metrics.json``'s ``test``, and the active units).
 
 The ``tensorboard`` package is an optional extra, imported only when a run asks for it.
 """
@@ -27,6 +30,7 @@ import torch
 
 from .data import dequantize
 from .evaluation import elbo_terms
+from .latents import kl_per_image
 from .models import SRVAE
 
 #: The folder of the event files, inside the run's output directory.
@@ -140,6 +144,9 @@ class TrainingBoard(NullBoard):
         scale = x[0].numel() * math.log(2)  # nats per image -> bits per dimension of x
         for name, value in elbo_terms(model.model, model.guide, x).items():
             self.writer.add_scalar(f"elbo_terms_bits_per_dim/{term_tag(name)}", value.mean().item() / scale, step)
+        # What the latents carry (pyro_srvae.latents): a KL near 0 bits is a collapsed latent.
+        for name, kl in kl_per_image(model, x).items():
+            self.writer.add_scalar(f"latents/kl_{name}_bits_per_image", kl.mean().item() / math.log(2), step)
 
     def _images(self, model, x, step):
         generated = model.sample(self.num_samples)
@@ -163,6 +170,7 @@ class TrainingBoard(NullBoard):
         values = {key: value for key, value in config.items() if isinstance(value, (bool, int, float, str))}
         values.update({key: value for key, value in test.items() if isinstance(value, str)})  # x_density
         metrics = {f"final/{key}": value for key, value in test.items() if isinstance(value, float)}
+        metrics.update({f"final/{key}": float(value) for key, value in test.items() if key.startswith("active_") and value is not None})
         log_dir = Path(self.writer.get_logdir()) / HPARAMS_RUN
         for old in log_dir.glob("events.out.tfevents.*"):
             old.unlink()
@@ -215,11 +223,12 @@ def _displayable(images):
 
 
 def _super_resolution_grid(model, x, num_samples):
-    """One row per test image: y upsampled (nearest) | SR mean | truth."""
+    """One row per test image: y upsampled (nearest) | SR mean | two z draws (decoder means) | truth."""
     from torchvision.utils import make_grid
 
     y = model.downscale(x)
-    mean = model.super_resolve(y, num_samples=num_samples).mean
+    sr = model.super_resolve(y, num_samples=max(num_samples, 2))
     upsampled = torch.nn.functional.interpolate(y, scale_factor=model.factor, mode="nearest")
-    rows = torch.stack([upsampled, mean, x], dim=1).flatten(0, 1)  # (3B, C, H, W), image by image
-    return make_grid(_displayable(rows), nrow=3, padding=1, pad_value=1.0)
+    columns = [upsampled, sr.mean, sr.means[0], sr.means[1], x]
+    rows = torch.stack(columns, dim=1).flatten(0, 1)  # (5B, C, H, W), image by image
+    return make_grid(_displayable(rows), nrow=len(columns), padding=1, pad_value=1.0)

@@ -55,7 +55,7 @@ from .elbo import ELBO_NAMES, make_elbo
 from .evaluation import bicubic_upsample, bits_per_dim, evaluate_model, fit_baseline_scale, particle_budget
 from .likelihoods import LIKELIHOODS
 from .models import DOWNSCALE_FACTORS, DOWNSCALE_MODES, GUIDES, SRVAE, VAE, X_GIVEN_Y
-from .networks import ARCHS, SR_BASES
+from .networks import ARCHS, SR_BASES, Z_INJECTIONS
 from .priors import PRIORS
 from .tensorboard import LOG_DIR as BOARD_DIR
 from .tensorboard import open_board, tensorboard_missing
@@ -105,13 +105,16 @@ class TrainConfig:
     dataset: str = "fashion-mnist-mini"
     data_dir: Optional[str] = None
     download: bool = False
-    # The defaults are the main job's, sized to finish in 150 s on a 2-core AVX2 CPU; what each
-    # choice costs in bits/dim and PSNR against 10 epochs and K = 32 is in docs/performance.md.
-    epochs: int = 3
+    # The defaults are the main job's: epochs, batch size and learning rate chosen with the layout of z
+    # on a validation split (docs/results.md, "What z carries"); their time and what the shorter
+    # budget costs against 10 epochs and K = 32 are in docs/performance.md.
+    epochs: int = 2
     max_steps: Optional[int] = None
-    batch_size: int = 64
-    lr: float = 2e-3
+    batch_size: int = 32
+    lr: float = 4e-3
     kl_warmup: float = 0.0
+    # Free bits on z (nats per dimension, batch-averaged; 0 = the plain ELBO): elbo.FreeBits_ELBO.
+    free_bits: float = 0.0
     clip_norm: Optional[float] = None
     device: str = "auto"
     seed: int = 0
@@ -135,6 +138,10 @@ class TrainConfig:
     sr_base: str = "bilinear"
     sr_arch: Optional[str] = None  # None: the SR decoder is --arch, like the other networks
     sr_hidden: Optional[int] = None  # None: --hidden
+    # How the srVAE's z is laid out and read (SRVAE z_channels, z_injection); None: the model's own
+    # default, MODEL_DEFAULTS, fixed by validate() so that a checkpoint stores what was trained.
+    z_channels: Optional[int] = None
+    z_injection: Optional[str] = None
     figures: bool = True
     precision: str = "fp32"
     compile: bool = False
@@ -154,8 +161,20 @@ class TrainConfig:
     )  # fmt: skip
     FOLDER_OPTIONS = ("patch_size", "patch_stride", "channels", "cache_dir")
 
+    def resolve_model_defaults(self):
+        """Fill the fields left ``None`` with the model's defaults (:data:`MODEL_DEFAULTS`)."""
+        for name, value in MODEL_DEFAULTS.get(self.model, {}).items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        return self
+
     def validate(self):
         """Raise :class:`ConfigError` with one line for an impossible combination."""
+        if self.model == "vae" and self.z_channels:
+            raise ConfigError("--z-channels lays out the srVAE's z as a low-resolution map; the VAE's z is a vector (--z-dim)")
+        if self.model == "vae" and self.z_injection not in (None, "input"):
+            raise ConfigError("--z-injection shapes the srVAE's SR decoder p(x|y,z[,u]); the VAE has none")
+        self.resolve_model_defaults()
         choices = {
             "model": MODELS,
             "guide": GUIDES,
@@ -170,6 +189,7 @@ class TrainConfig:
             "precision": PRECISIONS,
             "x_given_y": X_GIVEN_Y,
             "sr_base": SR_BASES,
+            "z_injection": Z_INJECTIONS,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -189,6 +209,8 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
         if self.sr_arch is not None and self.sr_arch not in ARCHS:
             raise ConfigError(f"--sr-arch must be one of {', '.join(ARCHS)}")
+        if self.z_channels < 0:
+            raise ConfigError(f"--z-channels must be >= 0, got {self.z_channels}")
         if self.model == "vae" and (self.sr_arch is not None or self.sr_hidden is not None):
             raise ConfigError("--sr-arch and --sr-hidden shape the srVAE's SR decoder p(x|y,z[,u]); the VAE has none")
         for name in ("max_steps", "checkpoint_every", "eval_limit", "train_limit", "sr_hidden"):
@@ -204,6 +226,12 @@ class TrainConfig:
             raise ConfigError(f"--lr must be a positive number, got {self.lr}")
         if self.kl_warmup < 0:
             raise ConfigError(f"--kl-warmup must be >= 0 epochs, got {self.kl_warmup}")
+        if not (self.free_bits >= 0 and math.isfinite(self.free_bits)):
+            raise ConfigError(f"--free-bits must be a number of nats >= 0, got {self.free_bits}")
+        if self.free_bits and self.elbo != "meanfield":
+            raise ConfigError(f"--free-bits is a mean-field objective: it needs --elbo meanfield, not {self.elbo}")
+        if self.free_bits and self.model == "vae" and self.prior != "gaussian":
+            raise ConfigError("--free-bits needs a diagonal Gaussian p(z): the VAE's --prior mog has none")
         if self.clip_norm is not None and not self.clip_norm > 0:
             raise ConfigError(f"--clip-norm must be positive, got {self.clip_norm}")
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -244,11 +272,23 @@ class TrainConfig:
         values = dict(values)
         # srVAE runs stored before x_given_y existed trained the spec's literal joint (eq. 12, 15).
         values.setdefault("x_given_y", "consistent" if values.get("model") == "vae" else "spec")
+        # ... and those stored before z_channels and z_injection existed, a vector z read by the first layer.
+        values.setdefault("z_channels", 0)
+        values.setdefault("z_injection", "input")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(values) - known
         if unknown:
             raise ConfigError(f"unknown configuration keys: {', '.join(sorted(unknown))}")
         return cls(**values)
+
+
+#: Defaults that differ between the models, filled in by :meth:`TrainConfig.validate` where a field
+#: is None. The srVAE's z is a map read by every layer of the SR decoder: the layout a validation
+#: split chose because it makes z carry the super-resolution's ambiguity (docs/results.md, "What z carries").
+MODEL_DEFAULTS = {
+    "srvae": dict(z_channels=1, z_injection="every"),
+    "vae": dict(z_channels=0, z_injection="input"),
+}
 
 
 @dataclass
@@ -262,6 +302,7 @@ class TrainResult:
 
 def build_model(config, image_shape):
     """The VAE or SRVAE a configuration describes, for images of ``image_shape``."""
+    config = dataclasses.replace(config).resolve_model_defaults()
     common = dict(
         prior=config.prior,
         mog_components=config.mog_components,
@@ -288,6 +329,8 @@ def build_model(config, image_shape):
         sr_base=config.sr_base,
         sr_arch=config.sr_arch,
         sr_hidden=config.sr_hidden,
+        z_injection=config.z_injection,
+        z_channels=config.z_channels,
         **common,
     )
     return _weigh_faithful_scales(model, config)
@@ -786,7 +829,8 @@ def _fit(run, train_set, test_set, progress, log):
     # Pixels are uint8 on the device, validated once here; each batch is dequantized
     # on the device, so the per-call checks inside the model can be skipped.
     train_images = DeviceImages(train_set.images, context.device)
-    elbo = make_elbo(config.elbo, num_particles=config.num_particles, vectorize_particles=config.num_particles > 1)
+    elbo = make_elbo(config.elbo, num_particles=config.num_particles, vectorize_particles=config.num_particles > 1,
+                     free_bits=config.free_bits)
     if config.elbo == "meanfield-mog-bound":
         log(MIXTURE_BOUND_WARNING)
     objective = DataParallelElbo(model, elbo, context, config.precision)
@@ -1008,7 +1052,7 @@ def _test_elbo_bpd(model, images, config, context):
     sharded over the ranks of a data-parallel run."""
     result = evaluate_model(
         model, images, elbo_samples=1, iw_samples=1, batch_size=256, seed=config.seed, super_resolution=False,
-        rank=context.rank, world_size=context.world_size,
+        latents=False, rank=context.rank, world_size=context.world_size,
     )  # fmt: skip
     return result["elbo_bpd"]
 
@@ -1020,6 +1064,8 @@ TEST_KEYS = [
     "sr_coverage", "sr_coverage90", "sr_coverage90_expected", "sr_crps", "bicubic_mae",
     "sr_std_rms", "sr_std_latent_rms", "sr_std_noise_rms",
     "sr_bpd", "sr_bpd_dims", "sr_bpd_baseline", "sr_baseline_scale", "num_images", "bits",
+    "kl_z_bits", "kl_u_bits", "active_z", "active_u", "z_dim", "u_dim",
+    "sr_latent_share", "sr_latent_share_detail", "sr_best_of_psnr", "sr_best_of_gain", "sr_draw_psnr",
 ]  # fmt: skip
 
 #: What each ``x_density`` means, printed next to every bits/dim.
@@ -1108,7 +1154,8 @@ def _draw_figures(model, test_images, history, out_dir, config, test_metrics, nu
             sr = model.super_resolve(y, num_samples=config.sr_samples)
             paths.append(
                 plots.plot_super_resolution(
-                    y, bicubic_upsample(y, model.factor), sr.mean, sr.samples, sr.std, x, out_dir / "super_resolution.png"
+                    y, bicubic_upsample(y, model.factor), sr.mean, sr.samples, sr.std, x, out_dir / "super_resolution.png",
+                    sr_means=sr.means,
                 )
             )
             coverage = test_metrics.get("sr_coverage")
@@ -1172,6 +1219,27 @@ def test_metric_rows(test):
             baseline = test.get("sr_bpd_baseline")
             rows.append(("SR -log p(x|y)", f"{test['sr_bpd']:.4f} bits/dim of the {test['sr_bpd_dims']} dims not fixed by y"
                          + (f" (consistent-bicubic Gaussian {baseline:.4f})" if baseline is not None else "")))  # fmt: skip
+    return rows + latent_rows(test)
+
+
+def latent_rows(test):
+    """(label, value) rows of what the latents carry (:mod:`pyro_srvae.latents`); none for older metrics."""
+    sites = [key[3:-5] for key in sorted(test) if key.startswith("kl_") and key.endswith("_bits") and test[key] is not None]
+    sites.sort(key=lambda site: site != "z")  # z first: the latent of the high resolution
+    rows = []
+    if sites:
+        kls = ", ".join(f"{site} {test[f'kl_{site}_bits']:.1f}" for site in sites)
+        active = ", ".join(f"{site} {test[f'active_{site}']}/{test[f'{site}_dim']}" for site in sites)
+        rows += [("KL(q || p)", f"{kls} bits/image"), ("active units", f"{active} (Cov > 0.01)")]
+    if test.get("sr_latent_share") is not None:
+        samples = test["sr_coverage"]["num_samples"]
+        rows += [
+            ("SR latent share", f"{test['sr_latent_share']:.3f} of the predictive variance "
+                                f"({test['sr_latent_share_detail']:.3f} on detail pixels); the rest is the likelihood's noise"),
+            (f"SR best of {samples}", f"{test['sr_best_of_psnr']:.2f} dB ({test['sr_best_of_gain']:+.2f} dB over the mean): "
+                                      f"the closest decoder mean of {samples} latent draws"),
+            ("SR full draws", f"{test['sr_draw_psnr']:.2f} dB PSNR on average (noise included)"),
+        ]  # fmt: skip
     return rows
 
 

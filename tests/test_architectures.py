@@ -229,3 +229,58 @@ def test_latent_scales_are_the_softplus_below_three_and_capped_at_max_scale():
         encoder.head[-1].bias[3:] = 1e4  # the raw scales' biases
     _, encoder_scale = encoder(torch.rand(2, 1, 8, 8))
     assert encoder_scale.max() <= networks.MAX_SCALE and encoder_scale.min() > networks.MAX_SCALE - 1e-3
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("guide", ["simple", "full"])
+def test_a_spatial_z_is_a_low_resolution_map_read_where_it_lies(arch, guide):
+    torch.manual_seed(0)
+    model = SRVAE((1, 16, 16), guide=guide, arch=arch, z_channels=2, u_dim=3, hidden=4)
+    assert model.z_dim == 2 * 8 * 8 and model.z_channels == 2
+    x = torch.rand(2, 1, 16, 16)
+    y, u = model.downscale(x), torch.randn(2, 3)
+    # q(z|x,.) of an image changed in its top-left corner: the coefficients far from it do not move.
+    changed = x.clone()
+    changed[:, :, :2, :2] = 1 - changed[:, :, :2, :2]
+    loc, _ = model.encode_z(x, y, u)
+    loc_changed, _ = model.encode_z(changed, model.downscale(changed), u)
+    far = (loc - loc_changed).view(2, 2, 8, 8)[:, :, 5:, 5:]  # 3 convolutions see 3 pixels away, no further
+    assert torch.equal(far, torch.zeros_like(far)) and not torch.equal(loc, loc_changed)
+    # a z coefficient moves the SR decoder's output near its own pixel only (the small decoder's
+    # four low-resolution convolutions see 4 pixels away; the dense one's stages see further)
+    z = torch.randn(2, model.z_dim)
+    z_changed = z.view(2, 2, 8, 8).clone()
+    z_changed[:, :, 0, 0] += 3.0
+    moved = (model.decode_x(y, z_changed.flatten(1), u) - model.decode_x(y, z, u)).abs()
+    assert moved[..., :2, :2].amax() > 0
+    if arch == "small":
+        assert moved[..., 10:, 10:].amax() == 0  # beyond 2 * (4 + 1) HR pixels: nothing
+
+
+def test_a_spatial_z_takes_leading_particle_dimensions():
+    torch.manual_seed(0)
+    model = SRVAE((3, 12, 12), guide="full", z_channels=1, hidden=4)
+    x = torch.rand(5, 3, 12, 12)
+    y = model.downscale(x)
+    u = torch.randn(7, 5, model.u_dim)
+    loc, scale = model.prior_z(y, u)
+    assert loc.shape == scale.shape == (7, 5, 36)
+    assert torch.allclose(loc[3], model.prior_z(y, u[3])[0], atol=1e-6)
+    q_loc, _ = model.encode_z(x, y, u)
+    assert torch.allclose(q_loc[2], model.encode_z(x, y, u[2])[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_z_injection_every_reaches_the_output_past_the_first_layer(arch):
+    torch.manual_seed(0)
+    y, u = torch.rand(2, 1, 8, 8), torch.randn(2, 3)
+    z1, z2 = torch.randn(2, 5), torch.randn(2, 5)
+    for injection in ("input", "every"):
+        model = SRVAE((1, 16, 16), guide="full", arch=arch, u_dim=3, z_dim=5, hidden=4, z_injection=injection)
+        first = model.decoder_x.net[0] if arch == "small" else model.decoder_x.lr_net[0]
+        with torch.no_grad():
+            first.weight[:, 1:] = 0  # the first layer no longer reads the latent map
+        reads_z = not torch.equal(model.decode_x(y, z1, u), model.decode_x(y, z2, u))
+        assert reads_z == (injection == "every"), injection
+    with pytest.raises(ValueError, match="unknown z_injection 'middle'"):
+        SRVAE((1, 16, 16), z_injection="middle")

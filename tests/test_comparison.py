@@ -54,9 +54,12 @@ def test_the_grid_has_every_cell_with_the_issue_keys(grid):
         # The IW bound and the ELBO come from the same K samples: IW <= ELBO in bits, exactly.
         assert row["iw_bpd"] <= row["elbo_bpd"]
         assert math.isfinite(row["fd"]) and row["fd"] >= 0
+        assert row["kl_z_bits"] > 0 and row["z_dim"] > 0 and 0 <= row["active_z"] <= row["z_dim"]
         if row["model"] == "vae":
             assert row["guide"] is None and row["sr_psnr"] is None and row["bicubic_psnr"] is None
+            assert row["kl_u_bits"] is None and row["sr_latent_share"] is None
         else:
+            assert row["kl_u_bits"] > 0 and 0 < row["sr_latent_share"] < 1
             assert row["guide"] in ("simple", "full")
             assert math.isfinite(row["sr_psnr"]) and math.isfinite(row["bicubic_psnr"])
             assert 0 < row["sr_ssim"] <= 1
@@ -79,6 +82,11 @@ def test_results_md_has_the_table_the_targets_and_the_figure(grid):
     assert f"fd floor (training images against the test images, what a perfect sampler scores): {floor:.3f}" in text
     assert (out / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"{rows[0]['iw_bpd']:.4f}" in text
+    carried = text.split("## What the latents carry")[1].split("##")[0]
+    for row in rows:  # one line per cell: its KL of z, and for the srVAE its latent share
+        line = next(line for line in carried.splitlines() if line.startswith(f"| {comparison._label(row)} | {row['prior']} |"))
+        assert f"| {row['kl_z_bits']:.1f} |" in line and f"{row['active_z']}/{row['z_dim']}" in line
+        assert (row["sr_latent_share"] is None) == ("| — | — |" in line)
 
 
 def test_a_finished_comparison_is_not_run_again(grid, monkeypatch):

@@ -103,7 +103,11 @@ def test_compiled_networks_compute_the_same_loss_under_the_same_names(x):
 
 def test_networks_are_the_encoders_and_decoders():
     model = _model("srvae", "full")
-    assert {type(n).__name__ for n in model.networks()} == {"GaussianEncoder", "ImageDecoder", "SuperResolutionDecoder"}
+    # q(u|y) is a vector's encoder; q(z|x,y,u) and p(z|y,u) are the z map's (the srVAE's default)
+    assert [type(n).__name__ for n in (model.encoder_u, model.encoder_z, model.prior_z)] == [
+        "GaussianEncoder", "SpatialGaussianEncoder", "SpatialGaussianEncoder"]
+    assert {type(n).__name__ for n in model.networks()} == {
+        "GaussianEncoder", "SpatialGaussianEncoder", "ImageDecoder", "SuperResolutionDecoder"}
     assert len(model.networks()) == 5  # q(u|y), q(z|x,y,u), p(y|u), p(z|y,u), p(x|y,z,u)
 
 

@@ -418,6 +418,31 @@ def test_super_resolution_columns(tmp_path, figs):
     _read_png(tmp_path / "sr.png", min_w=600, min_h=250)
 
 
+def test_super_resolution_shows_the_z_draws_beside_the_full_draws(tmp_path, figs):
+    lr, bic, mean, samples, std, hr = _sr_inputs(1, 28, 28, n=2, s=5)
+    means = torch.stack([hr * 0.5, hr * 0.6, hr * 0.7, hr * 0.8, hr * 0.9])  # what z proposes, told apart
+    plots.plot_super_resolution(lr, bic, mean, samples, std, hr, tmp_path / "sr.png", sr_means=means)
+    fig = figs[0]
+    headers = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert headers == ["LR input (14x14)", "bicubic", "SR mean", "z draw 1", "z draw 2", "z draw 3",
+                       "SR sample 1", "SR sample 2", "SR sample 3", "per-pixel std", "HR truth (28x28)"]
+    shown = {ax.get_title(): np.asarray(ax.get_images()[0].get_array()) for ax in fig.axes[:11]}
+    np.testing.assert_allclose(shown["z draw 2"], (hr[0, 0] * 0.6).numpy(), atol=1e-6)
+    np.testing.assert_allclose(shown["SR sample 2"], samples[1, 0, 0].numpy(), atol=1e-6)
+    with pytest.raises(ValueError, match="`sr_means` must have the same per-draw shape"):
+        plots.plot_super_resolution(lr, bic, mean, samples, std, hr, tmp_path / "bad.png", sr_means=means[:, :, :, :27])
+
+
+def test_the_sample_strip_puts_the_z_draws_above_the_samples(tmp_path, figs):
+    samples = _images(3, 1, 28, 28)
+    means = samples * 0.5
+    plots.plot_sample_strip(samples, tmp_path / "strip.png", means=means)
+    axes = [ax for ax in figs[0].axes if ax.get_images()]
+    assert [ax.get_title() for ax in axes] == ["z draw 1", "z draw 2", "z draw 3", "sample 1", "sample 2", "sample 3"]
+    np.testing.assert_allclose(np.asarray(axes[1].get_images()[0].get_array()), means[1, 0].numpy(), atol=1e-6)
+    _read_png(tmp_path / "strip.png")
+
+
 def test_super_resolution_optional_columns(tmp_path, figs):
     lr, bic, mean, samples, std, hr = _sr_inputs(1, 28, 28, n=2)
     plots.plot_super_resolution(lr, None, mean, None, None, None, tmp_path / "sr.png")

@@ -79,10 +79,13 @@ def test_a_run_logs_the_loss_epochs_images_and_hparams_without_changing_training
     for tag in ("images/samples", "images/samples_y", "images/super_resolution"):
         assert steps(events, tag, "images") == [12, 24], tag
     grid = events.Images("images/super_resolution")[-1]
-    assert (grid.width, grid.height) == (3 * 29 + 1, 4 * 29 + 1)  # y up | SR mean | truth, 4 test images
+    assert (grid.width, grid.height) == (5 * 29 + 1, 4 * 29 + 1)  # y up | SR mean | 2 z draws | truth, 4 images
+    for name in ("u", "z"):  # what the latents carry, each epoch
+        assert steps(events, f"latents/kl_{name}_bits_per_image") == [12, 24], name
+        assert events.Scalars(f"latents/kl_{name}_bits_per_image")[-1].value > 0, name
 
     session = read_events_dir(tmp_path / "board" / "tensorboard" / "hparams")
-    for key in ("elbo_bpd", "iw_bpd", "sr_psnr", "sr_crps"):
+    for key in ("elbo_bpd", "iw_bpd", "sr_psnr", "sr_crps", "kl_z_bits", "active_z", "sr_latent_share", "sr_best_of_gain"):
         [final] = session.Scalars(f"final/{key}")
         assert final.step == 24 and final.value == pytest.approx(metrics["test"][key], rel=1e-5), key
     hparams = session_hparams(session)

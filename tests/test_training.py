@@ -265,7 +265,9 @@ def test_the_sr_base_is_the_run_s_and_the_checkpoint_s(tmp_path):
 
 def test_the_sr_decoder_s_own_arch_and_width_are_the_run_s_and_the_checkpoint_s(tmp_path):
     """--sr-arch densenet --sr-hidden 6 builds only the SR decoder so; superresolve rebuilds it."""
-    from pyro_srvae.networks import ConvFeatures, DenseFeatures, DenseSuperResolutionDecoder, ImageDecoder
+    from pyro_srvae.networks import (
+        ConvFeatures, DenseFeatures, DenseSuperResolutionDecoder, ImageDecoder, SpatialGaussianEncoder,
+    )
     from pyro_srvae.superresolve import load_model
 
     flags = ["--guide", "full", "--sr-arch", "densenet", "--sr-hidden", "6", "--max-steps", "2"]
@@ -276,9 +278,10 @@ def test_the_sr_decoder_s_own_arch_and_width_are_the_run_s_and_the_checkpoint_s(
     assert type(model.decoder_x) is DenseSuperResolutionDecoder
     assert model.decoder_x.lr_net[0].out_channels == 2 * 6  # the SR decoder's own width
     assert type(model.decoder_y) is ImageDecoder
-    for encoder in (model.encoder_u, model.encoder_z, model.prior_z):
-        assert type(encoder.features) is ConvFeatures and not isinstance(encoder.features, DenseFeatures)
-        assert encoder.features.net[0].out_channels == 4  # --hidden
+    assert type(model.encoder_u.features) is ConvFeatures and not isinstance(model.encoder_u.features, DenseFeatures)
+    assert model.encoder_u.features.net[0].out_channels == 4  # --hidden
+    for encoder in (model.encoder_z, model.prior_z):  # z a map (the default): convolutions of width 2 --hidden
+        assert type(encoder) is SpatialGaussianEncoder and encoder.net[0].out_channels == 2 * 4
 
 
 def test_super_resolution_beats_bicubic_after_one_epoch_on_the_default_data(tmp_path):
