@@ -408,7 +408,8 @@ class SRVAE(_ImageModel):
             the photographs' configuration (``benchmarks/photo_sr.py``, docs/results.md).
         z_channels: 0 (default): z is a vector of ``z_dim``; C > 0: z is a map of C channels at the
             low resolution (``z_dim = C * H/f * W/f``), with convolutional p(z|y,u) and q(z|.)
-            (:class:`~pyro_srvae.networks.SpatialGaussianEncoder`), as the srVAE paper's latents.
+            (:class:`~pyro_srvae.networks.SpatialGaussianEncoder`, plain convolutions for either
+            ``arch``), as the srVAE paper's latents.
         z_injection: where the SR decoder reads z (and u): its first layer (``"input"``) or every
             layer (``"every"``, :data:`~pyro_srvae.networks.Z_INJECTIONS`), a lever against the
             posterior collapse of z (docs/results.md, "What z carries").

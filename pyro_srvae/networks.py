@@ -331,7 +331,10 @@ class SuperResolutionDecoder(nn.Module):
         maps = []
         if self.z_channels:
             maps.append(z.view(z.shape[:-1] + (self.z_channels,) + self.lr_hw))
-        vector = (u if self.z_channels else z if u is None else _concat_vectors(z, u))
+        if self.z_channels:
+            vector = u
+        else:
+            vector = z if u is None else _concat_vectors(z, u)
         if self.project is not None and vector is not None:
             projected = self.project(vector)
             maps.append(projected.view(projected.shape[:-1] + (self.projected_channels,) + self.lr_hw))
