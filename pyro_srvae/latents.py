@@ -21,6 +21,7 @@ Sums per batch (:func:`latent_sums`) and the totals' metrics (:func:`latent_metr
 are apart so that a sharded evaluation can all-reduce the sums.
 """
 
+import contextlib
 import math
 from typing import Dict
 
@@ -52,14 +53,20 @@ class _AtPosteriorMeans(Messenger):
             msg["done"] = True
 
 
+def _traces(model, x, at_means=False):
+    """The guide traced (at its posterior means with ``at_means``), the model replayed on it."""
+    with _AtPosteriorMeans() if at_means else contextlib.nullcontext():
+        guide_trace = poutine.trace(model.guide).get_trace(x)
+    return guide_trace, poutine.trace(poutine.replay(model.model, trace=guide_trace)).get_trace(x)
+
+
 def kl_per_image(model, x) -> Dict[str, torch.Tensor]:
     """``{site: KL(q || p) per image}`` (nats, shape ``(B,)``) of each latent site of ``model``.
 
     One draw of the guide, the model replayed on it: the KL of z is at the drawn u, so its
     average over images estimates E_{q(u|y)} KL(q(z|.) || p(z|y,u)) without bias.
     """
-    guide_trace = poutine.trace(model.guide).get_trace(x)
-    model_trace = poutine.trace(poutine.replay(model.model, trace=guide_trace)).get_trace(x)
+    guide_trace, model_trace = _traces(model, x)
     result = {}
     for name, guide_site in _latent_sites(guide_trace).items():
         q, p = guide_site["fn"], model_trace.nodes[name]["fn"]
@@ -85,9 +92,7 @@ def posterior_means(model, x) -> Dict[str, torch.Tensor]:
     so that a z whose posterior only follows its prior (nothing learnt from x) counts as
     inactive however much its mean moves with y. Other priors (a mixture) keep the raw mean.
     """
-    with _AtPosteriorMeans():
-        guide_trace = poutine.trace(model.guide).get_trace(x)
-    model_trace = poutine.trace(poutine.replay(model.model, trace=guide_trace)).get_trace(x)
+    guide_trace, model_trace = _traces(model, x, at_means=True)
     result = {}
     for name, site in _latent_sites(guide_trace).items():
         mean, prior = site["value"], model_trace.nodes[name]["fn"]

@@ -975,21 +975,31 @@ def _replay_to_board(run, test_images):
 
 def _evaluate(run, train_set, test_set, progress, log):
     """The final test metrics, sharded over the ranks."""
-    config, model, context = run.config, run.model, run.context
+    config, context = run.config, run.context
     log(f"training done: {run.step} steps; evaluating on {len(test_set)} test images")
-    baseline_scale = fit_baseline_scale(train_set.images, config.factor, config.seed) if isinstance(model, SRVAE) else None
+    return evaluate_images(
+        run.model, config, train_set.images, test_set.images, context.device,
+        progress=progress, rank=context.rank, world_size=context.world_size,
+    )  # fmt: skip
+
+
+def evaluate_images(model, config, train_images, images, device, progress=False, rank=0, world_size=1):
+    """The end-of-training evaluation of ``model`` on the uint8 ``images``, with the run's settings:
+    K = ``eval_samples``, ``sr_samples`` draws, the run's seed, and for the srVAE the
+    consistent-bicubic baseline of -log p(x|y) fitted on ``train_images``."""
+    baseline_scale = fit_baseline_scale(train_images, config.factor, config.seed) if isinstance(model, SRVAE) else None
     return evaluate_model(
         model,
-        test_set.images,
+        images,
         elbo_samples=config.eval_samples,
         iw_samples=config.eval_samples,
         sr_samples=config.sr_samples,
-        batch_size=max(1, 2 * particle_budget(context.device) // config.eval_samples),
-        device=context.device,
+        batch_size=max(1, 2 * particle_budget(device) // config.eval_samples),
+        device=device,
         seed=config.seed,
         progress=progress,
-        rank=context.rank,
-        world_size=context.world_size,
+        rank=rank,
+        world_size=world_size,
         baseline_scale=baseline_scale,
     )
 

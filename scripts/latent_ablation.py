@@ -18,11 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from pyro_srvae.cli import build_train_parser, config_from_args
-from pyro_srvae.evaluation import evaluate_model, fit_baseline_scale, particle_budget
-from pyro_srvae.training import load_split, train
+from pyro_srvae.training import evaluate_images, load_split, train
 
 VALIDATION = 1000
 KEYS = (
@@ -41,24 +38,18 @@ def main(argv=None):
     flags = [f for f in args.flags if f != "--"]
     for seed in args.seeds:
         with tempfile.TemporaryDirectory() as out:
-            parser = build_train_parser()
-            train_args = parser.parse_args(
+            train_parser = build_train_parser()
+            train_args = train_parser.parse_args(
                 ["--guide", "full", "--seed", str(seed), "--out", out, "--no-figures", "--eval-limit", "64", *flags]
             )
-            config = config_from_args(parser, train_args)
+            config = config_from_args(train_parser, train_args)
             full = load_split(config, "train")
             config.train_limit = len(full) - VALIDATION
             started = time.time()
-            result = train(config, progress=False, log=lambda *a, **k: None)
+            # train() also scores the first 64 test images (--eval-limit 64); nothing here reads them.
+            model = train(config, progress=False, log=lambda *a, **k: None).model
             seconds = time.time() - started
-            model = result.model
-            validation = full.images[-VALIDATION:]
-            scale = fit_baseline_scale(full.images[:-VALIDATION], config.factor, config.seed)
-            metrics = evaluate_model(
-                model, validation, elbo_samples=config.eval_samples, iw_samples=config.eval_samples,
-                sr_samples=config.sr_samples, batch_size=max(1, 2 * particle_budget("cpu") // config.eval_samples),
-                seed=config.seed, baseline_scale=scale,
-            )  # fmt: skip
+            metrics = evaluate_images(model, config, full.images[:-VALIDATION], full.images[-VALIDATION:], "cpu")
         row = {"name": args.name, "flags": flags, "seed": seed, "train_seconds": round(seconds, 1)}
         row.update({key: metrics.get(key) for key in KEYS})
         row["coverage90_detail"] = metrics["sr_coverage"]["detail"]["0.9"]
