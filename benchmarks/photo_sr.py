@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from pyro_srvae.calibration import CALIBRATION_PIXELS, calibrate_checkpoint, model_spread
+from pyro_srvae.checkpoint import derive_seed
 from pyro_srvae.evaluation import bicubic_upsample, detail_mask, edge_mask, interval_coverages, make_consistent, psnr
 from pyro_srvae.images import match_channels, read_image
 from pyro_srvae.likelihoods import LIKELIHOODS, block_mean, nearest_upsample
@@ -80,6 +81,13 @@ def calibration_paths(skimage_folder):
     if missing:
         sys.exit(f"photo_sr: the calibration photographs are missing: {', '.join(missing)}")
     return paths
+
+
+def stage_seeds(seed):
+    """(calibration seed, scoring seed), derived apart from ``--seed`` (which trains the model):
+    the draws the spread is fitted to and the draws it is judged by must be independent, and
+    one seed would give both stages the same noise."""
+    return derive_seed(seed, "photo_sr", "calibrate"), derive_seed(seed, "photo_sr", "score")
 
 
 def calibrate(run, paths, pixels, num_samples, seed):
@@ -181,10 +189,15 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument(
-        "--clip-norm", type=float, default=1e5,
-        help="global gradient-norm clipping: photographs' flat and saturated patches give rare huge gradients "
-        "(median norm ~4e4, 99th percentile ~3e5 at the start); unclipped, one such step wrecked a run",
+        "--clip-norm", type=float, default=None,
+        help="global gradient-norm clipping, off by default: photographs' flat and saturated patches give rare "
+        "huge gradients (median norm ~4e4, 99th percentile ~3e5 at the start), and unclipped one such step once "
+        "wrecked a run; the runs of docs/results.md clipped at a hand-picked 1e5. Training's update guard now skips "
+        "such a step instead (train --skip-factor, docs/training-faults.md), with no norm to pick per dataset",
     )
+    parser.add_argument("--standardize", choices=("auto", "on", "off"), default="off",
+                        help="train --standardize: off, as the runs of docs/results.md trained (8-bit photographs "
+                        "fill [0, 1]); auto standardizes a folder per band, not yet measured on photographs")
     parser.add_argument("--z-channels", type=int, default=0,
                         help="train --z-channels: 0 (a vector z, the layout the runs of docs/results.md used) or a map")
     parser.add_argument("--z-injection", choices=Z_INJECTIONS, default="input", help="train --z-injection")
@@ -208,18 +221,19 @@ def main(argv=None):
             sr_base=args.sr_base, likelihood=args.likelihood,
             faithful_scale_weight=args.faithful_scale_weight if args.likelihood == "gaussian-pixel-faithful" else 1.0, batch_size=args.batch_size, lr=args.lr, clip_norm=args.clip_norm, kl_warmup=args.kl_warmup,
             seed=args.seed, out=str(run), figures=False, eval_limit=1024,
-            z_channels=args.z_channels, z_injection=args.z_injection,
+            z_channels=args.z_channels, z_injection=args.z_injection, standardize=args.standardize,
         )  # fmt: skip
         train(config, progress=True)
     train_seconds = time.perf_counter() - started
     calibration = None
+    calibration_seed, scoring_seed = stage_seeds(args.seed)
     if args.calibrate_on != "none":
-        calibration = calibrate(run, calibration_paths(photo_folder()), args.calibrate_on, args.sr_samples, args.seed)
+        calibration = calibrate(run, calibration_paths(photo_folder()), args.calibrate_on, args.sr_samples, calibration_seed)
         print(f"spread {calibration.describe()}")
     model = load_model(run / "checkpoint.pt", device="cpu")
     if calibration is None:
         model.spread_scale = None
-    rows = [score(model, folder / "test" / name, args.sr_samples, args.seed) for name in HELD_OUT_PHOTOS]
+    rows = [score(model, folder / "test" / name, args.sr_samples, scoring_seed) for name in HELD_OUT_PHOTOS]
     print(f"{args.sr_samples} SR draws per photograph from {default_views(model)} flipped and turned views (superresolve --views)")
 
     print(f"{'':<12} {'':>9} {'':>8} {'':>8} {'':>8} {'':>6} {'90% coverage, as drawn':>23} {'model own':>10}")
@@ -252,6 +266,8 @@ def main(argv=None):
         **{key: float(np.mean([row[key] for row in rows])) for key in ("latent_share", "latent_share_detail", "best_of_gain")},
         "beats_consistent_bicubic_on_every_photo": all(r["sr_psnr"] > r["consistent_bicubic_psnr"] for r in rows),
         "sr_samples": args.sr_samples,
+        "calibration_seed": calibration_seed,
+        "scoring_seed": scoring_seed,
         "views": default_views(model),
         "spread_calibration": None if calibration is None else calibration.to_dict(),
         "train_seconds": None if args.skip_training else train_seconds,

@@ -9,9 +9,9 @@ from .models import SRVAE, VAE, X_GIVEN_Y, SRSample, SuperResolution, check_imag
 from .priors import MixtureOfGaussiansPrior, StandardNormalPrior
 from .evaluation import bits_per_dim, evaluate_model, iw_log_likelihood
 from .latents import kl_per_image, posterior_means
-from .training import ConfigError, TrainConfig, TrainResult, build_model, train
+from .training import ConfigError, TrainConfig, TrainResult, UpdateGuard, build_model, train
 from .superresolve import SuperResolvedImage, SuperResolveError, load_model, superresolve, superresolve_image
-from .calibration import SpreadCalibration, calibrate_checkpoint, fit_spread_scale
+from .calibration import IntervalCalibration, SpreadCalibration, calibrate_checkpoint, fit_interval_scale, fit_spread_scale
 
 evaluate = evaluate_model
 
@@ -29,13 +29,16 @@ __all__ = [
     "kl_per_image",
     "posterior_means",
     "train",
+    "UpdateGuard",
     "SuperResolveError",
     "SuperResolvedImage",
     "load_model",
     "superresolve",
     "superresolve_image",
+    "IntervalCalibration",
     "SpreadCalibration",
     "calibrate_checkpoint",
+    "fit_interval_scale",
     "fit_spread_scale",
     "ELBO_NAMES",
     "FreeBits_ELBO",

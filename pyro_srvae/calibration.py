@@ -1,4 +1,13 @@
-"""Calibrating the spread of the SR predictive on held-out images (beyond the spec).
+"""Calibrating the SR predictive on calibration images (beyond the spec): two methods.
+
+* ``method="spread"`` (the default, :func:`fit_spread_scale`): sigma scaling, below.
+* ``method="rcps"`` (:func:`fit_interval_scale`): a distribution-free interval with a
+  guarantee, risk-controlling prediction sets; see "Risk-controlling intervals" below.
+
+docs/calibration.md describes both for users.
+
+Sigma scaling
+-------------
 
 A model fitted to its training images is, on new images, usually more wrong than its own
 likelihood says: its intervals cover too little (docs/results.md, the photograph runs). The
@@ -26,45 +35,110 @@ plain sigma scaling; ``"edges"`` (:func:`~pyro_srvae.evaluation.edge_mask`) is c
 
 The densities (ELBO, bits/dim) stay those of the trained model (t = 1): the factor is a
 property of the predictive that :func:`pyro_srvae.superresolve` draws from, recorded in the
-checkpoint (``spread_calibration``) and reported wherever it is used.
+checkpoint (``spread_calibration``) and reported wherever it is used. Its in-sample
+coverage (``coverage_after``: the draws ``t`` was fitted to) equals the target by
+construction; ``coverage_fresh`` is that of new draws (another seed) on the same
+calibration images: a check of the fit, not a test set.
+
+Risk-controlling intervals (RCPS)
+---------------------------------
+Bates, Angelopoulos, Lei, Malik, Jordan, "Distribution-free, risk-controlling prediction
+sets", JACM 2021 (arXiv:2101.02703), applied to image-to-image regression as in
+Angelopoulos et al., "Image-to-image regression with distribution-free uncertainty
+quantification and applications in imaging", ICML 2022 (code: github.com/aangelopoulos/im2im-uq,
+``core/calibration/bounds.py`` and ``calibrate_model.py``). The intervals are nested in one
+parameter lambda, built from the draws' mean ``m`` and total spread ``s`` (the std that
+superresolve writes):
+
+    T_lambda(y) = [m - lambda s, m + lambda s]    (im2im-uq: [m - lambda lo, m + lambda hi]).
+
+The loss of an image is the fraction of its chosen pixels (``pixels``, as above; an image
+without any counts 0) outside ``T_lambda``: in [0, 1] and non-increasing in lambda. Over
+``LAMBDA_GRID`` (fixed before any data is seen, from the widest down), lambda_hat is the
+smallest lambda such that at every lambda' >= lambda the Hoeffding-Bentkus test rejects
+"risk(lambda') > alpha" at level delta (:func:`hoeffding_bentkus_p_value`; equivalently its
+upper confidence bound is below alpha: Bates et al.'s UCB calibration, Sec. 3, with their
+Hoeffding-Bentkus bound; the scan is im2im-uq's). Then, if the n calibration images and a
+new image are i.i.d. (pairs (x, y) drawn independently from one distribution: Hoeffding's and
+Bentkus's bounds need independence, which is more than exchangeability), with probability at
+least 1 - delta over the calibration images, the expected fraction of the new image's chosen
+pixels outside ``T_lambda_hat`` is at most alpha. Each calibration image
+is drawn with its own seed (:func:`~pyro_srvae.checkpoint.derive_seed`), so the draws
+are independent of each other as the test image's are of theirs; the guarantee is for the
+predictive drawn with the same number of draws, views, tile overlap and spread
+(:func:`interval_mismatch`), which ``superresolve`` checks before it writes the interval.
 """
 
 from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence
 
 import torch
 
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, derive_seed, load_checkpoint, save_checkpoint
+from .evaluation import detail_mask, edge_mask, expected_interval_coverage, model_device, order_statistic_ranks
+from .folder import find_images
+from .images import ImageError
 
 __all__ = [
+    "CALIBRATION_METHODS",
     "CALIBRATION_PIXELS",
     "CalibrationError",
+    "IntervalCalibration",
+    "PIXEL_WORDS",
     "SpreadCalibration",
+    "batch_interval_losses",
     "calibrate_checkpoint",
+    "choose_lambda",
+    "fit_interval_scale",
     "fit_spread_scale",
+    "hoeffding_bentkus_p_value",
+    "hoeffding_bentkus_upper_bound",
+    "interval_losses",
+    "interval_mismatch",
+    "minimum_images",
     "model_spread",
     "read_calibration_images",
 ]
 
+#: ``spread``: sigma scaling (the default: it works from a few images); ``rcps``: an
+#: interval with a distribution-free guarantee (needs more images: :func:`minimum_images`).
+CALIBRATION_METHODS = ("spread", "rcps")
 #: The pixel sets a spread can be calibrated on (see the module docstring).
 CALIBRATION_PIXELS = ("detail", "all", "edges")
+#: How the printed lines name each pixel set.
+PIXEL_WORDS = {"detail": "detail pixels", "all": "pixels", "edges": "edge pixels"}
 DEFAULT_LEVEL = 0.9
 DEFAULT_SAMPLES = 16
+DEFAULT_ALPHA = 0.1
+DEFAULT_DELTA = 0.1
 #: At most this many calibration pixels (per channel) are kept, drawn at random: the fit
 #: sorts S draws at each of ~40 bisection steps.
 MAX_PIXELS = 2**21
 #: The bisection's range of t and its number of halvings (the bracket ends 2^-12 wide in log t).
 LOG_SCALE_RANGE = (math.log(1 / 256), math.log(256))
 BISECTION_STEPS = 40
+#: The lambdas RCPS scans, in units of the predictive std: 0, then 10^-2 to 10^2, 0.77%
+#: apart. Fixed before any data is seen, as the fixed-sequence argument behind the
+#: guarantee needs (a grid placed by the calibration data would void it).
+LAMBDA_GRID = torch.cat([torch.zeros(1, dtype=torch.float64), torch.logspace(-2, 2, 1201, dtype=torch.float64)])
 
 
 class CalibrationError(ValueError):
     """Calibration images or a model that cannot be calibrated (one line)."""
+
+
+def _read_record(cls, values, name, numbers):
+    """``cls(**values)`` and ``numbers`` of it, or one :class:`CheckpointError` line for a record that is not one."""
+    try:
+        record = cls(**values)
+        return record, numbers(record)
+    except (TypeError, ValueError):
+        raise CheckpointError(f"unusable {name} record: {values!r}") from None
 
 
 @dataclass
@@ -77,21 +151,21 @@ class SpreadCalibration:
     num_samples: int
     target_coverage: float  # what an exchangeable predictive covers: the fit's aim
     coverage_before: List[float]  # the calibration pixels' coverage at t = 1, per channel
-    coverage_after: List[float]
+    coverage_after: List[float]  # in-sample: the draws t was fitted to (= the target by construction)
     num_pixels: int  # calibration pixels per channel used in the fit
     images: List[str]
     views: int = 1  # the dihedral views the predictive mixed (superresolve_image's views)
+    # New draws (seed fresh_seed) times t on the same calibration images: a check of the fit, not
+    # a test set. None in records written before it existed.
+    coverage_fresh: Optional[List[float]] = None
+    fresh_seed: Optional[int] = None
 
     def to_dict(self):
         return asdict(self)
 
     @classmethod
     def from_dict(cls, values):
-        try:
-            calibration = cls(**values)
-            scale = [float(t) for t in calibration.scale]
-        except (TypeError, ValueError):
-            raise CheckpointError(f"unusable spread_calibration record: {values!r}") from None
+        calibration, scale = _read_record(cls, values, "spread_calibration", lambda c: [float(t) for t in c.scale])
         if not scale or not all(math.isfinite(t) and t > 0 for t in scale):
             raise CheckpointError(f"spread_calibration holds a non-positive or non-finite factor: {scale}")
         calibration.scale = scale
@@ -101,10 +175,81 @@ class SpreadCalibration:
         """One line: the factor(s) and what they were fitted on."""
         factors = ", ".join(f"{t:.3g}" for t in self.scale)
         return (
-            f"calibrated: likelihood noise x{factors}, fitted on {len(self.images)} held-out image(s) so that "
+            f"calibrated: likelihood noise x{factors}, fitted on {len(self.images)} calibration image(s) so that "
             f"{self.level:.0%} intervals of {self.num_samples} draws ({self.views} view{'s' if self.views > 1 else ''}) "
             f"cover {self.target_coverage:.3f} of their "
-            f"{self.pixels} pixels (before: {', '.join(f'{c:.3f}' for c in self.coverage_before)})"
+            f"{PIXEL_WORDS.get(self.pixels, self.pixels)} (before: {', '.join(f'{c:.3f}' for c in self.coverage_before)})"
+        )
+
+    def coverage_lines(self):
+        """What the fit covers, each number named for the draws it comes from."""
+        lines = [
+            f"in-sample coverage (the draws the factor was fitted to; the target by construction): "
+            f"{', '.join(f'{c:.3f}' for c in self.coverage_after)} of {self.num_pixels} pixels per channel"
+        ]
+        if self.coverage_fresh is not None:
+            lines.append(
+                f"fresh draws (seed {self.fresh_seed}) on the same calibration images, not a test set: "
+                f"coverage {', '.join(f'{c:.3f}' for c in self.coverage_fresh)}"
+            )
+        return lines
+
+
+@dataclass
+class IntervalCalibration:
+    """An RCPS interval ``mean +- lambda_hat * std`` and its guarantee; stored in a checkpoint as a dict."""
+    alpha: float
+    delta: float
+    num_images: int  # n, the calibration images
+    pixels: str
+    lambda_hat: float
+    risk: float  # the empirical risk at lambda_hat: mean over the calibration images (in-sample)
+    risk_bound: float  # its Hoeffding-Bentkus upper confidence bound at level 1 - delta (< alpha)
+    num_samples: int
+    views: int
+    spread_scale: Optional[List[float]]  # the draws' likelihood-noise factors (None: the model's own)
+    images: List[str]
+    empty_images: int = 0  # calibration images without any chosen pixel (loss 0)
+    method: str = "rcps"
+    interval: str = "mean - lambda_hat * std, mean + lambda_hat * std (std: the draws' total predictive std)"
+    guarantee: str = field(default="")
+
+    def __post_init__(self):
+        if not self.guarantee:
+            self.guarantee = self.statement()
+
+    def statement(self):
+        """The guarantee, in one line."""
+        return (
+            f"with probability at least {1 - self.delta:.4g} over the {self.num_images} calibration images, the "
+            f"expected fraction of a new image's {PIXEL_WORDS[self.pixels]} outside mean +- {self.lambda_hat:.4g} std is "
+            f"at most {self.alpha:.4g}, if the calibration images and the new one are drawn independently from "
+            f"one distribution, and for {self.num_samples} draws, {self.views} view(s)"
+        )
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values):
+        calibration, (alpha, delta, lambda_hat) = _read_record(
+            cls, values, "interval_calibration", lambda c: [float(c.alpha), float(c.delta), float(c.lambda_hat)]
+        )
+        known = calibration.method == "rcps" and calibration.pixels in PIXEL_WORDS
+        if not (known and 0 < alpha < 1 and 0 < delta < 1):
+            raise CheckpointError(
+                f"interval_calibration: not an RCPS record of a known pixel set with alpha and delta in (0, 1): {values!r}"
+            )
+        if not (math.isfinite(lambda_hat) and lambda_hat >= 0):
+            raise CheckpointError(f"interval_calibration holds a negative or non-finite lambda_hat: {lambda_hat}")
+        return calibration
+
+    def describe(self):
+        """One line: the interval and what it was fitted on."""
+        return (
+            f"RCPS interval: mean +- {self.lambda_hat:.4g} x std of {self.num_samples} draws "
+            f"({self.views} view{'s' if self.views > 1 else ''}), alpha {self.alpha:g}, delta {self.delta:g}, "
+            f"fitted on the {PIXEL_WORDS[self.pixels]} of n = {self.num_images} calibration images"
         )
 
 
@@ -120,8 +265,6 @@ def model_spread(model):
 
 
 def _pixel_mask(pixels, x, y, factor):
-    from .evaluation import detail_mask, edge_mask
-
     if pixels == "all":
         return torch.ones_like(x, dtype=torch.bool)
     if pixels == "detail":
@@ -146,6 +289,55 @@ def _bisect(means, noise, target, goal, lo, hi):
     return math.exp((low + high) / 2)
 
 
+def _check_options(pixels, num_samples):
+    if pixels not in CALIBRATION_PIXELS:
+        raise CalibrationError(f"pixels must be one of {', '.join(CALIBRATION_PIXELS)}, got {pixels!r}")
+    if int(num_samples) != num_samples or num_samples < 2:
+        raise CalibrationError(f"num_samples must be an integer of at least 2, got {num_samples!r}")
+
+
+def _named_images(images, names):
+    images = list(images)
+    names = [f"image {i}" for i in range(len(images))] if names is None else [str(n) for n in names]
+    if not images:
+        raise CalibrationError("no calibration images given")
+    return images, names
+
+
+def _draws(model, name, x, num_samples, seed, views):
+    """``(x, y, SuperResolution)``: the image checked, downscaled as in training and super-resolved whole."""
+    from .superresolve import superresolve_image
+
+    channels, factor = model.lr_shape[0], model.factor
+    x = torch.as_tensor(x, dtype=torch.float32)
+    if x.dim() != 3 or x.shape[0] != channels or x.shape[1] % factor or x.shape[2] % factor:
+        raise CalibrationError(
+            f"{name}: expected a ({channels}, H, W) image with H and W multiples of {factor}, got {tuple(x.shape)}"
+        )
+    y = model.downscale(x[None].to(model_device(model)))[0].cpu()
+    return x, y, superresolve_image(model, y, num_samples, seed=seed, views=views)
+
+
+def _kept_pixels(model, images, names, pixels, num_samples, seed, views, per_image):
+    """Per channel ``(means, noise, target)`` of at most ``per_image`` chosen pixels of each image."""
+    channels = model.lr_shape[0]
+    generator = torch.Generator().manual_seed(seed)
+    kept = [[] for _ in range(channels)]
+    for index, (name, x) in enumerate(zip(names, images)):
+        # Each image its own draws, as new images get: one seed for all would give images of one size
+        # the same noise, and the fit would see one image's worth of independent intervals.
+        x, y, sr = _draws(model, name, x, num_samples, derive_seed(seed, "spread", index), views)
+        mask = _pixel_mask(pixels, x, y, model.factor)
+        for c in range(channels):
+            where = mask[c].flatten().nonzero().squeeze(1)
+            if where.numel() > per_image:
+                where = where[torch.randperm(where.numel(), generator=generator)[:per_image]]
+            means = sr.means[:, c].flatten(1)[:, where]
+            noise = sr.samples[:, c].flatten(1)[:, where] - means
+            kept[c].append((means, noise, x[c].flatten()[where]))
+    return [tuple(torch.cat(parts, dim=-1) for parts in zip(*channel)) for channel in kept]
+
+
 @torch.no_grad()
 def fit_spread_scale(
     model,
@@ -159,82 +351,271 @@ def fit_spread_scale(
     max_pixels: int = MAX_PIXELS,
     views: Optional[int] = None,
 ) -> SpreadCalibration:
-    """Fit one spread factor per channel on held-out high-resolution ``images`` (module docstring).
+    """Fit one spread factor per channel on calibration high-resolution ``images`` (module docstring).
 
     ``images``: float tensors ``(C, H, W)`` in [0, 1] (H and W multiples of ``model.factor``),
-    never seen in training. Each is downscaled as in training (``model.downscale``) and
-    super-resolved whole, as :func:`pyro_srvae.superresolve_image` does (with ``views``, default
-    the model's), from the model's own predictive. Raises :class:`CalibrationError` for a model whose draws cannot be scaled,
-    no images, or no pixels of the chosen set.
+    which should be images the model was not trained on (nothing here can tell). Each is
+    downscaled as in training (``model.downscale``) and super-resolved whole, as
+    :func:`pyro_srvae.superresolve_image` does (with ``views``, default the model's), from the
+    model's own predictive. After the fit, new draws (seed ``derive_seed(seed, "fresh")``) of the
+    calibrated predictive on the same images give ``coverage_fresh``. Raises
+    :class:`CalibrationError` for a model whose draws cannot be scaled, no images, or no pixels
+    of the chosen set.
     """
-    from .evaluation import _order_statistic_ranks, expected_interval_coverage
-    from .superresolve import _model_device, default_views, superresolve_image
+    from .superresolve import default_views
 
-    if pixels not in CALIBRATION_PIXELS:
-        raise CalibrationError(f"pixels must be one of {', '.join(CALIBRATION_PIXELS)}, got {pixels!r}")
+    _check_options(pixels, num_samples)
     if not 0 < level < 1:
         raise CalibrationError(f"level must lie strictly between 0 and 1, got {level!r}")
-    if int(num_samples) != num_samples or num_samples < 2:
-        raise CalibrationError(f"num_samples must be an integer of at least 2, got {num_samples!r}")
     if getattr(model.likelihood, "name", None) == "dlogistic-mix":
         raise CalibrationError(
             "the dlogistic-mix likelihood draws on the 8-bit grid: a scaled residual would leave it, so its "
             "spread cannot be calibrated by a factor"
         )
-    images = list(images)
-    names = [f"image {i}" for i in range(len(images))] if names is None else [str(n) for n in names]
-    if not images:
-        raise CalibrationError("no calibration images given")
-    channels, factor = model.lr_shape[0], model.factor
-    lo, hi = _order_statistic_ranks(num_samples, level)
+    images, names = _named_images(images, names)
+    lo, hi = order_statistic_ranks(num_samples, level)
     goal = expected_interval_coverage(num_samples, level)
     views = min(default_views(model) if views is None else int(views), int(num_samples))
-    generator = torch.Generator().manual_seed(seed)
     per_image = max(1, max_pixels // len(images))
-    kept = [[] for _ in range(channels)]  # per channel: (means, noise, target) of the kept pixels
+    fresh_seed = derive_seed(seed, "fresh")
     with model_spread(model):
-        for name, x in zip(names, images):
-            x = torch.as_tensor(x, dtype=torch.float32)
-            if x.dim() != 3 or x.shape[0] != channels or x.shape[1] % factor or x.shape[2] % factor:
-                raise CalibrationError(
-                    f"{name}: expected a ({channels}, H, W) image with H and W multiples of {factor}, got {tuple(x.shape)}"
-                )
-            y = model.downscale(x[None].to(_model_device(model)))[0].cpu()
-            sr = superresolve_image(model, y, num_samples, seed=seed, views=views)
-            mask = _pixel_mask(pixels, x, y, factor)
-            for c in range(channels):
-                where = mask[c].flatten().nonzero().squeeze(1)
-                if where.numel() > per_image:
-                    where = where[torch.randperm(where.numel(), generator=generator)[:per_image]]
-                means = sr.means[:, c].flatten(1)[:, where]
-                noise = sr.samples[:, c].flatten(1)[:, where] - means
-                kept[c].append((means, noise, x[c].flatten()[where]))
-    scale, before, after, counts = [], [], [], []
-    for c in range(channels):
-        means, noise, target = (torch.cat(parts, dim=-1) for parts in zip(*kept[c]))
-        if target.numel() == 0:
-            raise CalibrationError(f"the calibration images have no {pixels} pixels (channel {c})")
-        if not noise.abs().max() > 0:
-            raise CalibrationError("the model's draws carry no likelihood noise to scale")
-        t = _bisect(means, noise, target, goal, lo, hi)
-        scale.append(t)
-        before.append(_coverage(means, noise, target, 1.0, lo, hi))
-        after.append(_coverage(means, noise, target, t, lo, hi))
-        counts.append(target.numel())
+        kept = _kept_pixels(model, images, names, pixels, num_samples, seed, views, per_image)
+        for c, (_, noise, target) in enumerate(kept):
+            if target.numel() == 0:
+                raise CalibrationError(f"the calibration images have no {pixels} pixels (channel {c})")
+            if not noise.abs().max() > 0:
+                raise CalibrationError("the model's draws carry no likelihood noise to scale")
+        scale = [_bisect(means, noise, target, goal, lo, hi) for means, noise, target in kept]
+        fresh = _kept_pixels(model, images, names, pixels, num_samples, fresh_seed, views, per_image)
     return SpreadCalibration(
         scale=scale, level=float(level), pixels=pixels, num_samples=int(num_samples), target_coverage=goal,
-        coverage_before=before, coverage_after=after, num_pixels=min(counts), images=names, views=views,
+        coverage_before=[_coverage(*part, 1.0, lo, hi) for part in kept],
+        coverage_after=[_coverage(*part, t, lo, hi) for part, t in zip(kept, scale)],
+        num_pixels=min(target.numel() for _, _, target in kept), images=names, views=views,
+        coverage_fresh=[_coverage(*part, t, lo, hi) for part, t in zip(fresh, scale)], fresh_seed=fresh_seed,
     )  # fmt: skip
 
 
+# --------------------------------------------------------------------------- #
+# Risk-controlling intervals (RCPS): the Hoeffding-Bentkus test and the lambda scan
+# --------------------------------------------------------------------------- #
+def _check_risk_level(name, value):
+    try:
+        valid = not isinstance(value, bool) and 0 < float(value) < 1
+    except (TypeError, ValueError):
+        valid = False
+    if not valid:
+        raise CalibrationError(f"{name} must lie strictly between 0 and 1, got {value!r}")
+
+
+def _binomial_cdf(k, n, p):
+    """P(Binomial(n, p) <= k) for a tensor of integers ``k`` in [0, n], summed in log space (float64)."""
+    j = torch.arange(n + 1, dtype=torch.float64)
+    log_pmf = (
+        math.lgamma(n + 1) - torch.lgamma(j + 1) - torch.lgamma(n - j + 1)
+        + j * math.log(p) + (n - j) * math.log1p(-p)
+    )  # fmt: skip
+    return torch.logcumsumexp(log_pmf, 0).exp().clamp(max=1.0)[k.long()]
+
+
+def hoeffding_bentkus_p_value(risk, n: int, alpha: float) -> torch.Tensor:
+    """The Hoeffding-Bentkus p-value of "the mean loss exceeds ``alpha``" from ``n`` losses in [0, 1].
+
+    With ``risk`` their empirical mean R (a number or a tensor of them):
+
+        p = min( exp(-n h1(min(R, alpha), alpha)),  e P(Binomial(n, alpha) <= ceil(n R)) ),
+        h1(a, b) = a log(a/b) + (1 - a) log((1 - a)/(1 - b)),
+
+    Hoeffding's tail (1963) and Bentkus's (2004), each valid for i.i.d. losses bounded in
+    [0, 1] (Bates et al. 2021, Sec. 3, "Hoeffding-Bentkus"; written as a p-value as in
+    Angelopoulos, Bates, Candes, Jordan, Lei, "Learn then Test", 2021). ``ceil(n R)`` is taken
+    with a 1e-9 allowance, so that a mean of k/n read back from floats stays k. float64.
+    """
+    risk = torch.as_tensor(risk, dtype=torch.float64)
+    a = risk.clamp(min=0.0, max=alpha)
+    h1 = torch.xlogy(a, a / alpha) + torch.xlogy(1 - a, (1 - a) / (1 - alpha))
+    hoeffding = torch.exp(-n * h1)
+    count = torch.ceil(n * risk - 1e-9).clamp(0, n)
+    bentkus = math.e * _binomial_cdf(count, n, alpha)
+    return torch.minimum(hoeffding, bentkus)
+
+
+def hoeffding_bentkus_upper_bound(risk: float, n: int, delta: float, steps: int = 60) -> float:
+    """The Hoeffding-Bentkus upper confidence bound (level 1 - delta) of the mean loss.
+
+    The p-value falls as the tested mean ``mu`` grows, so the bound is the ``mu`` where it
+    crosses ``delta`` (found by bisection; 1 if it never does): the UCB of im2im-uq's
+    ``HB_mu_plus``. It lies below alpha exactly when :func:`hoeffding_bentkus_p_value` at
+    alpha is below delta.
+    """
+    low, high = float(risk), 1.0
+    if hoeffding_bentkus_p_value(risk, n, 1 - 1e-12).item() >= delta:
+        return 1.0
+    for _ in range(steps):
+        middle = (low + high) / 2
+        if hoeffding_bentkus_p_value(risk, n, middle).item() >= delta:
+            low = middle
+        else:
+            high = middle
+    return high
+
+
+def minimum_images(alpha: float, delta: float) -> int:
+    """The fewest calibration images that can certify ``alpha`` at ``delta``: even with no pixel
+    missed (R = 0) the p-value is (1 - alpha)^n, which must fall below delta."""
+    n = max(1, math.ceil(math.log(delta) / math.log1p(-alpha)))
+    while (1 - alpha) ** n >= delta:  # the logarithms' rounding, either way
+        n += 1
+    while n > 1 and (1 - alpha) ** (n - 1) < delta:
+        n -= 1
+    return n
+
+
+def _require_images(n, alpha, delta):
+    if n < minimum_images(alpha, delta):
+        raise CalibrationError(
+            f"RCPS cannot certify alpha={alpha:g} at delta={delta:g} with {n} calibration image(s): it needs at least "
+            f"{minimum_images(alpha, delta)} even if no pixel were missed (give more images, or raise alpha or delta)"
+        )
+
+
+def interval_losses(mean, std, target, mask=None, grid=LAMBDA_GRID) -> torch.Tensor:
+    """One image's loss at each lambda of ``grid``: the fraction of its ``mask`` pixels outside
+    ``[mean - lambda std, mean + lambda std]`` (0 for an image without such pixels).
+
+    Returns float64 ``(K,)``, non-increasing along the grid (:func:`batch_interval_losses`).
+    """
+    mask = torch.ones_like(target, dtype=torch.bool) if mask is None else mask
+    if not mask.any():
+        return torch.zeros_like(grid)
+    return batch_interval_losses(mean[mask][None], std[mask][None], target[mask][None], grid)[0]
+
+
+def batch_interval_losses(mean, std, target, grid=LAMBDA_GRID) -> torch.Tensor:
+    """The losses of B images of P chosen pixels each, ``(B, P)`` arrays, at each lambda: ``(B, K)``.
+
+    A pixel is inside exactly when ``|target - mean| <= lambda std``; where ``std`` is 0 it is
+    inside at every lambda if ``target == mean`` and at none otherwise.
+    """
+    distance, spread = (target - mean).abs().double(), std.double()
+    ratio = torch.where(spread > 0, distance / spread.clamp(min=1e-300), torch.where(distance > 0, math.inf, 0.0))
+    # A pixel is inside from the first grid lambda >= its ratio on (index K: never); counting
+    # the pixels by that index and summing up gives the inside count at every lambda at once.
+    first = torch.searchsorted(grid, ratio.contiguous(), right=False)
+    counts = torch.zeros(ratio.shape[0], grid.numel() + 1, dtype=torch.float64)
+    counts.scatter_add_(1, first, torch.ones_like(ratio))
+    return 1.0 - counts.cumsum(dim=1)[:, :-1] / ratio.shape[-1]
+
+
+def choose_lambda(losses: torch.Tensor, alpha: float, delta: float, grid=LAMBDA_GRID) -> int:
+    """The index of lambda_hat in ``grid``, from losses ``(n, K)`` of n images at each lambda.
+
+    Scans from the largest lambda down and stops at the first whose test does not reject
+    "risk > alpha" at level delta (Bates et al. 2021's UCB calibration; im2im-uq's
+    ``calibrate_model``): lambda_hat is the smallest lambda all of whose larger grid points
+    were certified. Raises :class:`CalibrationError` (one line) when n is too small for any
+    lambda, or the widest interval is not certified.
+    """
+    n = losses.shape[0]
+    _require_images(n, alpha, delta)
+    risks = losses.mean(dim=0)
+    certified = hoeffding_bentkus_p_value(risks, n, alpha) < delta
+    if not certified[-1]:
+        raise CalibrationError(
+            f"RCPS cannot certify alpha={alpha:g} at delta={delta:g} on these {n} images: even the widest interval "
+            f"(mean +- {grid[-1].item():g} std) misses {risks[-1].item():.3g} of their pixels on average"
+        )
+    failed = (~certified).nonzero()
+    return int(failed.max().item()) + 1 if failed.numel() else 0
+
+
+@torch.no_grad()
+def fit_interval_scale(
+    model,
+    images: Iterable[torch.Tensor],
+    *,
+    names: Optional[Sequence[str]] = None,
+    alpha: float = DEFAULT_ALPHA,
+    delta: float = DEFAULT_DELTA,
+    pixels: str = "detail",
+    num_samples: int = DEFAULT_SAMPLES,
+    seed: int = 0,
+    views: Optional[int] = None,
+) -> IntervalCalibration:
+    """Fit the RCPS interval ``mean +- lambda_hat * std`` on calibration ``images`` (module docstring).
+
+    ``images`` as for :func:`fit_spread_scale`; each is super-resolved whole with ``num_samples``
+    draws (``views``, default the model's) of the predictive superresolve draws from (the
+    checkpoint's spread calibration applied, if any), with its own seed
+    ``derive_seed(seed, "rcps", i)``. Raises :class:`CalibrationError` (one line) for bad
+    options, too few images to certify ``alpha`` at ``delta``, or no certified lambda.
+    """
+    from .superresolve import default_views
+
+    _check_options(pixels, num_samples)
+    _check_risk_level("alpha", alpha)
+    _check_risk_level("delta", delta)
+    images, names = _named_images(images, names)
+    _require_images(len(images), alpha, delta)  # said before any drawing
+    views = min(default_views(model) if views is None else int(views), int(num_samples))
+    losses, empty = [], 0
+    for i, (name, x) in enumerate(zip(names, images)):
+        x, y, sr = _draws(model, name, x, num_samples, derive_seed(seed, "rcps", i), views)
+        mask = _pixel_mask(pixels, x, y, model.factor)
+        empty += int(not mask.any())
+        losses.append(interval_losses(sr.mean, sr.std, x, mask))
+    if empty == len(images):
+        raise CalibrationError(f"the calibration images have no {pixels} pixels")
+    losses = torch.stack(losses)
+    index = choose_lambda(losses, alpha, delta)
+    risk = losses[:, index].mean().item()
+    spread = getattr(model, "spread_scale", None)
+    return IntervalCalibration(
+        alpha=float(alpha), delta=float(delta), num_images=len(images), pixels=pixels,
+        lambda_hat=LAMBDA_GRID[index].item(), risk=risk,
+        risk_bound=hoeffding_bentkus_upper_bound(risk, len(images), delta), num_samples=int(num_samples),
+        views=views, spread_scale=None if spread is None else [float(t) for t in spread], images=names,
+        empty_images=empty,
+    )  # fmt: skip
+
+
+def interval_mismatch(calibration: IntervalCalibration, model, num_samples, views=None, overlap=None) -> Optional[str]:
+    """Why the certified interval does not apply to these draws (one line), or None when it does.
+
+    The guarantee holds for draws from the predictive it was fitted on: as many draws, the
+    same views, the default tile overlap, and the same spread (the likelihood-noise factors
+    of the spread calibration, or none).
+    """
+    from .superresolve import default_views
+
+    views = min(default_views(model) if views is None else int(views), int(num_samples))
+    tile = tuple(int(n) // 2 for n in model.lr_shape[1:])
+    spread = getattr(model, "spread_scale", None)
+    spread = None if spread is None else [float(t) for t in spread]
+    if int(num_samples) != calibration.num_samples:
+        return f"it is certified for {calibration.num_samples} draws, these are {num_samples} (use --samples {calibration.num_samples})"
+    if views != calibration.views:
+        return f"it is certified for {calibration.views} view(s), these draws mix {views}"
+    if overlap is not None and tuple(overlap if isinstance(overlap, (tuple, list)) else (overlap, overlap)) != tile:
+        return f"it is certified for the default tile overlap ({tile[0]}), these tiles overlap by {overlap}"
+    if spread != calibration.spread_scale:
+        fitted, drawn = (
+            "the model's own spread" if factors is None else "likelihood noise x" + ", ".join(f"{t:.4g}" for t in factors)
+            for factors in (calibration.spread_scale, spread)
+        )
+        return f"it was fitted on draws with {fitted}, these use {drawn} (calibrate --method rcps again)"
+    return None
+
+
+# --------------------------------------------------------------------------- #
+# Images and checkpoints
+# --------------------------------------------------------------------------- #
 def read_calibration_images(model, inputs) -> tuple:
     """``(images, names)`` from image files and folders (recursively), as the model reads them.
 
     Each is read as ``superresolve`` reads an input (channels converted, bit depth checked)
     and cropped to multiples of the factor. Raises :class:`CalibrationError` (one line).
     """
-    from .folder import find_images
-    from .images import ImageError
     from .superresolve import read_input
 
     channels, factor, bits = model.lr_shape[0], model.factor, int(getattr(model, "bits", 8))
@@ -263,19 +644,26 @@ def read_calibration_images(model, inputs) -> tuple:
     return images, [str(path) for path in paths]
 
 
-def calibrate_checkpoint(checkpoint, images, *, names=None, out=None, model=None, **options) -> SpreadCalibration:
-    """Fit the spread of ``checkpoint``'s model on ``images`` and write it into the checkpoint.
+def calibrate_checkpoint(checkpoint, images, *, names=None, out=None, model=None, method="spread", **options):
+    """Calibrate the SR predictive of ``checkpoint``'s model on ``images`` and write it into the checkpoint.
 
-    The checkpoint's content is kept as it was (weights, optimizer, configuration) with
-    ``spread_calibration`` added or replaced; written atomically to ``out`` (default: over
-    ``checkpoint`` itself), so a failure leaves the file as it was. ``options`` go to
-    :func:`fit_spread_scale`; ``model``: the checkpoint's model, if already loaded.
+    ``method="spread"``: :func:`fit_spread_scale`, stored as ``spread_calibration``;
+    ``method="rcps"``: :func:`fit_interval_scale`, stored as ``interval_calibration``. The
+    checkpoint's content is kept as it was (weights, optimizer, configuration, the other
+    method's record) with that record added or replaced; written atomically to ``out``
+    (default: over ``checkpoint`` itself), so a failure leaves the file as it was.
+    ``options`` go to the fit; ``model``: the checkpoint's model, if already loaded. Returns
+    the :class:`SpreadCalibration` or :class:`IntervalCalibration`.
     """
     from .superresolve import load_model
 
+    if method not in CALIBRATION_METHODS:
+        raise CalibrationError(f"method must be one of {', '.join(CALIBRATION_METHODS)}, got {method!r}")
     model = load_model(checkpoint, device="auto") if model is None else model
-    calibration = fit_spread_scale(model, images, names=names, **options)
+    spread = method == "spread"
+    fit, key = (fit_spread_scale, "spread_calibration") if spread else (fit_interval_scale, "interval_calibration")
+    calibration = fit(model, images, names=names, **options)
     payload = load_checkpoint(checkpoint)
-    payload["spread_calibration"] = calibration.to_dict()
+    payload[key] = calibration.to_dict()
     save_checkpoint(Path(out) if out is not None else Path(checkpoint), payload)
     return calibration

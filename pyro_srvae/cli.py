@@ -20,7 +20,7 @@ from .data import DATASET_NAMES, DATASETS, DatasetNotFoundError
 from .folder import FolderDatasetError
 from .elbo import ELBO_NAMES
 from .likelihoods import LIKELIHOODS
-from .models import DOWNSCALE_FACTORS, DOWNSCALE_MODES, GUIDES, X_GIVEN_Y
+from .models import DOWNSCALE_FACTORS, DOWNSCALE_MODES, GUIDES, PIXEL_SCALE_SOURCES, X_GIVEN_Y
 from .networks import ARCHS, SR_BASES, Z_INJECTIONS
 from .priors import PRIORS
 from .training import (
@@ -28,13 +28,14 @@ from .training import (
     MODEL_DEFAULTS,
     MODELS,
     PRECISIONS,
+    STANDARDIZE,
     ConfigError,
     TrainConfig,
     TrainingDiverged,
     TrainingInterrupted,
+    evaluation_rows,
     format_rows,
     model_label,
-    test_metric_rows,
     train,
 )
 
@@ -71,6 +72,9 @@ def build_train_parser(prog=None):
     add("--augment", action="store_true", help="random flips and quarter turns of each training image, on the fly")
     add("--cache-dir", default=None, metavar="DIR",
         help="folder: where the patch cache (.npy memmap) is kept [a folder-cache/ beside the run]")
+    add("--standardize", choices=STANDARDIZE, default=defaults.standardize,
+        help="scale each band by the training set's mean and std for the networks (stored in the checkpoint; "
+        "bits/dim and outputs stay in the data's units): auto = on for --dataset folder, off for the named sets")
     add("--download", action="store_true", help="download the dataset if missing (needs internet)")
     add("--epochs", type=int, default=None, metavar="N", help=f"total epochs; a resumed run continues up to it [{defaults.epochs}]")
     add("--max-steps", type=int, default=None, metavar="N", help="stop after N optimizer steps (smoke runs)")
@@ -79,7 +83,13 @@ def build_train_parser(prog=None):
     add("--kl-warmup", type=float, default=defaults.kl_warmup, metavar="EPOCHS", help="linear KL warm-up length")
     add("--free-bits", type=float, default=defaults.free_bits, metavar="NATS",
         help=f"free bits on z: nats per dimension below which its batch-averaged KL costs nothing [{defaults.free_bits}]")
-    add("--clip-norm", type=float, default=defaults.clip_norm, help="global gradient-norm clipping")
+    add("--clip-norm", type=float, default=defaults.clip_norm,
+        help="global gradient-norm clipping (not needed against loss spikes: the update guard, --skip-factor, skips them)")
+    add("--skip-factor", type=float, default=None, metavar="F",
+        help="skip an update whose gradient norm is not finite or above F x the median of the last steps taken; "
+        f"0: off (docs/training-faults.md) [{defaults.skip_factor:g}]")
+    add("--max-consecutive-skips", type=int, default=None, metavar="N",
+        help=f"stop with an error after N updates in a row skipped [{defaults.max_consecutive_skips}]")
     add("--device", choices=DEVICES, default=None, help="[auto]")
     add("--seed", type=int, default=defaults.seed)
     add("--eval-samples", type=int, default=None, metavar="K", help=f"importance samples per test image [{defaults.eval_samples}]")
@@ -103,6 +113,11 @@ def build_train_parser(prog=None):
     add("--faithful-scale-weight", type=float, default=defaults.faithful_scale_weight, metavar="W",
         help="--likelihood gaussian-pixel-faithful: the weight of the sigmas' gradient (0.01: the photographs' "
         "benchmark, docs/results.md)")
+    add("--pixel-scale-floor", type=float, default=defaults.pixel_scale_floor, metavar="SIGMA",
+        help="--likelihood gaussian-pixel*: the least per-pixel sigma, in p(y|u) and p(x|y,z,u) (data on [0, 1])")
+    add("--pixel-scale-from", choices=PIXEL_SCALE_SOURCES, default=defaults.pixel_scale_from,
+        help="--likelihood gaussian-pixel*: the srVAE's p(x|y,z,u) computes its per-pixel sigmas with its "
+        "locations (decoder) or from y alone (y)")
     add("--x-given-y", choices=X_GIVEN_Y, default=defaults.x_given_y,
         help="srVAE p(x|y,.): consistent (a normalized density of x: the Gaussian given its block means, "
         "or y on the 8-bit grid where no closed form exists), quantized (the paper's 8-bit y), "
@@ -140,14 +155,13 @@ def config_from_args(parser, args):
             "model", "prior", "mog_components", "elbo", "num_particles", "dataset", "data_dir", "download",
             "max_steps", "batch_size", "lr", "kl_warmup", "free_bits", "clip_norm", "seed", "sr_samples", "eval_limit", "train_limit", "out",
             "checkpoint_every", "factor", "downscale_mode", "u_dim", "z_dim", "hidden",
-            "arch", "likelihood", "likelihood_components", "faithful_scale_weight", "x_given_y", "sr_base", "sr_arch", "sr_hidden", "z_injection", "z_channels", "precision", "compile",
+            "arch", "likelihood", "likelihood_components", "faithful_scale_weight", "pixel_scale_floor", "pixel_scale_from", "x_given_y", "sr_base", "sr_arch", "sr_hidden", "z_injection", "z_channels", "precision", "compile",
             "patch_size", "patch_stride", "test_fraction", "channels", "augment", "cache_dir", "tensorboard",
+            "standardize",
         )
     }
     values["guide"] = args.guide or "simple"
-    if args.model == "vae" and args.guide is not None and args.guide != "simple":
-        parser.error("--guide full is an srVAE guide (section 4); the VAE has only q(z|x)")
-    for name in ("epochs", "device", "eval_samples"):
+    for name in ("epochs", "device", "eval_samples", "skip_factor", "max_consecutive_skips"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
     values["figures"] = not args.no_figures
@@ -166,6 +180,10 @@ def resume_overrides(args):
         "checkpoint_every": args.checkpoint_every,
         "eval_samples": args.eval_samples,
         "eval_limit": args.eval_limit,
+        "skip_factor": args.skip_factor,
+        "max_consecutive_skips": args.max_consecutive_skips,
+        # Where a folder run's patch cache lives is no part of the run's identity (TrainConfig.RESUMABLE).
+        "cache_dir": args.cache_dir,
     }
     if args.no_figures:
         overrides["figures"] = False
@@ -208,7 +226,7 @@ COMMANDS = {
     "evaluate": "re-run the test-set evaluation of a checkpoint, write evaluation.json",
     "superresolve": "super-resolve your own images with a trained srVAE, with per-pixel uncertainty",
     "compare": "the paper's comparison: VAE vs srVAE (simple, full) x (Gaussian, MoG) under one budget",
-    "calibrate": "fit the SR predictive's spread on held-out images, store it in the checkpoint",
+    "calibrate": "calibrate the SR predictive on calibration images (a spread factor, or an RCPS interval), store it in the checkpoint",
 }
 
 
@@ -269,7 +287,10 @@ def build_superresolve_parser(prog=None):
             "mean: 8-bit preview, float32 in [0, 1]), NAME_sr_mean.tif (the mean in the input's own units "
             "and bands: uint16 for 16-bit input), NAME_sr_std.npy (total per-pixel predictive std), NAME_sr_std_latent.npy and "
             "NAME_sr_std_noise.npy (its parts: latents and likelihood noise), NAME_uncertainty.png (the three "
-            "maps, one colour bar), NAME_sr_samples.npy/.png (the samples). The output is factor x the input size."
+            "maps, one colour bar), NAME_sr_samples.npy/.png (the samples); with a checkpoint calibrated by "
+            "'pyro-srvae calibrate --method rcps', NAME_sr_lower.npy and NAME_sr_upper.npy (the certified interval "
+            "mean -+ lambda x std) and NAME_sr_interval.json (its calibration and guarantee), written when these "
+            "draws are those it was certified for: a printed line says which. The output is factor x the input size."
         ),
         formatter_class=_DefaultsFormatter,
     )
@@ -387,7 +408,7 @@ def evaluation_summary(report):
         calibration = report.get("spread_calibration")
         rows.append(("SR spread", "the model's own" if calibration is None else
                      SpreadCalibration.from_dict(dict(calibration)).describe()))
-    return format_rows(rows + test_metric_rows(test))
+    return format_rows(rows + evaluation_rows(test))
 
 
 def evaluate_main(argv=None, prog=None):
@@ -519,35 +540,96 @@ def compare_main(argv=None, prog=None):
 # calibrate: the SR predictive's spread on held-out images
 # --------------------------------------------------------------------------- #
 def build_calibrate_parser(prog=None):
-    from .calibration import CALIBRATION_PIXELS, DEFAULT_LEVEL, DEFAULT_SAMPLES
+    from .calibration import CALIBRATION_METHODS, CALIBRATION_PIXELS, DEFAULT_ALPHA, DEFAULT_DELTA, DEFAULT_LEVEL, DEFAULT_SAMPLES
 
     parser = argparse.ArgumentParser(
         prog=prog,
         description=(
-            "Fit one factor per channel on the SR predictive's likelihood noise so that, on held-out "
-            "high-resolution images (never trained on), the central --level interval of --samples draws "
-            "covers the truth as often as an exact predictive would; store it in the checkpoint, where "
-            "superresolve and evaluate use it (superresolve --spread model ignores it). The densities "
-            "(bits/dim) stay the trained model's."
+            "Calibrate the SR predictive on calibration images: high-resolution images the model was not "
+            "trained on (this command cannot check that). --method spread (sigma scaling): one factor per "
+            "channel on the likelihood noise so that the central --level interval of --samples draws covers "
+            "the truth as often as an exact predictive would; superresolve and evaluate draw from it "
+            "(superresolve --spread model ignores it). --method rcps (risk-controlling prediction sets): the "
+            "interval mean +- lambda x std with, if the calibration and test images are drawn independently "
+            "from one distribution, probability >= 1 - delta that a new image's expected fraction of --pixels "
+            "outside it is <= alpha; superresolve writes it as NAME_sr_lower/upper.npy. Stored in the checkpoint; the "
+            "densities (bits/dim) stay the trained model's. See docs/calibration.md."
         ),
         formatter_class=_DefaultsFormatter,
     )
     add = parser.add_argument
     add("inputs", nargs="+", metavar="INPUT",
-        help="held-out images (PNG/JPEG/TIFF/.npy) or folders of them, at full resolution: each is downscaled as in training")
+        help="calibration images (PNG/JPEG/TIFF/.npy) or folders of them, at full resolution: each is downscaled as in training")
     add("--checkpoint", required=True, metavar="CKPT", help="checkpoint.pt of a trained srVAE")
     add("--out", default=None, metavar="FILE", help="write the calibrated checkpoint here [over CKPT, atomically]")
+    add("--method", choices=CALIBRATION_METHODS, default="spread",
+        help="spread: sigma scaling (works from a few images); rcps: an interval with a distribution-free "
+        "guarantee (needs more images: 22 at alpha = delta = 0.1)")
     add("--pixels", choices=CALIBRATION_PIXELS, default="detail",
-        help="the pixels whose coverage is fitted: detail (differing from their block mean by more than a grey "
-        "level), all, or edges (chosen from y)")
-    add("--level", type=float, default=DEFAULT_LEVEL, help="the central interval's level")
+        help="the pixels whose coverage is fitted (spread) or whose fraction outside is controlled (rcps): detail "
+        "(differing from their block mean by more than a grey level), all, or edges (chosen from y)")
+    add("--level", type=float, default=None, help=f"spread: the central interval's level [{DEFAULT_LEVEL}]")
+    add("--alpha", type=_unit_fraction, default=None,
+        help=f"rcps: the expected fraction of pixels outside the interval allowed [{DEFAULT_ALPHA}]")
+    add("--delta", type=_unit_fraction, default=None,
+        help=f"rcps: the probability, over the calibration images, that the guarantee fails [{DEFAULT_DELTA}]")
     add("--samples", type=_int_at_least(2, "an integer >= 2"), default=DEFAULT_SAMPLES, metavar="N",
-        help="SR draws per image in the fit")
+        help="SR draws per image in the fit (rcps: superresolve must draw as many for its interval)")
     add("--seed", type=int, default=0, help="seed of the draws")
     add("--views", type=_views, default=None, metavar="V",
         help="as superresolve --views: calibrate the predictive superresolve will draw from [the model's default]")
     add("--device", choices=DEVICES, default="auto", help="where to compute (auto: a GPU if there is one)")
     return parser
+
+
+def _unit_fraction(text):
+    """An argparse type: a number strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number strictly between 0 and 1, got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number strictly between 0 and 1, got {value:g}")
+    return value
+
+
+def _calibration_options(parser, args):
+    """The fit's method-specific options; a flag of the other method exits 2."""
+    from .calibration import DEFAULT_ALPHA, DEFAULT_DELTA, DEFAULT_LEVEL
+
+    if args.method == "rcps":
+        if args.level is not None:
+            parser.error("--level is for --method spread; the RCPS interval is set by --alpha and --delta")
+        alpha = DEFAULT_ALPHA if args.alpha is None else args.alpha
+        return dict(alpha=alpha, delta=DEFAULT_DELTA if args.delta is None else args.delta)
+    if args.alpha is not None or args.delta is not None:
+        parser.error("--alpha and --delta are for --method rcps")
+    level = DEFAULT_LEVEL if args.level is None else args.level
+    if not 0 < level < 1:
+        parser.error(f"--level must lie strictly between 0 and 1, got {level}")
+    return dict(level=level)
+
+
+def _calibration_report(calibration, had_interval):
+    """The lines calibrate prints: each number named for what it is."""
+    from .calibration import PIXEL_WORDS, IntervalCalibration
+
+    if not isinstance(calibration, IntervalCalibration):
+        lines = [calibration.describe(), *calibration.coverage_lines()]
+        if had_interval:
+            lines.append("note: the checkpoint's RCPS interval was fitted on draws of the previous spread; superresolve "
+                         "writes it only for draws of that spread: run 'pyro-srvae calibrate --method rcps' again")
+        return lines
+    pixels = PIXEL_WORDS[calibration.pixels]
+    empty = f" ({calibration.empty_images} without {pixels}: loss 0)" if calibration.empty_images else ""
+    return [
+        calibration.describe(),
+        f"alpha {calibration.alpha:g} (the expected fraction of pixels outside allowed), delta {calibration.delta:g} "
+        f"(the chance that this calibration fails), n = {calibration.num_images} calibration images{empty}",
+        f"guarantee: {calibration.guarantee}",
+        f"in-sample, on the calibration images: on average {calibration.risk:.4f} of their {pixels} outside; "
+        f"its Hoeffding-Bentkus upper confidence bound at level {1 - calibration.delta:.4g}: {calibration.risk_bound:.4f} (< alpha)",
+    ]
 
 
 def calibrate_main(argv=None, prog=None):
@@ -558,14 +640,14 @@ def calibrate_main(argv=None, prog=None):
     parser = build_calibrate_parser(prog)
     args = parser.parse_args(argv)
     _check_device(parser, args.device)
-    if not 0 < args.level < 1:
-        parser.error(f"--level must lie strictly between 0 and 1, got {args.level}")
+    options = _calibration_options(parser, args)
     try:
         model = load_model(args.checkpoint, device=args.device)
+        had_interval = getattr(model, "interval_calibration", None) is not None
         images, names = read_calibration_images(model, args.inputs)
         calibration = calibrate_checkpoint(
-            args.checkpoint, images, names=names, out=args.out, model=model,
-            level=args.level, pixels=args.pixels, num_samples=args.samples, seed=args.seed, views=args.views,
+            args.checkpoint, images, names=names, out=args.out, model=model, method=args.method,
+            pixels=args.pixels, num_samples=args.samples, seed=args.seed, views=args.views, **options,
         )  # fmt: skip
     except (CheckpointError, CalibrationError) as error:
         return _error(error)
@@ -574,8 +656,8 @@ def calibrate_main(argv=None, prog=None):
     except KeyboardInterrupt:
         print("interrupted; the checkpoint was not changed", file=sys.stderr)
         return 130
-    print(calibration.describe())
-    print(f"after: {', '.join(f'{c:.3f}' for c in calibration.coverage_after)} of {calibration.num_pixels} pixels per channel")
+    for line in _calibration_report(calibration, had_interval):
+        print(line)
     print(f"wrote {args.out or args.checkpoint}")
     return 0
 

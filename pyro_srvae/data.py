@@ -53,12 +53,14 @@ __all__ = [
     "DATASETS",
     "DATASET_NAMES",
     "FOLDER",
+    "IMAGE_SHAPES",
     "SPLITS",
     "DatasetNotFoundError",
     "ImageDataset",
     "load_dataset",
     "augment_dihedral",
     "dequantize",
+    "band_statistics",
     "DeviceImages",
     "epoch_permutation",
     "iterate_batches",
@@ -141,7 +143,8 @@ _CIFAR10_FILES = {
     "test": ("test_batch",),
 }
 
-_IMAGE_SHAPES = {
+#: The (C, H, W) of each named dataset's images.
+IMAGE_SHAPES = {
     "fashion-mnist-mini": (1, 28, 28),
     "fashion-mnist": (1, 28, 28),
     "mnist": (1, 28, 28),
@@ -379,7 +382,7 @@ def load_dataset(
             images, labels = _load_idx_dataset(name, root, split, download)
 
     source = f"{name} ({split})"
-    validate_images(images, expected_shape=_IMAGE_SHAPES[name], name=source)
+    validate_images(images, expected_shape=IMAGE_SHAPES[name], name=source)
     _check_labels(labels.numpy(), images.shape[0], len(_CLASSES[name]), source)
     return ImageDataset(
         name=name,
@@ -803,6 +806,44 @@ def dequantize(
     # which would leave the bin (and reach 1.0 for the top level).  Keep it below k + 1.
     summed = torch.minimum(pixels + noise, torch.nextafter(pixels + 1, pixels))
     return summed / levels  # exact: division by a power of two
+
+
+#: Pixels per chunk of :func:`band_statistics` (a float64 copy of one chunk: 128 MiB).
+STATISTICS_CHUNK_PIXELS = 1 << 24
+
+
+def band_statistics(
+    images: torch.Tensor, chunk_pixels: int = STATISTICS_CHUNK_PIXELS
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-band mean and standard deviation of the dequantized images ``x = (k + U) / 2**bits``.
+
+    ``images``: ``uint8`` or ``uint16`` ``(N, C, H, W)``, in memory or memory-mapped. Exact in the
+    dequantization noise rather than estimated from one draw of it: with U ~ U[0, 1) independent
+    of k, ``E[x] = (E[k] + 1/2) / L`` and ``Var[x] = (Var[k] + 1/12) / L^2`` (``L = 2**bits``; E and
+    Var over every pixel of the band in the set), so no random number is drawn. The images are
+    read a chunk at a time (a folder's cache is never copied whole), and the chunks' means and
+    sums of squared deviations are merged in float64 (Chan, Golub & LeVeque 1979).
+
+    Returns ``(mean, std)``, two float64 tensors of shape ``(C,)``, in x's units on [0, 1].
+    """
+    levels = float(2 ** bit_depth(images))
+    if images.dim() != 4 or images.shape[0] == 0:
+        raise ValueError(f"band_statistics needs a non-empty (N, C, H, W) set, got shape {tuple(images.shape)}")
+    per_image = images[0].numel()
+    step = max(1, chunk_pixels // per_image)
+    bands = images.shape[1]
+    count, mean, squares = 0, torch.zeros(bands, dtype=torch.float64), torch.zeros(bands, dtype=torch.float64)
+    for start in range(0, images.shape[0], step):
+        chunk = images[start : start + step].to(torch.float64).transpose(0, 1).reshape(bands, -1)
+        chunk_count, chunk_mean = chunk.shape[1], chunk.mean(dim=1)
+        chunk_squares = (chunk - chunk_mean[:, None]).square().sum(dim=1)
+        total = count + chunk_count
+        delta = chunk_mean - mean
+        squares = squares + chunk_squares + delta.square() * (count * chunk_count / total)
+        mean = mean + delta * (chunk_count / total)
+        count = total
+    variance = squares / count  # of k, over the set
+    return (mean + 0.5) / levels, torch.sqrt(variance + 1.0 / 12.0) / levels
 
 
 # ----------------------------------------------------------------------------

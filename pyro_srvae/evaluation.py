@@ -7,12 +7,12 @@ literature in general:
 * per-image importance-weighted log-likelihood estimates
   (:func:`iw_log_likelihood`, Burda et al. 2016) and the ELBO estimated from
   the same samples (:func:`iw_and_elbo`);
-* bits per dimension for 8-bit images that were dequantized to ``[0, 1]``
+* bits per dimension for 8- or 16-bit images that were dequantized to ``[0, 1]``
   (:func:`bits_per_dim`);
 * image-quality metrics for super-resolution (:func:`psnr`, :func:`ssim`,
   :func:`interval_coverage`) and the bicubic baseline
   (:func:`bicubic_upsample`), bundled in :func:`super_resolution_metrics`;
-* :func:`evaluate_model`, which runs all of the above over a uint8 test set
+* :func:`evaluate_model`, which runs all of the above over a uint8 or uint16 test set
   reproducibly.
 
 Everything here is generic over model/guide pairs that follow the package's
@@ -44,6 +44,7 @@ __all__ = [
     "DEFAULT_PARTICLE_BUDGET",
     "GPU_PARTICLE_BUDGET",
     "particle_budget",
+    "evaluation_batch_size",
     "LikelihoodEstimates",
     "log_importance_weights",
     "iw_log_likelihood",
@@ -67,6 +68,8 @@ __all__ = [
     "fit_baseline_scale",
     "baseline_log_likelihood",
     "evaluate_model",
+    "model_device",
+    "order_statistic_ranks",
 ]
 
 #: Name of the plate over images that every model/guide in the package uses.
@@ -93,6 +96,16 @@ GPU_PARTICLE_BUDGET = 4096
 def particle_budget(device) -> int:
     """(particle, image) pairs per vectorized pass on ``device``."""
     return GPU_PARTICLE_BUDGET if torch.device(device).type == "cuda" else DEFAULT_PARTICLE_BUDGET
+
+
+def evaluation_batch_size(eval_samples: int, device) -> int:
+    """Images per batch of the test-set evaluation, at the end of training and in
+    ``pyro-srvae evaluate``: ``2 * particle_budget(device) // eval_samples`` (at least 1).
+
+    The one rule for both: :func:`evaluate_model` derives one seed per batch, so the two
+    reproduce each other's numbers only when their batches are the same.
+    """
+    return max(1, 2 * particle_budget(device) // int(eval_samples))
 
 
 class LikelihoodEstimates(NamedTuple):
@@ -532,7 +545,7 @@ def bicubic_upsample(y: torch.Tensor, factor: int) -> torch.Tensor:
     return F.interpolate(y, scale_factor=factor, mode="bicubic", align_corners=False).clamp(0.0, 1.0)
 
 
-def _order_statistic_ranks(num_samples: int, level: float):
+def order_statistic_ranks(num_samples: int, level: float):
     """0-based ranks of the order statistics bounding the central ``level`` interval.
 
     The ``alpha = (1 - level) / 2`` and ``1 - alpha`` quantiles sit at
@@ -576,7 +589,7 @@ def interval_coverage(samples: torch.Tensor, target: torch.Tensor, level: float 
     s = samples if samples.dtype in (torch.float32, torch.float64) else samples.float()
     # Sorting instead of torch.quantile: same order statistics, and no limit
     # on the input size (torch.quantile refuses tensors above 2**24 elements).
-    i, j = _order_statistic_ranks(s.shape[0], level)
+    i, j = order_statistic_ranks(s.shape[0], level)
     ordered = s.sort(dim=0).values
     lo, hi = ordered[i], ordered[j]
     t = target.to(s.dtype)
@@ -594,7 +607,7 @@ def expected_interval_coverage(num_samples: int, level: float = 0.9) -> float:
     probability ``(j - i) / (S + 1)``.  Distribution-free; use it to read
     ``sr_coverage90`` computed from a handful of samples.
     """
-    lo, hi = _order_statistic_ranks(num_samples, level)
+    lo, hi = order_statistic_ranks(num_samples, level)
     return (hi - lo) / (num_samples + 1)
 
 
@@ -690,7 +703,7 @@ def _coverage_counts(ordered, target, masks, levels=COVERAGE_LEVELS) -> Dict[str
     masks = {name: torch.ones_like(target, dtype=torch.bool) if m is None else m for name, m in masks.items()}
     counts = {name: {"pixels": m.sum().item()} for name, m in masks.items()}
     for level in levels:
-        i, j = _order_statistic_ranks(ordered.shape[0], level)
+        i, j = order_statistic_ranks(ordered.shape[0], level)
         inside = (target >= ordered[i]) & (target <= ordered[j])
         for name, m in masks.items():
             counts[name][str(level)] = (inside & m).sum().item()
@@ -820,7 +833,7 @@ def super_resolution_metrics(model, x: torch.Tensor, num_samples: int = 16) -> D
 
 
 def fit_baseline_scale(images: torch.Tensor, factor: int, seed: int = 0) -> float:
-    """The one scale of the SR baseline, fitted on (training) images ``images`` (uint8).
+    """The one scale of the SR baseline, fitted on (training) images ``images`` (uint8 or uint16).
 
     The baseline is the Gaussian around the bicubic upsampling made consistent with y,
     conditioned on the block means (:class:`~pyro_srvae.likelihoods.ConsistentGaussian`). Its
@@ -851,7 +864,19 @@ def baseline_log_likelihood(x: torch.Tensor, factor: int, scale: float) -> torch
 
 
 def conditional_bits_per_dim(log_likelihood, num_dims: int, bits: int = 8):
-    """-log p(x | y) in bits per dimension of x not fixed by y (``num_dims = D - D_y``), dequantized.
+    """-log p(x | y) in bits per dimension of x not fixed by y (``num_dims = D - D_y``), dequantized:
+    ``sr_bpd``.
+
+    Convention: a density per detail dimension, on the x whose block means are y, with y the
+    block *mean* of x (``models.downscale``). The number depends on how y is parametrised:
+    with ``y' = a y`` (block sums: ``a = f^2``; orthonormal Haar coefficients: ``a = f``),
+    ``log p(x | y') = log p(x | y) + D_y log a``, so it moves by ``D_y log2(a) / (D - D_y)``
+    bits/dim; compare it only with scores in the same convention (``sr_bpd_baseline`` is).
+
+    Not a bound: ``log p(x | y) = log p(x, y) - log p(y)`` is the difference of two
+    importance-weighted estimates (:func:`iw_conditional_log_likelihood`), each a lower bound
+    in expectation, so their difference errs either way; it converges as ``K`` grows and is
+    exact for exact posteriors.
 
     The ``+ 8`` (``+ bits``) is the same change of variables as in :func:`bits_per_dim`: scaling
     x by 256 scales y by 256 too, so the conditional density gains ``(D - D_y) log 256``.
@@ -864,7 +889,8 @@ def conditional_bits_per_dim(log_likelihood, num_dims: int, bits: int = 8):
 # ---------------------------------------------------------------------------
 
 
-def _model_device(model) -> torch.device:
+def model_device(model) -> torch.device:
+    """The device of ``model``'s first parameter (else buffer); the CPU for a model without tensors."""
     if isinstance(model, torch.nn.Module):
         for p in model.parameters():
             return p.device
@@ -921,6 +947,8 @@ def evaluate_model(
     and q(u|y) alone). With ``baseline_scale`` (:func:`fit_baseline_scale` on the training
     set), ``sr_bpd_baseline`` is the same score of the consistent-bicubic Gaussian
     baseline (:func:`baseline_log_likelihood`). ``sr_bpd`` is None for a bound or joint.
+    Its convention (:func:`conditional_bits_per_dim`): a density per detail dimension with y
+    the block *mean*, and a difference of two importance-weighted estimates, not a bound.
 
     Reproducibility: latent samples are drawn through Pyro, i.e. torch's
     global RNG.  It is seeded for every batch from ``(seed, batch index)``
@@ -939,7 +967,8 @@ def evaluate_model(
 
     Args:
         model: a VAE/SRVAE-like object with ``.model(x)`` and ``.guide(x)``.
-        images: uint8 tensor ``(N, C, H, W)`` of raw pixel values.
+        images: uint8 or uint16 tensor ``(N, C, H, W)`` of raw pixel values (8- or
+            16-bit data; the bit depth follows the dtype).
         elbo_samples, iw_samples: ``K`` for the ELBO and the IW estimate.
         batch_size: images per batch; memory is bounded independently of
             ``K`` by chunking the particles (see ``chunk_size``).
@@ -975,7 +1004,7 @@ def evaluate_model(
     n = images.shape[0]
     if n == 0:
         raise ValueError("images is empty")
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = torch.device(device) if device is not None else model_device(model)
     is_sr = super_resolution and hasattr(model, "super_resolve")
     num_dims = images[0].numel()
     k_total = max(elbo_samples, iw_samples)

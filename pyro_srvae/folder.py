@@ -53,7 +53,6 @@ import logging
 import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -61,6 +60,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from .checkpoint import atomic_path
 from .data import SPLITS, DatasetNotFoundError, ImageDataset, mapped_tensor
 from .images import ImageError, ImageHeader, RawImage, match_channels, read_image_header, read_integer_image
 
@@ -450,25 +450,18 @@ def _reserve(path: str, size: int, cache_dir: Path) -> None:
 
 
 def _write_cache(final: Path, shape, dtype, fill) -> None:
-    """``fill(memmap)`` into a temporary file in the same folder, renamed to ``final`` when complete."""
+    """``fill(memmap)`` into a temporary file in the same folder, renamed to ``final`` when
+    complete (:func:`~pyro_srvae.checkpoint.atomic_path`: a normal file's mode, so a colleague
+    sharing the cache can read it)."""
     created = not final.parent.exists()
-    final.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(handle)
     try:
-        array = np.lib.format.open_memmap(temporary, mode="w+", dtype=dtype, shape=tuple(shape))
-        _reserve(temporary, os.path.getsize(temporary), final.parent)
-        fill(array)
-        array.flush()
-        del array
-        with open(temporary, "rb+") as stream:
-            os.fsync(stream.fileno())
-        os.replace(temporary, final)
+        with atomic_path(final) as temporary:
+            array = np.lib.format.open_memmap(temporary, mode="w+", dtype=dtype, shape=tuple(shape))
+            _reserve(temporary, os.path.getsize(temporary), final.parent)
+            fill(array)
+            array.flush()
+            del array
     except BaseException:  # KeyboardInterrupt too: nothing half written stays behind
-        try:
-            os.unlink(temporary)
-        except FileNotFoundError:
-            pass
         if created:
             try:
                 final.parent.rmdir()

@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -36,7 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import atomic_write_bytes
 from .data import dequantize, load_dataset
+from .evaluation import model_device
 
 __all__ = [
     "FeatureClassifier",
@@ -199,28 +200,6 @@ def classifier_path(cache_dir, dataset, seed=0) -> Path:
     return Path(cache_dir) / f"classifier-{dataset}-{seed}.pt"
 
 
-def _atomic_save(payload, path: Path):
-    """torch.save to a temporary file in the same folder, fsync, then os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable where the OS allows
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
 def _load_cached(path: Path, identity: dict):
     """The cached classifier if ``path`` holds a valid one for ``identity``; else a reason string."""
     try:
@@ -269,7 +248,8 @@ def load_or_train_classifier(
     (missing, corrupt, other settings) the classifier is trained with :func:`train_classifier`
     on the train split (``train_data``, an :class:`~pyro_srvae.data.ImageDataset`, or
     ``load_dataset(dataset, "train", data_dir)``; the first ``max_train_images`` if given)
-    and written atomically (temporary file, fsync, ``os.replace``). The returned model has
+    and written atomically (:func:`~pyro_srvae.checkpoint.atomic_write_bytes`: a normal
+    file's mode, readable by whoever shares the cache). The returned model has
     ``loaded_from_cache`` and ``cache_path`` set. ``log`` receives one-line progress messages.
     """
     path = classifier_path(cache_dir, dataset, seed)
@@ -302,7 +282,7 @@ def load_or_train_classifier(
         width=width, feature_dim=feature_dim, device=device, log=log,
     )
     payload = dict(identity, format=CLASSIFIER_FORMAT, version=CLASSIFIER_VERSION, state_dict=model.state_dict())
-    _atomic_save(payload, path)
+    atomic_write_bytes(path, lambda handle: torch.save(payload, handle))
     model.loaded_from_cache, model.cache_path = False, path
     return model
 
@@ -310,10 +290,6 @@ def load_or_train_classifier(
 # ---------------------------------------------------------------------------
 # Features and distances
 # ---------------------------------------------------------------------------
-
-
-def _classifier_device(classifier):
-    return next(classifier.parameters()).device
 
 
 def _as_float_images(images, generator=None, name="images"):
@@ -330,7 +306,7 @@ def _as_float_images(images, generator=None, name="images"):
 @torch.no_grad()
 def extract_features(classifier, images, batch_size=500):
     """Penultimate-layer features of float images in [0, 1], ``(N, feature_dim)``, on CPU."""
-    device = _classifier_device(classifier)
+    device = model_device(classifier)
     was_training = classifier.training
     classifier.eval()
     try:
@@ -347,7 +323,7 @@ def extract_features(classifier, images, batch_size=500):
 def classifier_accuracy(classifier, images, labels, batch_size=500, seed=0):
     """Fraction of ``images`` (uint8, dequantized with a fixed seed, or float) classified right."""
     x = _as_float_images(images, torch.Generator().manual_seed(seed))
-    device = _classifier_device(classifier)
+    device = model_device(classifier)
     predictions = torch.cat(
         [classifier(x[i : i + batch_size].to(device)).argmax(-1).cpu() for i in range(0, len(x), batch_size)]
     )

@@ -288,7 +288,19 @@ class ConsistentGaussian(TorchDistribution):
 
     with ``up`` the nearest upsampling (w = 1 for a scalar gamma: ``mean = loc + up(y - A loc)``).
     Event shape ``(C, H, W)``; batch shape the broadcast of ``loc``'s and ``y``'s leading dims.
+
+    The support is the affine subspace ``A x = y``: :meth:`log_prob` is ``-inf`` for an x
+    with a block mean further than :attr:`SUPPORT_TOLERANCE` ``* max(1, mean |x| of the
+    block)`` from y's, and the density above elsewhere.
     """
+
+    #: How far (relative to the block's size ``max(1, mean |x|)``) x's block means may be from
+    #: y for x to lie on the support. The model's own x (training and evaluation: y =
+    #: ``downscale(x)``, :func:`block_mean` of a draw, the conditional mean) has block means
+    #: equal to y up to float rounding: two float32 means of ``f^2`` values differ by at most
+    #: about ``2 (f^2 - 1) 2^-24`` of the block's mean |x| (1e-6 for f = 2, 8e-6 for f = 8),
+    #: far below 1e-4; an x whose block means differ from y by more is another image.
+    SUPPORT_TOLERANCE = 1e-4
 
     arg_constraints = {"loc": constraints.real, "scale": constraints.positive, "y": constraints.real}
     support = constraints.independent(constraints.real, 3)
@@ -343,9 +355,19 @@ class ConsistentGaussian(TorchDistribution):
         return self._condition(x0)
 
     def log_prob(self, value):
+        means = block_mean(value, self.factor)
         full = dist.Normal(self.loc, self.scale).log_prob(value).sum((-3, -2, -1))
         blocks = dist.Normal(block_mean(self.loc, self.factor), self._block_variance.sqrt())
-        return full - blocks.log_prob(block_mean(value, self.factor)).sum((-3, -2, -1))
+        log_p = full - blocks.log_prob(means).sum((-3, -2, -1))
+        # Outside the support A x = y the density is zero (y would otherwise be ignored).
+        return torch.where(self.on_support(value, means), log_p, torch.full_like(log_p, -math.inf))
+
+    def on_support(self, value, means=None):
+        """Whether each x of ``value`` has block means y (:attr:`SUPPORT_TOLERANCE`); batch-shaped."""
+        means = block_mean(value, self.factor) if means is None else means
+        size = block_mean(value.abs(), self.factor).clamp(min=1.0)
+        off = (means - self.y).abs() > self.SUPPORT_TOLERANCE * size
+        return ~off.flatten(-3).any(-1)
 
 
 def _log_difference_of_normal_cdfs(lower, upper):
@@ -502,8 +524,8 @@ class GaussianPixelLikelihood(Likelihood):
     """N(loc, sigma^2) with a per-pixel sigma predicted by the decoder (beyond the spec).
 
     Channels ``[0, C)`` are the locations, ``[C, 2C)`` the raw scales:
-    ``sigma = softplus(raw + b) + 1e-3``, where the constant b makes sigma = ``scale_init``
-    for raw = 0 (the same starting point as the spec's gamma).
+    ``sigma = softplus(raw + b) + min_scale`` (a floor, 1e-3 by default), where the constant b
+    makes sigma = ``scale_init`` for raw = 0 (the same starting point as the spec's gamma).
     """
 
     name = "gaussian-pixel"
@@ -716,14 +738,19 @@ class DiscretizedLogisticMixtureLikelihood(Likelihood):
         return f"DiscretizedLogisticMixtureLikelihood(num_components={self.num_components})"
 
 
-def make_likelihood(name, num_components=10, scale_init=0.1):
-    """The likelihood called ``name`` (one of :data:`LIKELIHOODS`)."""
+def make_likelihood(name, num_components=10, scale_init=0.1, pixel_scale_floor=GAUSSIAN_PIXEL_MIN_SCALE):
+    """The likelihood called ``name`` (one of :data:`LIKELIHOODS`).
+
+    ``pixel_scale_floor``: the least per-pixel sigma of the ``gaussian-pixel`` likelihoods (default:
+    about one bin of 8-bit dequantization noise). A higher floor was tried as a lever against
+    the posterior collapse of z, which a per-pixel sigma invites (docs/results.md, "What z carries").
+    """
     if name == "gaussian":
         return GaussianLikelihood()
     if name == "gaussian-pixel":
-        return GaussianPixelLikelihood(scale_init)
+        return GaussianPixelLikelihood(scale_init, pixel_scale_floor)
     if name == "gaussian-pixel-faithful":
-        return FaithfulGaussianPixelLikelihood(scale_init)
+        return FaithfulGaussianPixelLikelihood(scale_init, pixel_scale_floor)
     if name == "dlogistic-mix":
         return DiscretizedLogisticMixtureLikelihood(num_components, scale_init)
     raise ValueError(f"unknown likelihood {name!r}; expected one of {', '.join(LIKELIHOODS)}")

@@ -24,6 +24,12 @@ Beyond the spec, both models take ``likelihood=`` (:data:`~pyro_srvae.likelihood
 the spec's ``"gaussian"``, the default, or ``"gaussian-pixel"`` / ``"gaussian-pixel-faithful"`` /
 ``"dlogistic-mix"``, used for every observed image site, x and y) and ``arch=`` (:data:`~pyro_srvae.networks.ARCHS`:
 ``"small"``, the default, or ``"densenet"``). The defaults build exactly the spec's model.
+
+Both models can standardize the data per band for the networks (``set_data_scaling``; beyond the
+spec, docs/own-images.md): the networks and likelihoods -- so ``decode*``, ``x_distribution`` and
+``y_distribution`` -- work on x' = (x - offset) / scale, while the log joint stays a density of x
+(the Jacobian is a ``pyro.factor`` site named ``"data_scaling"``) and ``sample``, ``reconstruct``
+and ``super_resolve`` return x's units. The default statistics are the identity.
 """
 
 import math
@@ -36,7 +42,7 @@ from torch import nn
 import pyro
 import pyro.distributions as dist
 
-from .likelihoods import LIKELIHOODS, NUM_BINS, bin_centres, make_likelihood
+from .likelihoods import GAUSSIAN_PIXEL_MIN_SCALE, LIKELIHOODS, NUM_BINS, bin_centres, make_likelihood
 from .networks import (
     ARCHS, NETWORK_TYPES, GaussianEncoder, SpatialGaussianEncoder, float32_outputs, make_image_decoder, make_sr_decoder,
 )
@@ -47,6 +53,10 @@ DOWNSCALE_MODES = ("area", "bilinear")
 DOWNSCALE_FACTORS = (2, 4)
 #: How the srVAE scores x given y = f(x); see :class:`SRVAE`.
 X_GIVEN_Y = ("consistent", "quantized", "spec")
+#: The likelihoods with a per-pixel sigma, and where the srVAE's p(x|y,z,u) computes it: with its
+#: locations, from y, z and u (``"decoder"``), or by a network of y alone (``"y"``; beyond the spec).
+PIXEL_SCALE_LIKELIHOODS = ("gaussian-pixel", "gaussian-pixel-faithful")
+PIXEL_SCALE_SOURCES = ("decoder", "y")
 #: What a model's log-likelihood of x is: a normalized density of x, a lower bound on one,
 #: or the spec's literal joint (not a density of x, not comparable with a VAE's).
 X_DENSITIES = ("exact", "bound", "joint")
@@ -163,6 +173,24 @@ def _check_choice(what, value, choices):
         raise ValueError(f"unknown {what} {value!r}; expected one of {', '.join(map(str, choices))}")
 
 
+class DataScalingError(ValueError):
+    """Per-band standardization asked of a model that scores x on the 256-bin grid of [0, 1]."""
+
+
+def _identity_scaling_if_missing(module, state_dict, prefix, *args):
+    """Load-state-dict pre-hook: a state dict from before the data scaling existed holds neither
+    buffer, and was trained on x itself: it loads as the identity."""
+    names = (prefix + "data_offset", prefix + "data_scale")
+    if not any(name in state_dict for name in names):
+        state_dict[names[0]] = torch.zeros_like(module.data_offset)
+        state_dict[names[1]] = torch.ones_like(module.data_scale)
+
+
+def _check_loaded_scaling(module, incompatible_keys):
+    """Load-state-dict post-hook: the loaded statistics decide :attr:`standardized` (and are checked)."""
+    module.set_data_scaling(module.data_offset, module.data_scale)
+
+
 class _ImageModel(nn.Module):
     """What the VAE and the srVAE share: input checks, device following, learned scales."""
 
@@ -173,7 +201,7 @@ class _ImageModel(nn.Module):
     bits = 8
 
     def __init__(self, image_shape, name, validate_inputs, likelihood="gaussian", likelihood_components=10,
-                 arch="small", gamma_init=0.1):
+                 arch="small", gamma_init=0.1, pixel_scale_floor=GAUSSIAN_PIXEL_MIN_SCALE):
         super().__init__()
         _check_choice("likelihood", likelihood, LIKELIHOODS)
         _check_choice("arch", arch, ARCHS)
@@ -182,12 +210,15 @@ class _ImageModel(nn.Module):
         self.validate_inputs = validate_inputs
         self.likelihood_name = likelihood
         self.arch = arch
-        self.likelihood = make_likelihood(likelihood, likelihood_components, scale_init=gamma_init)
+        if pixel_scale_floor != GAUSSIAN_PIXEL_MIN_SCALE and likelihood not in PIXEL_SCALE_LIKELIHOODS:
+            raise ValueError(f"pixel_scale_floor is the floor of a per-pixel sigma; the {likelihood} likelihood has none")
+        self.likelihood = make_likelihood(likelihood, likelihood_components, gamma_init, pixel_scale_floor)
         # pyro.module on every call is what lets pyro.infer.SVI find the parameters. A loop
         # that steps its own torch optimizer (pyro_srvae.training) registers once and
         # turns this off: re-registering ~50 parameters costs ~1 ms per model/guide call.
         self.pyro_registration = True
         self._registration_checked = False
+        self._init_data_scaling()
 
     def _learned_scale(self, initial):
         """A learned scalar gamma = exp(log gamma) for the spec's Gaussian; None otherwise.
@@ -202,6 +233,99 @@ class _ImageModel(nn.Module):
     @staticmethod
     def _scale(log_gamma):
         return None if log_gamma is None else log_gamma.exp()
+
+    # Per-band standardization (docs/own-images.md, "Bit depths, bands and standardization"):
+    # the networks and likelihoods see x' = (x - data_offset) / data_scale; densities, bits/dim
+    # and every image returned stay in x's own units.
+
+    def _init_data_scaling(self):
+        """Identity statistics as buffers: saved in the state dict, moved by ``.to(device)``.
+
+        A state dict written before they existed loads as the identity (the pre-hook); every
+        load re-derives :attr:`standardized` and re-checks that it is allowed (the post-hook).
+        """
+        channels = self.image_shape[0]
+        self.register_buffer("data_offset", torch.zeros(channels, 1, 1))
+        self.register_buffer("data_scale", torch.ones(channels, 1, 1))
+        #: Whether the statistics differ from the identity. A Python flag, kept by
+        #: :meth:`set_data_scaling` and ``load_state_dict``, so that no call reads the buffers back.
+        self.standardized = False
+        self.register_load_state_dict_pre_hook(_identity_scaling_if_missing)
+        self.register_load_state_dict_post_hook(_check_loaded_scaling)
+
+    @property
+    def discretized(self):
+        """True when the model scores data on the 256-bin grid of [0, 1] (``dlogistic-mix``): bins
+        in x's units, which a per-band standardization would move, so it is refused."""
+        return self.likelihood_name == "dlogistic-mix"
+
+    def set_data_scaling(self, offset, scale):
+        """Standardize the data per band for the networks: they see x' = (x - offset) / scale.
+
+        ``offset`` and ``scale`` hold one value per band (scale > 0), in x's units on [0, 1];
+        training sets the training set's per-band mean and standard deviation
+        (:func:`pyro_srvae.data.band_statistics`). The density of x is that of x' times the
+        Jacobian |dx'/dx| = prod_c scale_c^(-H W), which :meth:`model` adds to the log joint, and
+        every image returned (:meth:`sample`, :meth:`reconstruct`, ``super_resolve``) is mapped
+        back to x's units. ``offset=0, scale=1`` is the identity (the default). Raises
+        :class:`DataScalingError` for a :attr:`discretized` model (the identity excepted).
+        """
+        offset, scale, identity = self._checked_scaling(offset, scale)
+        with torch.no_grad():
+            self.data_offset.copy_(offset)
+            self.data_scale.copy_(scale)
+        self.standardized = not identity
+        return self
+
+    def _checked_scaling(self, offset, scale):
+        """(offset, scale) as ``(C, 1, 1)`` tensors and whether they are the identity; ValueError if unusable."""
+        channels = self.image_shape[0]
+        offset = torch.as_tensor(offset, dtype=torch.float64).detach().cpu().reshape(-1)
+        scale = torch.as_tensor(scale, dtype=torch.float64).detach().cpu().reshape(-1)
+        if offset.numel() != channels or scale.numel() != channels:
+            raise ValueError(
+                f"the data scaling needs one offset and one scale per band ({channels}), "
+                f"got {offset.numel()} and {scale.numel()}"
+            )
+        if not (torch.isfinite(offset).all() and torch.isfinite(scale).all() and (scale > 0).all()):
+            raise ValueError(
+                f"the data scaling needs finite offsets and positive scales, got {offset.tolist()} and {scale.tolist()}"
+            )
+        identity = bool((offset == 0).all() and (scale == 1).all())
+        if not identity and self.discretized:
+            raise DataScalingError(
+                "data standardized per band (--standardize) leave the 256-bin grid of [0, 1] that this model "
+                "scores x on (--likelihood dlogistic-mix, or the srVAE's y on the 8-bit grid: --x-given-y "
+                "quantized or --downscale-mode bilinear)"
+            )
+        return offset.view(-1, 1, 1), scale.view(-1, 1, 1), identity
+
+    def to_network_units(self, images):
+        """x' = (x - offset) / scale, what the networks and likelihoods see; ``(*, C, H, W)``."""
+        if not self.standardized:
+            return images
+        return (images - self.data_offset) / self.data_scale
+
+    def to_data_units(self, images):
+        """x = offset + scale x', the inverse of :meth:`to_network_units`: images as returned."""
+        if not self.standardized:
+            return images
+        return images * self.data_scale + self.data_offset
+
+    def data_scaling_log_jacobian(self, pixels_per_band):
+        """log |dx'/dx| of ``pixels_per_band`` pixels in every band: -pixels sum_c log scale_c (nats)."""
+        return -pixels_per_band * self.data_scale.log().sum()
+
+    def _observe_data_scaling(self, batch_size, pixels_per_band):
+        """The change of variables x -> x' in the log joint, per image (inside the data plate).
+
+        The likelihoods score x'; the density of x is ``p(x') |dx'/dx|``, so every estimator
+        built from the trace (ELBOs, importance weights, log p(x|y) = log p(x, y) - log p(y))
+        gets log p(x) = log p(x') - pixels sum_c log scale_c, exactly.
+        """
+        if self.standardized:
+            log_jacobian = self.data_scaling_log_jacobian(pixels_per_band)
+            pyro.factor("data_scaling", log_jacobian.expand(batch_size))
 
     @property
     def device(self):
@@ -278,6 +402,7 @@ class VAE(_ImageModel):
             or "dlogistic-mix" (:mod:`pyro_srvae.likelihoods`).
         likelihood_components: mixture components K of ``"dlogistic-mix"``.
         arch: "small" (CPU-sized conv nets) or "densenet" (:mod:`pyro_srvae.networks`).
+        pixel_scale_floor: the least per-pixel sigma of the ``gaussian-pixel`` likelihoods (default 1e-3).
     """
 
     def __init__(
@@ -293,8 +418,10 @@ class VAE(_ImageModel):
         likelihood="gaussian",
         likelihood_components=10,
         arch="small",
+        pixel_scale_floor=GAUSSIAN_PIXEL_MIN_SCALE,
     ):
-        super().__init__(image_shape, name, validate_inputs, likelihood, likelihood_components, arch, gamma_init)
+        super().__init__(image_shape, name, validate_inputs, likelihood, likelihood_components, arch, gamma_init,
+                         pixel_scale_floor)
         _check_choice("prior", prior, PRIORS)
         channels, height, width = self.image_shape
         self.prior_name = prior
@@ -323,31 +450,32 @@ class VAE(_ImageModel):
         return self.likelihood.mean(self.decoder_x(z))
 
     def model(self, x):
-        """p(z) p(x|z), eq. (3); x is observed."""
-        x = self._prepare(x, self.image_shape, "x")
+        """p(z) p(x|z), eq. (3); x is observed (as x' with the data scaling, and its Jacobian)."""
+        x = self.to_network_units(self._prepare(x, self.image_shape, "x"))
         with pyro.plate("data", x.shape[0], dim=-1):
             z = pyro.sample("z", self.prior_z())
             pyro.sample("x", self.x_distribution(z), obs=x)
+            self._observe_data_scaling(x.shape[0], self.image_shape[1] * self.image_shape[2])
 
     def guide(self, x):
         """q(z|x) = N(mu_phi(x), diag sigma_phi(x)^2), section 2.2."""
-        x = self._prepare(x, self.image_shape, "x")
+        x = self.to_network_units(self._prepare(x, self.image_shape, "x"))
         with pyro.plate("data", x.shape[0], dim=-1):
             loc, scale = self.encoder_z(x)
             pyro.sample("z", dist.Normal(loc, scale).to_event(1))
 
     @torch.no_grad()
     def sample(self, n):
-        """n draws z ~ p(z), returned as the decoder means mu_theta(z), shape (n, C, H, W)."""
+        """n draws z ~ p(z), returned as the decoder means mu_theta(z), shape (n, C, H, W), in x's units."""
         z = self.prior_z().sample((n,))
-        return self.decode(z)
+        return self.to_data_units(self.decode(z))
 
     @torch.no_grad()
     def reconstruct(self, x):
-        """The decoder mean at the posterior mean of q(z|x)."""
-        x = self._prepare(x, self.image_shape, "x")
+        """The decoder mean at the posterior mean of q(z|x), in x's units."""
+        x = self.to_network_units(self._prepare(x, self.image_shape, "x"))
         loc, _ = self.encoder_z(x)
-        return self.decode(loc)
+        return self.to_data_units(self.decode(loc))
 
 
 class SRVAE(_ImageModel):
@@ -413,6 +541,10 @@ class SRVAE(_ImageModel):
         z_injection: where the SR decoder reads z (and u): its first layer (``"input"``) or every
             layer (``"every"``, :data:`~pyro_srvae.networks.Z_INJECTIONS`), a lever against the
             posterior collapse of z (docs/results.md, "What z carries").
+        pixel_scale_floor: the least per-pixel sigma of the ``gaussian-pixel`` likelihoods, in p(y|u)
+            and p(x|y,z,u) alike (default 1e-3, about one 8-bit bin of dequantization noise).
+        pixel_scale_from: where p(x|y,z,u)'s per-pixel sigmas come from: the SR decoder, with the
+            locations (``"decoder"``, the default), or a network of y alone (``"y"``).
     """
 
     def __init__(
@@ -438,8 +570,14 @@ class SRVAE(_ImageModel):
         sr_hidden=None,
         z_injection="input",
         z_channels=0,
+        pixel_scale_floor=GAUSSIAN_PIXEL_MIN_SCALE,
+        pixel_scale_from="decoder",
     ):
-        super().__init__(image_shape, name, validate_inputs, likelihood, likelihood_components, arch, gamma_init)
+        super().__init__(image_shape, name, validate_inputs, likelihood, likelihood_components, arch, gamma_init,
+                         pixel_scale_floor)
+        _check_choice("pixel_scale_from", pixel_scale_from, PIXEL_SCALE_SOURCES)
+        if pixel_scale_from != "decoder" and likelihood not in PIXEL_SCALE_LIKELIHOODS:
+            raise ValueError(f"pixel_scale_from={pixel_scale_from!r} needs a per-pixel sigma; the {likelihood} likelihood has none")
         _check_choice("guide", guide, GUIDES)
         _check_choice("x_given_y", x_given_y, X_GIVEN_Y)
         _check_choice("prior", prior, PRIORS)
@@ -475,10 +613,18 @@ class SRVAE(_ImageModel):
         self.prior_z = self._z_network(channels, lr_hw, hidden, u_dim, arch)
         self.sr_arch = arch if sr_arch is None else sr_arch
         self.sr_hidden = hidden if sr_hidden is None else sr_hidden
+        self.pixel_scale_from = pixel_scale_from
+        # pixel_scale_from="y": the sigmas of p(x|y,z,u) come from a network that sees y alone, so that
+        # the noise cannot follow what z proposes (a lever against its collapse); the SR decoder
+        # then draws the locations only.
         self.decoder_x = make_sr_decoder(
             self.sr_arch, self.image_shape, factor, z_dim, u_dim if full else 0, self.sr_hidden,
-            params_per_channel=params, base=sr_base, z_injection=z_injection, z_channels=self.z_channels,
+            params_per_channel=1 if pixel_scale_from == "y" else params, base=sr_base, z_injection=z_injection,
+            z_channels=self.z_channels,
         )
+        self.scale_x = None
+        if pixel_scale_from == "y":
+            self.scale_x = make_sr_decoder(self.sr_arch, self.image_shape, factor, 0, 0, self.sr_hidden, base=sr_base)
         self.encoder_u = GaussianEncoder(channels, lr_hw, u_dim, hidden, arch=arch)
         # The full guide sees x beside the upsampled y, and u: q(z|x,y,u), eq. (19).
         self.encoder_z = self._z_network(2 * channels if full else channels, hr_hw, hidden, u_dim if full else 0, arch)
@@ -515,6 +661,21 @@ class SRVAE(_ImageModel):
         return "exact" if self.exact_consistent else "bound"
 
     @property
+    def discretized(self):
+        """True with ``dlogistic-mix`` or a y on the 8-bit grid (:attr:`quantized_y`): either grid lives
+        in x's units on [0, 1], so a per-band standardization is refused."""
+        return super().discretized or self.quantized_y
+
+    @property
+    def _scaled_pixels_per_band(self):
+        """Pixels per band of what :meth:`model` scores as densities in x's units: x (the density
+        of y times that of x given y is one of x), plus y in the spec's joint, which scores y twice."""
+        pixels = self.image_shape[1] * self.image_shape[2]
+        if self.x_density == "joint":
+            pixels += self.lr_shape[1] * self.lr_shape[2]
+        return pixels
+
+    @property
     def gamma_x(self):
         """The learned scale of eq. (15); None for likelihoods with predicted scales."""
         return self._scale(self.log_gamma_x)
@@ -545,7 +706,12 @@ class SRVAE(_ImageModel):
 
     def _x_parameters(self, y, z, u):
         """The SR decoder's raw output and the offset ``upsample(y)`` its locations are relative to."""
-        return self.decoder_x.residual(y, z, u if self.full else None), self.decoder_x.upsample(y)
+        raw = self.decoder_x.residual(y, z, u if self.full else None)
+        if self.scale_x is not None:  # the raw sigmas from y alone, beside the locations
+            raw_scale = self.scale_x.residual(y, None)
+            raw_scale = raw_scale.expand(raw.shape[:-3] + raw_scale.shape[-3:])
+            raw = torch.cat([raw, raw_scale], dim=-3)
+        return raw, self.decoder_x.upsample(y)
 
     def x_distribution(self, y, z, u):
         """p(x|y,z) (eq. 15) or p(x|y,z,u) (sec. 4.3.1): N(upsample(y) + residual, gamma_x^2 I),
@@ -573,8 +739,11 @@ class SRVAE(_ImageModel):
         return self.encoder_z(torch.cat([x, self.decoder_x.upsample(y)], dim=-3), u)
 
     def model(self, x):
-        """p(u) p(y|u) p(z|y,u) p(x|y,z[,u]): eq. (8) (simple) or eq. (7) (full)."""
-        x = self._prepare(x, self.image_shape, "x")
+        """p(u) p(y|u) p(z|y,u) p(x|y,z[,u]): eq. (8) (simple) or eq. (7) (full).
+
+        With the data scaling, x' and y' = f(x') = (f(x) - offset) / scale (the block mean is
+        affine) are observed, and the Jacobian makes the log joint one of x."""
+        x = self.to_network_units(self._prepare(x, self.image_shape, "x"))
         y = self.downscale(x)
         with pyro.plate("data", x.shape[0], dim=-1):
             u = pyro.sample("u", self.prior_u())
@@ -582,10 +751,11 @@ class SRVAE(_ImageModel):
             z_loc, z_scale = self.prior_z(y, u)
             z = pyro.sample("z", dist.Normal(z_loc, z_scale).to_event(1))
             pyro.sample("x", self.x_distribution(y, z, u), obs=x)
+            self._observe_data_scaling(x.shape[0], self._scaled_pixels_per_band)
 
     def guide(self, x):
         """q(u|y) q(z|x) (eq. 10) or q(u|y) q(z|x,y,u) (eq. 19); q(y|x) is the point mass y = f(x)."""
-        x = self._prepare(x, self.image_shape, "x")
+        x = self.to_network_units(self._prepare(x, self.image_shape, "x"))
         y = self.downscale(x)
         with pyro.plate("data", x.shape[0], dim=-1):
             u_loc, u_scale = self.encoder_u(y)
@@ -597,17 +767,19 @@ class SRVAE(_ImageModel):
         """p(u) p(y|u) alone, y = f(x): the low-resolution half of :meth:`model`, for log p(y).
 
         With :meth:`lr_guide` its importance weights estimate log p(y); log p(x, y) - log p(y)
-        is then the conditional likelihood of super-resolution, log p(x | y).
+        is then the conditional likelihood of super-resolution, log p(x | y). With the data
+        scaling, y's Jacobian (H/f W/f pixels per band) makes it a density of y in x's units.
         """
-        x = self._prepare(x, self.image_shape, "x")
+        x = self.to_network_units(self._prepare(x, self.image_shape, "x"))
         y = self.downscale(x)
         with pyro.plate("data", x.shape[0], dim=-1):
             u = pyro.sample("u", self.prior_u())
             pyro.sample("y", self.y_distribution(u), obs=y)
+            self._observe_data_scaling(x.shape[0], self.lr_shape[1] * self.lr_shape[2])
 
     def lr_guide(self, x):
         """q(u|y), the guide of :meth:`lr_model`."""
-        x = self._prepare(x, self.image_shape, "x")
+        x = self.to_network_units(self._prepare(x, self.image_shape, "x"))
         y = self.downscale(x)
         with pyro.plate("data", x.shape[0], dim=-1):
             u_loc, u_scale = self.encoder_u(y)
@@ -620,7 +792,7 @@ class SRVAE(_ImageModel):
         Returns ``SRSample(x, y)`` of decoder means (means of the likelihood),
         (n, C, H, W) and (n, C, H/f, W/f). With :attr:`quantized_y`, y is snapped to the
         centres of its 8-bit bins (the values the networks were trained on); with
-        :attr:`exact_consistent`, x's block means are y.
+        :attr:`exact_consistent`, x's block means are y. Both in x's units.
         """
         u = self.prior_u().sample((n,))
         y = self.decode_y(u)
@@ -628,7 +800,7 @@ class SRVAE(_ImageModel):
             y = bin_centres(y)
         z_loc, z_scale = self.prior_z(y, u)
         z = dist.Normal(z_loc, z_scale).sample()
-        return SRSample(x=self.decode_x(y, z, u), y=y)
+        return SRSample(x=self.to_data_units(self.decode_x(y, z, u)), y=self.to_data_units(y))
 
     @torch.no_grad()
     def super_resolve(self, y, num_samples=16, observation_noise=True):
@@ -647,8 +819,10 @@ class SRVAE(_ImageModel):
         :func:`pyro_srvae.calibration.fit_spread_scale`), the likelihood's noise around each
         decoder mean is multiplied by that factor per channel: the same model with its
         likelihood scale times t, fitted on held-out images (``None``: the model's own).
+
+        ``y`` and every output are in x's units (the data scaling is undone on the way out).
         """
-        y = self._prepare(y, self.lr_shape, "y")
+        y = self.to_network_units(self._prepare(y, self.lr_shape, "y"))
         if int(num_samples) != num_samples or num_samples < 1:
             raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
         u_loc, u_scale = self.encoder_u(y)
@@ -669,6 +843,9 @@ class SRVAE(_ImageModel):
                 t = torch.as_tensor(self.spread_scale, dtype=means.dtype, device=means.device).view(-1, 1, 1)
                 samples = means + t * (samples - means)
                 noise_variance = noise_variance * t.square()
+        if self.standardized:  # back to x's units: draws and means affinely, variances times scale^2
+            means, samples = self.to_data_units(means), self.to_data_units(samples)
+            noise_variance = noise_variance * self.data_scale.square()
         return SuperResolution(
             mean=means.mean(dim=0),
             std=_spread(samples),
@@ -680,9 +857,9 @@ class SRVAE(_ImageModel):
 
     @torch.no_grad()
     def reconstruct(self, x):
-        """The decoder mean at the posterior means of q(u|y) and q(z|.)."""
-        x = self._prepare(x, self.image_shape, "x")
+        """The decoder mean at the posterior means of q(u|y) and q(z|.), in x's units."""
+        x = self.to_network_units(self._prepare(x, self.image_shape, "x"))
         y = self.downscale(x)
         u, _ = self.encoder_u(y)
         z, _ = self.encode_z(x, y, u)
-        return self.decode_x(y, z, u)
+        return self.to_data_units(self.decode_x(y, z, u))

@@ -83,10 +83,6 @@ def set_channels_last(enabled):
     _CHANNELS_LAST = bool(enabled)
 
 
-def channels_last_enabled():
-    return _CHANNELS_LAST
-
-
 _CHANNELS_LAST = True
 
 
@@ -338,8 +334,8 @@ class SuperResolutionDecoder(nn.Module):
         if self.project is not None and vector is not None:
             projected = self.project(vector)
             maps.append(projected.view(projected.shape[:-1] + (self.projected_channels,) + self.lr_hw))
-        if len(maps) == 1:
-            return maps[0]
+        if len(maps) <= 1:  # none: a decoder of y alone (SRVAE's pixel_scale_from="y")
+            return maps[0] if maps else None
         batch_shape = torch.broadcast_shapes(*(m.shape[:-3] for m in maps))
         return torch.cat([_expand_leading(m, batch_shape, 3) for m in maps], dim=-3)
 
@@ -380,10 +376,13 @@ class SuperResolutionDecoder(nn.Module):
     def residual(self, y, z, u=None):
         """The raw output ``(*, P * C, H, W)``: the residual over ``upsample(y)`` for P = 1."""
         latent_map = self._latent_map(z, u)
-        batch_shape = torch.broadcast_shapes(y.shape[:-3], latent_map.shape[:-3])
-        inputs = torch.cat(
-            [_expand_leading(y, batch_shape, 3), _expand_leading(latent_map, batch_shape, 3)], dim=-3
-        )
+        if latent_map is None:
+            inputs, batch_shape = y, y.shape[:-3]
+        else:
+            batch_shape = torch.broadcast_shapes(y.shape[:-3], latent_map.shape[:-3])
+            inputs = torch.cat(
+                [_expand_leading(y, batch_shape, 3), _expand_leading(latent_map, batch_shape, 3)], dim=-3
+            )
         flat, _ = _merge_leading(inputs, 3)
         return _split_leading(self._network(_conv_input(flat)), batch_shape)
 

@@ -251,41 +251,58 @@ def _to_float(v) -> float:
     return v if math.isfinite(v) else float("nan")
 
 
+def _train_label(names):
+    """The legend of the training curve: minus the objective(s) it traced, in order (warm-up first)."""
+    if not names:
+        return "train: -objective"  # records from before the objective was named
+    if len(names) == 1:
+        return f"train: -{names[0]}"
+    return f"train: -{names[0]}\n... -{names[-1]}"
+
+
 def plot_loss_curves(
     epochs: Sequence[Mapping[str, object]],
     path: PathLike,
     steps: Optional[Iterable[Tuple[float, float]]] = None,
     title: Optional[str] = None,
 ) -> PathLike:
-    """Negative ELBO (bits/dim) per epoch, train and test.
+    """Per epoch, the running training objective and the test negative ELBO (bits/dim).
 
-    ``epochs`` is a list of dicts with keys ``"epoch"``, ``"train_elbo_bpd"``
-    and ``"test_elbo_bpd"`` (the test value may be ``None`` or missing for
-    some epochs).  If ``steps`` — a list of ``(step, loss_bpd)`` pairs — is
-    given and non-empty, a second panel shows the per-step training curve.
+    ``epochs`` is a list of dicts with keys ``"epoch"``, ``"train_objective_bpd"``
+    (minus the training objective: the ELBO, or under KL warm-up, a bound or free
+    bits another objective), optionally ``"train_objective"`` (its name, shown in
+    the legend) and ``"test_elbo_bpd"`` (the test value may be ``None`` or missing
+    for some epochs). Records from before the rename hold the same number as
+    ``"train_elbo_bpd"``, read as ``"train_objective_bpd"``.  If ``steps`` — a
+    list of ``(step, loss_bpd)`` pairs of the running objective — is given and
+    non-empty, a second panel shows the per-step training curve.
     """
     epochs = list(epochs)
     step_list = [] if steps is None else list(steps)
     if not epochs and not step_list:
         raise ValueError("nothing to plot: `epochs` is empty and no `steps` given")
 
-    ep, train, test_ep, test = [], [], [], []
+    ep, train, test_ep, test, names = [], [], [], [], []
     for i, rec in enumerate(epochs):
         if not isinstance(rec, Mapping):
             raise ValueError(
-                f"`epochs[{i}]` must be a dict with keys 'epoch', 'train_elbo_bpd' "
+                f"`epochs[{i}]` must be a dict with keys 'epoch', 'train_objective_bpd' "
                 f"and optionally 'test_elbo_bpd', got {type(rec).__name__}"
             )
-        missing = [k for k in ("epoch", "train_elbo_bpd") if k not in rec]
+        if "train_elbo_bpd" in rec and "train_objective_bpd" not in rec:
+            rec = {**rec, "train_objective_bpd": rec["train_elbo_bpd"]}  # a record from before the rename
+        missing = [k for k in ("epoch", "train_objective_bpd") if k not in rec]
         if missing:
             raise ValueError(
                 f"`epochs[{i}]` is missing key(s) {missing}: expected keys "
-                f"'epoch', 'train_elbo_bpd' (and optionally 'test_elbo_bpd'), "
+                f"'epoch', 'train_objective_bpd' (and optionally 'test_elbo_bpd'), "
                 f"got {sorted(rec.keys())}"
             )
         e = _to_float(rec["epoch"])
         ep.append(e)
-        train.append(_to_float(rec["train_elbo_bpd"]))
+        train.append(_to_float(rec["train_objective_bpd"]))
+        if rec.get("train_objective") and rec["train_objective"] not in names:
+            names.append(rec["train_objective"])
         t = _to_float(rec.get("test_elbo_bpd"))
         if not math.isnan(t):
             test_ep.append(e)
@@ -302,15 +319,15 @@ def plot_loss_curves(
 
     ax = axes[0]
     if epochs:
-        ax.plot(ep, train, marker="o", markersize=3, label="train")
+        ax.plot(ep, train, marker="o", markersize=3, label=_train_label(names))
         if test:
-            ax.plot(test_ep, test, marker="s", markersize=3, label="test")
-        ax.legend()
+            ax.plot(test_ep, test, marker="s", markersize=3, label="test: -ELBO")
+        ax.legend(fontsize=7)
     else:
         ax.text(0.5, 0.5, "no completed epochs yet", ha="center", va="center",
                 transform=ax.transAxes)
     ax.set_xlabel("epoch")
-    ax.set_ylabel("negative ELBO (bits/dim)")
+    ax.set_ylabel("bits/dim")
     ax.set_title("per epoch")
     ax.grid(True, alpha=0.3)
 
@@ -319,9 +336,9 @@ def plot_loss_curves(
         xs = [_to_float(s) for s, _ in step_list]
         ys = [_to_float(v) for _, v in step_list]
         ax2.plot(xs, ys, linewidth=0.8, color="tab:blue", alpha=0.8,
-                 label="train (per step)")
+                 label="train objective, running mean")
         ax2.set_xlabel("step")
-        ax2.set_ylabel("negative ELBO (bits/dim)")
+        ax2.set_ylabel("minus the training objective (bits/dim)")
         ax2.set_title("per step")
         ax2.grid(True, alpha=0.3)
         ax2.legend()

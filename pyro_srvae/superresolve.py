@@ -4,8 +4,8 @@
 :func:`superresolve` does the same for image files (PNG / JPEG / TIFF) and ``.npy``
 arrays, from a checkpoint or a model, and writes the results; ``pyro-srvae
 superresolve`` is its command line. :func:`load_model` rebuilds a model from a
-training checkpoint and :func:`evaluate_checkpoint` re-runs the evaluation of
-"Train and evaluate" on it (``pyro-srvae evaluate``).
+training checkpoint and :func:`evaluate_checkpoint` re-runs the end-of-training
+evaluation (:func:`pyro_srvae.training.evaluate_images`) on it (``pyro-srvae evaluate``).
 
 Tiling
 ------
@@ -85,7 +85,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import secrets
 import sys
 import zipfile
 from collections import Counter
@@ -98,12 +97,16 @@ import torch
 
 import pyro
 
-from .checkpoint import CheckpointError, derive_seed, fsync_directory, load_checkpoint
+from .checkpoint import CheckpointError, StagedFiles, atomic_write_text, derive_seed, load_checkpoint
+from .data import IMAGE_SHAPES
+from .evaluation import evaluate_model, evaluation_batch_size, fit_baseline_scale, model_device
 from .images import ImageError, check_image_size, match_channels, read_image, to_uint8_image
-from .models import SuperResolution
+from .models import DataScalingError, SuperResolution
+from .training import ConfigError, TrainConfig, build_model, load_split, resolve_device
 
 __all__ = [
     "DEFAULT_OUT_DIR",
+    "INTERVAL_SUFFIXES",
     "OUTPUT_SUFFIXES",
     "SuperResolveError",
     "SuperResolvedImage",
@@ -127,6 +130,14 @@ OUTPUT_SUFFIXES = {
     "samples_npy": "_sr_samples.npy",
     "samples_png": "_sr_samples.png",
 }
+# Written besides when the checkpoint holds an RCPS interval (pyro-srvae calibrate --method rcps)
+# that applies to the draws (pyro_srvae.calibration.interval_mismatch): its lower and upper ends,
+# and the calibration record (lambda_hat, alpha, delta, n, the guarantee) they come from.
+INTERVAL_SUFFIXES = {
+    "lower_npy": "_sr_lower.npy",
+    "upper_npy": "_sr_upper.npy",
+    "interval_json": "_sr_interval.json",
+}
 STRIP_MAX_SAMPLES = 16
 
 
@@ -147,11 +158,14 @@ class SuperResolvedImage:
     """The result for one input file.
 
     ``mean``, ``std`` (the total predictive std), ``std_latent`` and ``std_noise`` (its
-    parts, ``std^2 ~= std_latent^2 + std_noise^2``) are float32 ``(C, f*H, f*W)``,
+    parts, ``std^2 ~= std_latent^2 + std_noise^2``) are float32 ``(C, f*H, f*W)``
+    (``mean`` on the [0, 1] scale of the input but unclipped: it may leave [0, 1] slightly),
     ``samples`` ``(S, C, f*H, f*W)`` (all ``None`` with ``return_arrays=False``);
     ``files`` maps the keys of :data:`OUTPUT_SUFFIXES` to the written paths (empty when
     nothing was written); ``note`` says how the image's channels were converted, if they were;
-    ``bits`` is the input's stored bit depth (8 or 16; ``None`` for float input).
+    ``bits`` is the input's stored bit depth (8 or 16; ``None`` for float input);
+    ``lower`` and ``upper`` the certified RCPS interval ``mean -+ lambda_hat * std`` (``None``
+    when the checkpoint holds none that applies, or with ``return_arrays=False``).
     """
 
     input: Path
@@ -163,32 +177,20 @@ class SuperResolvedImage:
     std_latent: Optional[np.ndarray] = None
     std_noise: Optional[np.ndarray] = None
     bits: Optional[int] = None
+    lower: Optional[np.ndarray] = None
+    upper: Optional[np.ndarray] = None
 
 
 # --------------------------------------------------------------------------- #
 # Models from checkpoints
 # --------------------------------------------------------------------------- #
-def _resolve_device(device) -> Optional[torch.device]:
-    if device is None:
-        return None
-    if isinstance(device, str) and device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device cuda: no CUDA GPU is available (use auto or cpu)")
-    return device
-
-
 def _image_shape(config, state, data_info=None):
     """(C, H, W) of the training images: as the checkpoint records it, else from the
     dataset's name, else from the weights (checkpoints written before the record)."""
-    from . import data
-
     if data_info and data_info.get("image_shape"):
         return tuple(int(n) for n in data_info["image_shape"])
-    shapes = getattr(data, "_IMAGE_SHAPES", {})
-    if config.dataset in shapes:
-        return tuple(shapes[config.dataset])
+    if config.dataset in IMAGE_SHAPES:
+        return tuple(IMAGE_SHAPES[config.dataset])
     # An srVAE's tensors give C and the low-resolution area; assume square images.
     try:
         channels = int(state["encoder_u.features.net.0.weight"].shape[1])
@@ -205,8 +207,6 @@ def _load(checkpoint, device=None, require_super_resolution=True, x_given_y=None
     ``x_given_y`` rebuilds an srVAE with another p(x|y,.) around the same weights: the
     consistent density is normalized for any parameters, so a checkpoint trained on the
     spec's joint can be re-scored as a density of x."""
-    from .training import ConfigError, TrainConfig, build_model
-
     path = Path(checkpoint)
     if path.is_file() and not zipfile.is_zipfile(path):
         # torch.save writes zip archives; say so rather than relay torch.load's advice.
@@ -235,6 +235,8 @@ def _load(checkpoint, device=None, require_super_resolution=True, x_given_y=None
     try:
         model = build_model(config, shape)
         model.load_state_dict(state, strict=True)
+    except DataScalingError as error:  # e.g. --x-given-y quantized on a standardized checkpoint
+        raise CheckpointError(f"{path}: {error}") from None
     except (ConfigError, RuntimeError, ValueError, KeyError, TypeError) as error:
         text = str(error).strip()
         first_line = text.splitlines()[0] if text else type(error).__name__
@@ -252,7 +254,15 @@ def _load(checkpoint, device=None, require_super_resolution=True, x_given_y=None
         if len(calibration.scale) != shape[0]:
             raise CheckpointError(f"{path}: spread_calibration has {len(calibration.scale)} factors for {shape[0]} channels")
         model.spread_calibration, model.spread_scale = calibration, list(calibration.scale)
-    device = _resolve_device(device if device is not None else "auto")
+    model.interval_calibration = None
+    if payload.get("interval_calibration") is not None and config.model == "srvae":
+        from .calibration import IntervalCalibration
+
+        interval = IntervalCalibration.from_dict(dict(payload["interval_calibration"]))
+        if interval.spread_scale is not None and len(interval.spread_scale) != shape[0]:
+            raise CheckpointError(f"{path}: interval_calibration was fitted with {len(interval.spread_scale)} noise factors for {shape[0]} channels")
+        model.interval_calibration = interval
+    device = resolve_device(device if device is not None else "auto")
     model = model.to(device).eval()
     return model, config, payload
 
@@ -272,13 +282,6 @@ def _check_sr_model(model):
     if not (hasattr(model, "super_resolve") and hasattr(model, "lr_shape") and hasattr(model, "factor")):
         raise TypeError(f"super-resolution needs an SRVAE, got {type(model).__name__}")
     return model
-
-
-def _model_device(model):
-    try:
-        return next(model.parameters()).device
-    except (AttributeError, StopIteration):
-        return torch.device("cpu")
 
 
 # --------------------------------------------------------------------------- #
@@ -510,7 +513,7 @@ def _superresolve_view(model, y, num_samples, *, overlap, seed, tile_batch, devi
         overlap = (tile_h // 2, tile_w // 2)
     overlap_h, overlap_w = (overlap, overlap) if isinstance(overlap, int) else tuple(overlap)
     plan_h, plan_w = plan_axis(height, tile_h, int(overlap_h)), plan_axis(width, tile_w, int(overlap_w))
-    device = _resolve_device(device) or _model_device(model)
+    device = resolve_device(device) or model_device(model)
     if tile_batch is None:
         # About 256 tile draws per network call on a CPU (larger batches fall out of the
         # caches), 8192 on a GPU.
@@ -587,47 +590,6 @@ def _superresolve_view(model, y, num_samples, *, overlap, seed, tile_batch, devi
 # --------------------------------------------------------------------------- #
 # Files
 # --------------------------------------------------------------------------- #
-class _StagedFiles:
-    """Write files under temporary names in one folder, then rename them all, or none."""
-
-    def __init__(self, directory: Path):
-        self.directory = directory
-        self.pending: List[Tuple[Path, Path]] = []
-
-    def _temporary(self, final: Path) -> Path:
-        return self.directory / f".{final.name}.{os.getpid()}.{secrets.token_hex(4)}.partial"
-
-    def write(self, final: Path, write):
-        """``write(handle)`` into a fresh temporary file that becomes ``final`` on commit."""
-        tmp = self._temporary(final)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        self.pending.append((tmp, final))
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-
-    def write_via_path(self, final: Path, write):
-        """``write(tmp_path)`` for writers that take a path (and are atomic themselves)."""
-        tmp = self._temporary(final)
-        self.pending.append((tmp, final))
-        write(tmp)
-
-    def commit(self):
-        for tmp, final in self.pending:
-            os.replace(tmp, final)
-        self.pending = []
-        fsync_directory(self.directory)
-
-    def abort(self):
-        for tmp, _ in self.pending:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-        self.pending = []
-
-
 def _output_names(paths: Sequence[Path]) -> List[str]:
     """File-name stems for the outputs; inputs sharing a stem get their extension, then a number."""
     stems = Counter(p.stem for p in paths)
@@ -644,8 +606,10 @@ def _output_names(paths: Sequence[Path]) -> List[str]:
     return names
 
 
-def output_paths(out_dir, name) -> Dict[str, Path]:
-    return {key: Path(out_dir) / f"{name}{suffix}" for key, suffix in OUTPUT_SUFFIXES.items()}
+def output_paths(out_dir, name, interval=False) -> Dict[str, Path]:
+    """The files of input ``name``: :data:`OUTPUT_SUFFIXES`, and :data:`INTERVAL_SUFFIXES` with ``interval``."""
+    suffixes = {**OUTPUT_SUFFIXES, **(INTERVAL_SUFFIXES if interval else {})}
+    return {key: Path(out_dir) / f"{name}{suffix}" for key, suffix in suffixes.items()}
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -681,9 +645,11 @@ def native_pixels(pixels: np.ndarray, bits: Optional[int]) -> np.ndarray:
     """An image in [0, 1] in the input's own units: ``floor(2**bits x)`` as uint8 / uint16
     (the inverse of reading ``k`` as ``(k + 0.5) / 2**bits``), or float32 for float input.
 
-    With the consistent model each block of the mean averages to ``(k + 0.5) / 2**bits``, so
-    the written block averages to ``k`` within half a level -- except where the mean leaves
-    [0, 1] and is clipped, which moves that block's average (near black or white only)."""
+    A value outside [0, 1] is clipped: to 0 or ``2**bits - 1`` (to 0.0 or 1.0 for float
+    input); NaN becomes 0. With the consistent model each block of the mean averages to
+    ``(k + 0.5) / 2**bits``, so the written block averages to ``k`` within half a level --
+    except where the mean leaves [0, 1] and is clipped, which moves that block's average
+    (near black or white only; ``NAME_sr_mean.npy`` keeps the unclipped values)."""
     values = np.nan_to_num(np.asarray(pixels, dtype=np.float64), nan=0.0)
     if bits is None:
         return np.clip(values, 0.0, 1.0).astype(np.float32)
@@ -704,14 +670,14 @@ def _save_npy(array):
     return lambda handle: np.save(handle, np.ascontiguousarray(array), allow_pickle=False)
 
 
-def _write_outputs(out_dir: Path, files: Dict[str, Path], result: SuperResolution, label: str, bits=None):
-    """The files of one input (:data:`OUTPUT_SUFFIXES`), all renamed into place at the end or none at all."""
+def _write_outputs(out_dir: Path, files: Dict[str, Path], result: SuperResolution, label: str, bits=None, interval=None):
+    """The files of one input (:data:`OUTPUT_SUFFIXES`, and with ``interval``, ``(lower, upper,
+    IntervalCalibration)``, :data:`INTERVAL_SUFFIXES`), all renamed into place at the end or none at all."""
     from . import plots
 
     mean, std, samples = result.mean, result.std, result.samples
     shown = min(samples.shape[0], STRIP_MAX_SAMPLES)
-    staged = _StagedFiles(out_dir)
-    try:
+    with StagedFiles(out_dir) as staged:
         staged.write(files["mean_png"], lambda h: to_uint8_image(mean.numpy()).save(h, format="PNG"))
         staged.write(files["mean_npy"], _save_npy(mean.numpy()))
         staged.write_via_path(files["mean_tif"], _save_tiff(native_pixels(mean.numpy(), bits)))
@@ -719,6 +685,12 @@ def _write_outputs(out_dir: Path, files: Dict[str, Path], result: SuperResolutio
         staged.write(files["std_latent_npy"], _save_npy(result.std_latent.numpy()))
         staged.write(files["std_noise_npy"], _save_npy(result.std_noise.numpy()))
         staged.write(files["samples_npy"], _save_npy(samples.numpy()))
+        if interval is not None:
+            lower, upper, calibration = interval
+            staged.write(files["lower_npy"], _save_npy(lower.numpy()))
+            staged.write(files["upper_npy"], _save_npy(upper.numpy()))
+            record = json.dumps(calibration.to_dict(), indent=2) + "\n"
+            staged.write(files["interval_json"], lambda handle: handle.write(record.encode("utf-8")))
         staged.write_via_path(
             files["uncertainty_png"],
             lambda tmp: plots.plot_uncertainty_parts(
@@ -734,10 +706,26 @@ def _write_outputs(out_dir: Path, files: Dict[str, Path], result: SuperResolutio
                 title=f"{label}: {count} SR draws: decoder means (what z proposes) over full samples",
             ),
         )
-        staged.commit()
-    except BaseException:
-        staged.abort()
-        raise
+
+
+def _certified_interval(model, num_samples, views, overlap, log):
+    """The model's RCPS interval calibration when it applies to these draws, else None; says which in ``log``."""
+    from .calibration import interval_mismatch
+
+    calibration = getattr(model, "interval_calibration", None)
+    if calibration is None:
+        return None
+    reason = interval_mismatch(calibration, model, num_samples, views, overlap)
+    if reason is not None:
+        log(f"note: the checkpoint's RCPS interval is not written: {reason}")
+        return None
+    log(
+        f"interval: NAME_sr_lower.npy, NAME_sr_upper.npy = mean -+ {calibration.lambda_hat:.4g} x NAME_sr_std.npy "
+        f"(RCPS, alpha {calibration.alpha:g}, delta {calibration.delta:g}, n = {calibration.num_images}; "
+        f"the record in NAME_sr_interval.json): "
+        f"{calibration.guarantee}"
+    )
+    return calibration
 
 
 def superresolve(
@@ -767,17 +755,27 @@ def superresolve(
             Integer inputs must have the bit depth of the model's data (:func:`read_input`).
         num_samples: SR draws per image.
         out_dir: where to write, for an input ``name.ext``: ``name_sr_mean.png`` (an 8-bit
-            preview) and ``.npy`` (float32 in [0, 1]) of the predictive mean, ``name_sr_mean.tif``
-            (the mean in the input's own units, every band: uint16 for a 16-bit input, uint8
-            for an 8-bit one, float32 for float input), ``name_sr_std.npy`` (the total per-pixel
+            preview) and ``.npy`` (float32, on the [0, 1] scale of the input as read, *not*
+            clipped: the Gaussian likelihoods' means are unbounded, and on photographs they
+            reach about -0.09 and 1.15 near black and white) of the predictive mean,
+            ``name_sr_mean.tif`` (the mean in the input's own units, every band: uint16 for a
+            16-bit input, uint8 for an 8-bit one, float32 for float input); the PNG and the
+            TIFF clip a mean outside [0, 1] to the nearest end of their range
+            (:func:`native_pixels`, :func:`pyro_srvae.images.to_uint8_image`), the .npy keeps
+            it, so its block means stay those of the input. ``name_sr_std.npy`` (the total per-pixel
             predictive std), ``name_sr_std_latent.npy`` and ``name_sr_std_noise.npy`` (its
             parts: the spread of the decoder means over the latents, the likelihood's
             noise), ``name_uncertainty.png`` (the three maps side by side, one shared colour
-            bar), ``name_sr_samples.npy`` and ``.png`` (the draws). ``None``: write nothing,
-            only return the arrays.
+            bar), ``name_sr_samples.npy`` and ``.png`` (the draws); with a checkpoint
+            calibrated by ``pyro-srvae calibrate --method rcps`` whose interval applies to
+            these draws (:func:`pyro_srvae.calibration.interval_mismatch`), also
+            ``name_sr_lower.npy`` and ``name_sr_upper.npy``: the certified interval
+            ``mean -+ lambda_hat * std`` (float32, the units of ``name_sr_mean.npy``), and
+            ``name_sr_interval.json``: the calibration record (lambda_hat, alpha, delta, n, guarantee).
+            ``None``: write nothing, only return the arrays.
         overlap, seed, tile_batch, device, observation_noise, views: as in :func:`superresolve_image`.
         progress: a progress bar over the inputs.
-        log: called with one-line notes (channel conversions, files written).
+        log: called with one-line notes (channel conversions, which interval is written, files written).
         return_arrays: ``False`` returns results without the arrays (``None``), so that
             memory does not grow with the number of inputs.
 
@@ -824,6 +822,7 @@ def superresolve(
     if errors:
         raise SuperResolveError(errors)
 
+    interval = _certified_interval(model, num_samples, views, overlap, log)
     planned: List[Dict[str, Path]] = [{} for _ in paths]
     names = [path.stem for path in paths]
     if out_dir is not None:
@@ -831,7 +830,7 @@ def superresolve(
         if out_dir.exists() and not out_dir.is_dir():
             raise SuperResolveError(f"{out_dir}: the output folder is an existing file")
         names = _output_names(paths)
-        planned = [output_paths(out_dir, name) for name in names]
+        planned = [output_paths(out_dir, name, interval=interval is not None) for name in names]
         clashes = [
             f"{source}: the output {target} would overwrite an input; choose another output folder"
             for files in planned
@@ -871,9 +870,13 @@ def superresolve(
                 observation_noise=observation_noise,
                 views=views,
             )
+            bounds = None
+            if interval is not None:
+                spread = interval.lambda_hat * sr.std
+                bounds = (sr.mean - spread, sr.mean + spread, interval)
             if files:
                 try:
-                    _write_outputs(out_dir, files, sr, path.name, input_bits)
+                    _write_outputs(out_dir, files, sr, path.name, input_bits, bounds)
                 except OSError as error:
                     raise SuperResolveError(
                         f"{path}: cannot write the outputs to {out_dir} ({error.strerror or error})"
@@ -887,6 +890,8 @@ def superresolve(
             if return_arrays:
                 arrays = (sr.mean.numpy(), sr.std.numpy(), sr.samples.numpy())
                 parts = dict(std_latent=sr.std_latent.numpy(), std_noise=sr.std_noise.numpy())
+                if bounds is not None:
+                    parts.update(lower=bounds[0].numpy(), upper=bounds[1].numpy())
             else:
                 arrays, parts = (None, None, None), {}
             results.append(SuperResolvedImage(path, *arrays, files=files, note=note, bits=input_bits, **parts))
@@ -899,18 +904,6 @@ def superresolve(
 # --------------------------------------------------------------------------- #
 # Evaluation of a checkpoint
 # --------------------------------------------------------------------------- #
-def _atomic_write_text(path: Path, text: str):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staged = _StagedFiles(path.parent)
-    try:
-        staged.write(path, lambda handle: handle.write(text.encode("utf-8")))
-        staged.commit()
-    except BaseException:
-        staged.abort()
-        raise
-    return path
-
-
 ALL = "all"
 
 
@@ -927,10 +920,12 @@ def evaluate_checkpoint(
     progress=False,
     x_given_y=None,
 ):
-    """The test-set evaluation of "Train and evaluate", run on a saved checkpoint.
+    """The end-of-training test-set evaluation (:func:`pyro_srvae.training.evaluate_images`),
+    run on a saved checkpoint.
 
     Defaults come from the checkpoint's configuration (``eval_samples``, ``sr_samples``,
-    ``eval_limit``, ``data_dir``, ``seed``), so the numbers reproduce the run's
+    ``eval_limit``, ``data_dir``, ``seed``), and the images per batch follow the same rule
+    (:func:`~pyro_srvae.evaluation.evaluation_batch_size`), so the numbers reproduce the run's
     ``metrics.json`` ``test`` section on the same device; ``eval_limit="all"`` lifts the
     run's limit. Writes ``evaluation.json`` into ``out_dir`` (default: the checkpoint's
     folder), atomically, and returns its content: ``checkpoint``, ``step``, ``epoch``,
@@ -943,9 +938,6 @@ def evaluate_checkpoint(
 
     Raises ``CheckpointError`` and ``DatasetNotFoundError`` with one-line messages.
     """
-    from .evaluation import evaluate_model, fit_baseline_scale
-    from .training import load_split
-
     model, config, payload = _load(checkpoint, device, require_super_resolution=False, x_given_y=x_given_y)
     eval_samples = config.eval_samples if eval_samples is None else int(eval_samples)
     sr_samples = config.sr_samples if sr_samples is None else int(sr_samples)
@@ -958,7 +950,7 @@ def evaluate_checkpoint(
         config.data_dir = str(data_dir)
     test_set = load_split(config, "test")
     images = test_set.images[:limit] if limit is not None else test_set.images
-    model_device = _model_device(model)
+    device = model_device(model)
     baseline_scale = None
     if config.model == "srvae":  # the SR baseline's scale, fitted on the run's training images
         train_images = load_split(config, "train").images
@@ -970,8 +962,8 @@ def evaluate_checkpoint(
             elbo_samples=eval_samples,
             iw_samples=eval_samples,
             sr_samples=sr_samples,
-            batch_size=max(1, 2048 // eval_samples),
-            device=model_device,
+            batch_size=evaluation_batch_size(eval_samples, device),
+            device=device,
             seed=seed,
             progress=progress,
             baseline_scale=baseline_scale,
@@ -988,12 +980,12 @@ def evaluate_checkpoint(
             "sr_samples": sr_samples,
             "eval_limit": limit,
             "seed": seed,
-            "device": str(model_device),
+            "device": str(device),
         },
         "test": test,
         # The SR draws (coverage, CRPS) come from the calibrated spread when the checkpoint holds one.
         "spread_calibration": None if model.spread_calibration is None else model.spread_calibration.to_dict(),
     }
     out_dir = Path(out_dir) if out_dir is not None else Path(checkpoint).parent
-    report["path"] = str(_atomic_write_text(out_dir / "evaluation.json", json.dumps(report, indent=2) + "\n"))
+    report["path"] = str(atomic_write_text(out_dir / "evaluation.json", json.dumps(report, indent=2) + "\n"))
     return report

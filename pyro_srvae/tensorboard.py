@@ -3,18 +3,21 @@
 :func:`pyro_srvae.train` with ``TrainConfig(tensorboard=True)`` writes event files under
 ``OUT/tensorboard/`` (rank 0 only), keyed by the global optimizer step:
 
-* ``train/loss_bpd``: the running training loss (negative ELBO, bits/dim) at each host
-  sync of the loop, the entries of ``metrics.json``'s ``steps``;
-* at each epoch's last step: ``train/elbo_bpd``, ``test/elbo_bpd`` and ``train/kl_scale``
-  of the epoch record; ``elbo_terms_bits_per_dim/<term>`` (each term of
-  :func:`pyro_srvae.evaluation.elbo_terms` on a fixed batch of test images, divided by
-  ``D ln 2``: they sum to ``8 - test ELBO bits/dim``); ``latents/kl_<site>_bits_per_image`` (the
-  KL of each latent on the same batch, :func:`pyro_srvae.latents.kl_per_image`); ``gamma/x``,
-  ``gamma/y``; for a
-  mixture prior ``mixture/weight_<k>`` and ``mixture/effective_components``; the images
-  ``images/samples`` (and ``images/samples_y`` for the srVAE) and, for the srVAE,
-  ``images/super_resolution`` (rows of test images: y upsampled | SR mean | two z draws, the
-  decoder means of two latent draws | truth);
+* ``train/loss_bpd``: the running training loss (minus the training objective, bits/dim: the
+  ELBO, or under KL warm-up, a bound or free bits the objective the epoch records name) at each
+  host sync of the loop, the entries of ``metrics.json``'s ``steps``;
+* ``train/skipped_updates`` and ``train/skipped_nonfinite_updates``: the updates the update guard
+  skipped so far (:class:`pyro_srvae.training.UpdateGuard`), at the same host syncs;
+* at each epoch's last step: ``train/objective_bpd`` (the record's ``train_objective_bpd``, named
+  by its ``train_objective``), ``test/elbo_bpd`` and ``train/kl_scale`` of the epoch record;
+  ``elbo_terms_bits_per_dim/<term>`` (each term of :func:`pyro_srvae.evaluation.elbo_terms`
+  on a fixed batch of test images, divided by ``D ln 2``: they sum to ``8 - test ELBO bits/dim``);
+  ``latents/kl_<site>_bits_per_image`` (the KL of each latent on the same batch,
+  :func:`pyro_srvae.latents.kl_per_image`); ``gamma/x``, ``gamma/y``; for a mixture prior
+  ``mixture/weight_<k>`` and ``mixture/effective_components``; the images ``images/samples``
+  (and ``images/samples_y`` for the srVAE) and, for the srVAE, ``images/super_resolution``
+  (rows of test images: y upsampled | SR mean | two z draws, the decoder means of two latent
+  draws | truth);
 * at the end, in the sub-run ``hparams/``: the configuration as hparams, with the final test
   metrics as ``final/<key>`` (the floats of ``metrics.json``'s ``test``, and the active units).
 
@@ -74,6 +77,9 @@ class NullBoard:
     def running_loss(self, step, bpd):
         pass
 
+    def skipped_updates(self, step, skipped, nonfinite):
+        pass
+
     def epoch(self, record, model, test_images, gammas, mixture):
         pass
 
@@ -109,6 +115,11 @@ class TrainingBoard(NullBoard):
     def running_loss(self, step, bpd):
         self.writer.add_scalar("train/loss_bpd", bpd, step)
 
+    def skipped_updates(self, step, skipped, nonfinite):
+        """The counts so far of the updates skipped, all of them and those with a non-finite gradient."""
+        self.writer.add_scalar("train/skipped_updates", skipped, step)
+        self.writer.add_scalar("train/skipped_nonfinite_updates", nonfinite, step)
+
     def epoch(self, record, model, test_images, gammas, mixture):
         """The epoch ``record`` of ``metrics.json`` and the model's state, at the record's step.
 
@@ -116,7 +127,8 @@ class TrainingBoard(NullBoard):
         scales); ``mixture``: :func:`pyro_srvae.training.mixture_summary` of the top prior.
         """
         step, add = record["step"], self.writer.add_scalar
-        add("train/elbo_bpd", record["train_elbo_bpd"], step)
+        if record["train_objective_bpd"] is not None:  # None: the update guard skipped every step of the epoch
+            add("train/objective_bpd", record["train_objective_bpd"], step)
         add("test/elbo_bpd", record["test_elbo_bpd"], step)
         add("train/kl_scale", record["kl_scale"], step)
         for name, value in gammas.items():

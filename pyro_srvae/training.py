@@ -4,7 +4,8 @@ Pyro builds the objective: each step asks a Pyro ELBO (:func:`pyro_srvae.make_el
 for the loss of ``model.model`` against ``model.guide`` and its gradients -- what
 ``pyro.infer.SVI.step`` does inside. The step then goes to a plain ``torch.optim.Adam``
 over the module's parameters, which gives global-norm clipping and an optimizer
-state that checkpoints and resumes exactly.
+state that checkpoints and resumes exactly. Before it, :class:`UpdateGuard` skips an update
+whose gradient norm is not finite or far above its recent history (docs/training-faults.md).
 
 A run writes into its output directory: ``checkpoint.pt`` (atomic), ``metrics.json``,
 ``metrics.csv``, PNG figures (:mod:`pyro_srvae.plots`) and, with ``tensorboard=True``,
@@ -49,12 +50,15 @@ from .checkpoint import (
     set_rng_state,
 )
 from .data import (
-    DATASET_NAMES, FOLDER, DeviceImages, augment_dihedral, dequantize, iterate_batches, load_dataset, num_batches,
+    DATASET_NAMES, FOLDER, DeviceImages, augment_dihedral, band_statistics, dequantize, iterate_batches, load_dataset,
+    num_batches,
 )  # fmt: skip
 from .elbo import ELBO_NAMES, make_elbo
-from .evaluation import bicubic_upsample, bits_per_dim, evaluate_model, fit_baseline_scale, particle_budget
-from .likelihoods import LIKELIHOODS
-from .models import DOWNSCALE_FACTORS, DOWNSCALE_MODES, GUIDES, SRVAE, VAE, X_GIVEN_Y
+from .evaluation import bicubic_upsample, bits_per_dim, evaluate_model, evaluation_batch_size, fit_baseline_scale
+from .likelihoods import GAUSSIAN_PIXEL_MIN_SCALE, LIKELIHOODS
+from .models import (
+    DOWNSCALE_FACTORS, DOWNSCALE_MODES, GUIDES, PIXEL_SCALE_LIKELIHOODS, PIXEL_SCALE_SOURCES, SRVAE, VAE, X_GIVEN_Y,
+)
 from .networks import ARCHS, SR_BASES, Z_INJECTIONS
 from .priors import PRIORS
 from .tensorboard import LOG_DIR as BOARD_DIR
@@ -65,9 +69,16 @@ DEVICES = ("auto", "cpu", "cuda")
 #: fp32: everything in float32. bf16: the networks run under torch.autocast in bfloat16
 #: while samples, log-densities and the loss stay float32 (networks.float32_outputs).
 PRECISIONS = ("fp32", "bf16")
+#: --standardize: scale each band by the training set's mean and std for the networks (docs/own-images.md);
+#: auto = on for --dataset folder (where the model allows it), off for the named datasets.
+STANDARDIZE = ("auto", "on", "off")
 # Steps between host syncs (divergence check, progress bar, and in a data-parallel run the
 # moment all ranks agree to stop on a signal): rare enough not to stall a GPU queue.
 SYNC_EVERY = 10
+#: Fewer update steps than this, from --epochs alone, and the run says it is too short to learn: the
+#: runs of docs/results.md took 624 (the main job) to 2,816 (the photographs); a folder of four
+#: 100x100 images trained for 6 steps with 3 epochs and ended 28 dB below bicubic (issue #24).
+MIN_STEPS_TO_LEARN = 500
 # What a run writes into its output directory: the checkpoint, the metrics, _draw_figures's PNGs.
 OUTPUT_FILES = ("checkpoint.pt", "metrics.json", "metrics.csv")
 FIGURE_FILES = (
@@ -116,6 +127,10 @@ class TrainConfig:
     # Free bits on z (nats per dimension, batch-averaged; 0 = the plain ELBO): elbo.FreeBits_ELBO.
     free_bits: float = 0.0
     clip_norm: Optional[float] = None
+    # The update guard (UpdateGuard, docs/training-faults.md): skip a step whose gradient norm is not finite
+    # or above skip_factor x the median norm of the last steps taken (0: off); stop after max_consecutive_skips.
+    skip_factor: float = 10.0
+    max_consecutive_skips: int = 20
     device: str = "auto"
     seed: int = 0
     eval_samples: int = 16
@@ -133,6 +148,10 @@ class TrainConfig:
     likelihood_components: int = 10
     # gaussian-pixel-faithful: the weight of the sigmas' gradient (its scale_gradient_weight).
     faithful_scale_weight: float = 1.0
+    # gaussian-pixel*: the floor of the per-pixel sigmas and where p(x|y,z,u)'s come from (SRVAE's
+    # pixel_scale_floor, pixel_scale_from): levers tried against the collapse of z.
+    pixel_scale_floor: float = GAUSSIAN_PIXEL_MIN_SCALE
+    pixel_scale_from: str = "decoder"
     arch: str = "small"
     x_given_y: str = "consistent"
     sr_base: str = "bilinear"
@@ -153,11 +172,13 @@ class TrainConfig:
     channels: Optional[int] = None
     augment: bool = False
     cache_dir: Optional[str] = None
+    # Per-band standardization for the networks, from the training set (STANDARDIZE, _build).
+    standardize: str = "auto"
 
     # Fields that may change when a run is resumed; every other field is the run's identity.
     RESUMABLE = (
         "epochs", "max_steps", "device", "out", "checkpoint_every", "eval_samples", "eval_limit", "figures",
-        "precision", "compile", "tensorboard", "cache_dir",
+        "precision", "compile", "tensorboard", "cache_dir", "skip_factor", "max_consecutive_skips",
     )  # fmt: skip
     FOLDER_OPTIONS = ("patch_size", "patch_stride", "channels", "cache_dir")
 
@@ -190,6 +211,8 @@ class TrainConfig:
             "x_given_y": X_GIVEN_Y,
             "sr_base": SR_BASES,
             "z_injection": Z_INJECTIONS,
+            "pixel_scale_from": PIXEL_SCALE_SOURCES,
+            "standardize": STANDARDIZE,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -222,6 +245,7 @@ class TrainConfig:
         if self.faithful_scale_weight != 1.0 and self.likelihood != "gaussian-pixel-faithful":
             raise ConfigError("--faithful-scale-weight weighs the gaussian-pixel-faithful likelihood's sigmas; "
                               f"--likelihood {self.likelihood} has none")
+        self._validate_pixel_scale()
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"--lr must be a positive number, got {self.lr}")
         if self.kl_warmup < 0:
@@ -234,6 +258,7 @@ class TrainConfig:
             raise ConfigError("--free-bits needs a diagonal Gaussian p(z): the VAE's --prior mog has none")
         if self.clip_norm is not None and not self.clip_norm > 0:
             raise ConfigError(f"--clip-norm must be positive, got {self.clip_norm}")
+        self._validate_update_guard()
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("--device cuda: no CUDA GPU is available (use --device auto or cpu)")
         self._validate_folder_options()
@@ -242,6 +267,23 @@ class TrainConfig:
             if missing is not None:
                 raise ConfigError(missing)
         return self
+
+    def _validate_pixel_scale(self):
+        per_pixel = self.likelihood in PIXEL_SCALE_LIKELIHOODS
+        if self.pixel_scale_floor != GAUSSIAN_PIXEL_MIN_SCALE and not per_pixel:
+            raise ConfigError(f"--pixel-scale-floor is the floor of a per-pixel sigma; --likelihood {self.likelihood} has none")
+        if not 0 < self.pixel_scale_floor < 0.1:  # the sigmas start at 0.1 (gamma_init), above the floor
+            raise ConfigError(f"--pixel-scale-floor must be in (0, 0.1), got {self.pixel_scale_floor}")
+        if self.pixel_scale_from != "decoder" and not (per_pixel and self.model == "srvae"):
+            raise ConfigError("--pixel-scale-from y is where the srVAE's per-pixel sigmas come from; "
+                              f"--model {self.model} --likelihood {self.likelihood} has none")
+
+    def _validate_update_guard(self):
+        # At or below 1 the threshold would sit at or under the median: half the ordinary steps skipped.
+        if not (self.skip_factor == 0 or (self.skip_factor > 1 and math.isfinite(self.skip_factor))):
+            raise ConfigError(f"--skip-factor must be 0 (no update guard) or a number above 1, got {self.skip_factor}")
+        if not (isinstance(self.max_consecutive_skips, int) and self.max_consecutive_skips >= 1):
+            raise ConfigError(f"--max-consecutive-skips must be a positive integer, got {self.max_consecutive_skips}")
 
     def _validate_folder_options(self):
         if self.dataset != FOLDER:
@@ -275,6 +317,8 @@ class TrainConfig:
         # ... and those stored before z_channels and z_injection existed, a vector z read by the first layer.
         values.setdefault("z_channels", 0)
         values.setdefault("z_injection", "input")
+        # ... and those stored before standardize existed saw x itself (their state dict has no statistics).
+        values.setdefault("standardize", "off")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(values) - known
         if unknown:
@@ -310,6 +354,7 @@ def build_model(config, image_shape):
         likelihood=config.likelihood,
         likelihood_components=config.likelihood_components,
         arch=config.arch,
+        pixel_scale_floor=config.pixel_scale_floor,
     )
     if config.model == "vae":
         return _weigh_faithful_scales(VAE(image_shape, z_dim=config.z_dim, **common), config)
@@ -331,6 +376,7 @@ def build_model(config, image_shape):
         sr_hidden=config.sr_hidden,
         z_injection=config.z_injection,
         z_channels=config.z_channels,
+        pixel_scale_from=config.pixel_scale_from,
         **common,
     )
     return _weigh_faithful_scales(model, config)
@@ -343,10 +389,18 @@ def _weigh_faithful_scales(model, config):
     return model
 
 
-def resolve_device(name):
-    if name == "auto":
+def resolve_device(name) -> Optional[torch.device]:
+    """The package's one device resolver: ``"auto"`` is a GPU if there is one, else the CPU;
+    ``None`` stays ``None`` (the caller's default). Raises ``ValueError`` (one line) for
+    ``cuda`` where no GPU is available."""
+    if name is None:
+        return None
+    if isinstance(name, str) and name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda: no CUDA GPU is available (use auto or cpu)")
+    return device
 
 
 class _LatentScaleMessenger(Messenger):
@@ -402,6 +456,52 @@ def kl_scale(config, epoch, batch, batches_per_epoch):
     if config.kl_warmup <= 0:
         return 1.0
     return min(1.0, (epoch + batch / batches_per_epoch) / config.kl_warmup)
+
+
+#: --elbo estimators whose loss with K >= 2 particles is the importance-weighted bound, not the ELBO.
+IMPORTANCE_WEIGHTED = ("renyi", "iwae-dreg")
+
+
+def objective_name(config, kl_start=1.0, kl_end=1.0):
+    """What the training loss of ``config`` is, by name (an epoch record's ``train_objective``).
+
+    The loss is the negative ELBO only for a plain ELBO estimator at full KL: ``renyi`` (alpha 0)
+    and ``iwae-dreg`` with K >= 2 train on the IWAE bound, ``meanfield-mog-bound`` on the looser
+    bound of eq. (23), ``--free-bits`` on an objective that is no bound, and a KL warm-up scale
+    below 1 (from ``kl_start`` to ``kl_end`` over the span the loss covers) weighs the latent terms
+    down (:func:`scale_latents`). E.g. ``"ELBO (meanfield) with KL x 0 to 0.5 (warm-up)"``.
+    """
+    importance_weighted = config.elbo in IMPORTANCE_WEIGHTED and config.num_particles > 1
+    if config.free_bits:
+        name = f"free-bits objective ({config.free_bits:g} nats per dim of z; not a bound)"
+    elif importance_weighted:
+        name = f"IWAE bound K={config.num_particles} ({config.elbo})"
+    elif config.elbo == "meanfield-mog-bound":
+        name = "eq. (23) bound on the ELBO (meanfield-mog-bound)"
+    else:
+        name = f"ELBO ({config.elbo})"
+    if min(kl_start, kl_end) >= 1.0:
+        return name
+    scaled = "latent log-densities" if importance_weighted else "KL"  # scale_latents scales log p and log q of z
+    span = f"{kl_start:.2g}" if kl_start == kl_end else f"{kl_start:.2g} to {kl_end:.2g}"
+    return f"{name} with {scaled} x {span} (warm-up)"
+
+
+def upgrade_epoch_record(record, config):
+    """An epoch record of a checkpoint from before ``train_objective_bpd``: its ``train_elbo_bpd``
+    (the same running objective, misnamed) under the new key, and the objective's name.
+    The warm-up span runs from the scale at the epoch's start to the record's ``kl_scale``."""
+    if "train_elbo_bpd" not in record:
+        return record
+    start = kl_scale(config, record["epoch"] - 1, 0, 1)
+    name = objective_name(config, start, record.get("kl_scale", 1.0))
+    upgraded = {}
+    for key, value in record.items():  # the key order of a new record
+        if key == "train_elbo_bpd":
+            upgraded.update(train_objective_bpd=value, train_objective=name)
+        else:
+            upgraded[key] = value
+    return upgraded
 
 
 def network_precision(device, precision):
@@ -490,9 +590,123 @@ class DataParallelElbo:
         return loss
 
 
-def training_step(model, optimizer, objective, x, kl_scale=1.0, clip_norm=None):
+#: The update guard's memory (docs/training-faults.md): the gradient norms of the last 64 steps taken,
+#: whose median sets the threshold once 8 of them are in. A fresh run's first norms fall (2.4e5 to 6e4
+#: in 10 steps on the default recipe), so an early median errs high, which skips less, never more.
+GUARD_WINDOW = 64
+GUARD_WARMUP = 8
+
+
+class UpdateGuard:
+    """Skips an optimizer update whose global gradient norm is not finite or far above its recent history.
+
+    VDVAE (Child 2021, ``train.py``'s ``skip_threshold``) skips above a fixed norm, to be picked
+    per dataset and model; here the threshold adapts: ``factor`` times the median norm of the last
+    ``window`` updates taken. A median ignores the rare large norms a mean would follow, and a
+    skipped norm never enters the window, so a burst of spikes cannot raise the bar. Until
+    ``warmup`` norms are in, only non-finite gradients are skipped.
+
+    The decision stays on the device: :meth:`decide` returns a boolean tensor that masks the
+    optimizer step (:func:`step_unless_skipped`); the counts reach the host only at the loop's
+    host syncs (:meth:`counts`). The state is plain numbers in the checkpoint (:meth:`state_dict`),
+    kept even with ``factor == 0`` (off), so that a run resumed without the guard keeps its counts.
+    """
+
+    def __init__(self, factor, max_consecutive, device="cpu", window=GUARD_WINDOW, warmup=GUARD_WARMUP):
+        self.factor, self.max_consecutive, self.window, self.warmup = factor, max_consecutive, window, warmup
+        self.device = torch.device(device)
+        self.load_state_dict({})
+
+    @property
+    def enabled(self):
+        return self.factor > 0
+
+    def decide(self, norm, step):
+        """Whether to take step ``step``'s update, whose gradient norm is ``norm``: a device boolean, no host sync."""
+        norm = norm.detach().float().reshape(1).to(self.device)
+        median = torch.nanmedian(self.norms)  # NaN marks an empty place of the window
+        trusted = (torch.isfinite(self.norms).sum() >= self.warmup) & (median > 0)
+        threshold = torch.where(trusted, self.factor * median, math.inf)
+        finite = torch.isfinite(norm)
+        taken = finite & (norm <= threshold)
+        self.norms = torch.where(taken, torch.cat([self.norms[1:], norm]), self.norms)  # slides by a taken norm only
+        self.skipped = self.skipped + ~taken
+        self.nonfinite = self.nonfinite + ~finite
+        self.consecutive = (self.consecutive + 1) * ~taken
+        # Where the skips in a row first reached the limit: the loop stops at its next host sync.
+        first = (self.consecutive >= self.max_consecutive) & (self.stuck[:1] == 0)
+        where = torch.cat([torch.full_like(norm, step), norm, threshold.reshape(1)])
+        self.stuck = torch.where(first, where, self.stuck)
+        self.taken = taken.reshape(())
+        return self.taken
+
+    def counts(self):
+        """The counts on the host (one sync): skipped (non-finite included), nonfinite, consecutive, the
+        median norm of the window, and ``stuck`` = (step, norm, threshold) where the skips in a row reached
+        the limit, or None."""
+        median = torch.nanmedian(self.norms).reshape(1)
+        values = torch.cat([self.skipped.double(), self.nonfinite.double(), self.consecutive.double(),
+                            median.double(), self.stuck.double()]).tolist()  # fmt: skip
+        skipped, nonfinite, consecutive, median, step, norm, threshold = values
+        return {
+            "skipped": int(skipped), "nonfinite": int(nonfinite), "consecutive": int(consecutive),
+            "median": median if math.isfinite(median) else None,
+            "stuck": (int(step), norm, threshold) if step else None,
+        }  # fmt: skip
+
+    def stop_if_stuck(self, counts, checkpoint_path):
+        """Raise :class:`TrainingDiverged`, one line, once ``max_consecutive`` updates in a row were skipped."""
+        if counts["stuck"] is None:
+            return
+        step, norm, threshold = counts["stuck"]
+        bar = (f"threshold {threshold:.3g} = {self.factor:g} x the median norm of up to {self.window} last steps taken"
+               if math.isfinite(threshold) else f"no threshold before {self.warmup} steps are taken")  # fmt: skip
+        kept = (f"the last good checkpoint is {checkpoint_path}" if Path(checkpoint_path).exists()
+                else "no checkpoint was written yet")  # fmt: skip
+        raise TrainingDiverged(
+            f"{self.max_consecutive} updates in a row skipped by step {step} (gradient norm {norm:.3g}, {bar}; "
+            f"{counts['skipped']} skipped in all, {counts['nonfinite']} non-finite); stopped without saving, {kept} "
+            f"(lower --lr, or raise --skip-factor or --max-consecutive-skips)"
+        )
+
+    def state_dict(self):
+        """Plain numbers (a checkpoint loads with ``weights_only=True``): the window and the counts."""
+        counts = self.counts()
+        norms = [value for value in self.norms.tolist() if math.isfinite(value)]
+        return {"norms": norms, **{key: counts[key] for key in ("skipped", "nonfinite", "consecutive")}}
+
+    def load_state_dict(self, state):
+        """The state :meth:`state_dict` gave; ``{}``: a fresh guard (an empty window, no skips)."""
+        norms = list(state.get("norms", []))[-self.window :]
+        self.norms = torch.full((self.window,), math.nan, device=self.device)
+        if norms:  # newest last, as decide() slides them in
+            self.norms[self.window - len(norms) :] = torch.tensor(norms, dtype=torch.float32, device=self.device)
+        integer = dict(dtype=torch.int64, device=self.device)
+        self.skipped = torch.tensor([state.get("skipped", 0)], **integer)
+        self.nonfinite = torch.tensor([state.get("nonfinite", 0)], **integer)
+        self.consecutive = torch.tensor([state.get("consecutive", 0)], **integer)
+        self.stuck = torch.zeros(3, device=self.device)
+        self.taken = torch.ones((), dtype=torch.bool, device=self.device)
+
+
+def step_unless_skipped(optimizer, taken):
+    """``optimizer.step()`` where ``taken`` (a device boolean) says so, leaving its state untouched otherwise."""
+    if getattr(optimizer, "_step_supports_amp_scaling", False):
+        # torch.amp.GradScaler's contract: given found_inf = 1, a fused optimizer (make_optimizer's Adam)
+        # leaves the parameters, exp_avg, exp_avg_sq and the step count as they were, decided on the device.
+        optimizer.found_inf = (~taken).float()
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+    elif taken.item():  # any other optimizer: the decision comes to the host, one sync per step
+        optimizer.step()
+
+
+def training_step(model, optimizer, objective, x, kl_scale=1.0, clip_norm=None, guard=None, step=0):
     """One optimizer step, as :func:`train` takes it: Pyro's loss and gradients, optional
-    global-norm clipping, then ``optimizer.step()``.
+    global-norm clipping, then ``optimizer.step()`` -- unless ``guard``, an :class:`UpdateGuard`,
+    skips it (``step`` is this step's number, for its report).
 
     ``objective`` is a Pyro ELBO (one process) or the :class:`DataParallelElbo` that
     :func:`train` builds once per run (it holds the DDP wrapper). Returns this rank's loss,
@@ -502,9 +716,17 @@ def training_step(model, optimizer, objective, x, kl_scale=1.0, clip_norm=None):
         objective = DataParallelElbo(model, objective, distributed.DistributedContext())
     optimizer.zero_grad(set_to_none=True)
     loss = objective.loss_and_backward(x, kl_scale)
-    if clip_norm is not None:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
-    optimizer.step()
+    if guard is None:
+        if clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
+        optimizer.step()
+        return loss
+    # One fused norm of all gradients, taken before the clipping it also does when asked (by 1.0
+    # otherwise: exact). In a data-parallel run the gradients here are already summed over the
+    # ranks (DDP's all-reduce ends inside backward(); all_reduce_gradients is synchronous): the
+    # same bits on every rank, so every rank computes the same norm and takes the same decision.
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf if clip_norm is None else clip_norm)
+    step_unless_skipped(optimizer, guard.decide(norm, step))
     return loss
 
 
@@ -623,7 +845,7 @@ def _train(config, payload, resume, context, started, progress, log):
         per_rank = f" x {context.world_size} processes = {global_batch}" if context.enabled else ""
         raise ConfigError(f"--batch-size {config.batch_size}{per_rank} exceeds the {len(train_set)} training images")
 
-    run = _Run(config, context, out_dir, started, *_build(config, train_set.image_shape, context))
+    run = _Run(config, context, out_dir, started, *_build(config, train_set, context, log, fresh=payload is None))
     check_bit_depth(run.model, train_set.bits)
     run.model.bits = train_set.bits
     run.data = data_summary(train_set)
@@ -718,12 +940,17 @@ def data_summary(dataset):
     return summary
 
 
-def _build(config, image_shape, context):
-    """The seeded model (the same initial weights on every rank) and its optimizer."""
+def _build(config, train_set, context, log=None, fresh=True):
+    """The seeded model (the same initial weights on every rank) and its optimizer.
+
+    A fresh run that standardizes (:func:`standardizes`) sets the training set's per-band
+    statistics; a resumed one gets them from its checkpoint's state dict (:func:`_restore`)."""
     pyro.clear_param_store()
     torch.manual_seed(config.seed)
     pyro.set_rng_seed(config.seed)
-    model = build_model(config, image_shape).to(context.device)
+    model = build_model(config, train_set.image_shape).to(context.device)
+    if fresh and standardizes(config, model):
+        _standardize(model, train_set, log or _silent)
     if config.compile:
         model.compile_networks()
     if context.rank > 0:
@@ -731,6 +958,30 @@ def _build(config, image_shape, context):
         # but each rank draws its own latent and dequantization noise from here on.
         pyro.set_rng_seed(derive_seed(config.seed, "rank", context.rank))
     return model, make_optimizer(model, config.lr)
+
+
+def standardizes(config, model):
+    """Whether the run standardizes its data per band (``--standardize``).
+
+    ``auto``: for ``--dataset folder`` (any bit depth and band count, values anywhere in the
+    range), unless the model scores x on the 256-bin grid (``model.discretized``); never for
+    the named datasets, whose runs stay as they were. ``on`` with such a model is an error."""
+    if config.standardize == "on" and model.discretized:
+        raise ConfigError(
+            "--standardize on: this model scores x on the 256-bin grid of [0, 1] (--likelihood dlogistic-mix, "
+            "or y on the 8-bit grid: --x-given-y quantized, --downscale-mode bilinear); use --standardize off"
+        )
+    if config.standardize == "auto":
+        return config.dataset == FOLDER and not model.discretized
+    return config.standardize == "on"
+
+
+def _standardize(model, train_set, log):
+    """Set the training set's per-band mean and std (of the dequantized x) as the model's scaling."""
+    mean, std = band_statistics(train_set.images)
+    model.set_data_scaling(mean, std)
+    listed = ", ".join(f"{m:.4g} +- {s:.4g}" for m, s in zip(mean.tolist(), std.tolist()))
+    log(f"standardized per band for the networks: mean +- std of x on [0, 1] = {listed} ({len(train_set)} training images)")
 
 
 def _open_board(config, out_dir, context, step):
@@ -763,6 +1014,7 @@ class _Run:
         self.prior_wall = 0.0  # the wall time of the earlier sessions of this run
         self.board = None
         self.data = {}  # data_summary of the training set
+        self.guard = UpdateGuard(config.skip_factor, config.max_consecutive_skips, context.device)
 
     def reached_max_steps(self):
         return self.config.max_steps is not None and self.step >= self.config.max_steps
@@ -787,6 +1039,7 @@ class _Run:
             "world_size": context.world_size,
             "history": self.history,
             "data": self.data,
+            "update_guard": self.guard.state_dict(),
         }
         if context.enabled:
             state["rng_by_rank"] = rng_states
@@ -809,8 +1062,10 @@ def _restore(run, payload, resume):
         first_line = str(error).strip().splitlines()[0]
         raise CheckpointError(f"{resume} does not match its own configuration: {first_line}") from None
     run.history = payload.get("history", run.history)
+    run.history["epochs"] = [upgrade_epoch_record(record, run.config) for record in run.history["epochs"]]
     run.epoch, run.batch_start, run.step = payload["epoch"], payload.get("batch_in_epoch", 0), payload["step"]
     run.partial_epoch = payload.get("partial_epoch", run.partial_epoch)
+    run.guard.load_state_dict(payload.get("update_guard", {}))  # none in checkpoints from before the guard
     saved_world_size = payload.get("world_size", 1)
     if saved_world_size != run.context.world_size and run.batch_start:
         raise CheckpointError(
@@ -846,6 +1101,8 @@ def _fit(run, train_set, test_set, progress, log):
 
     signal_state = {}
     total, done = config.epochs * batches_per_epoch, run.epoch * batches_per_epoch + run.batch_start
+    if too_short(config, total):
+        log(f"warning: {short_run_note(config, total, len(train_set))}")
     bar = _progress_bar(progress, total=total, initial=done)
     try:
         with _stop_on_signals(signal_state), training_mode(model, elbo):
@@ -870,12 +1127,12 @@ def _run_epoch(run, train_images, objective, batches_per_epoch, num_dims, signal
     epoch, the epoch's loss and image count over all ranks at the last host sync, and the
     signal the ranks agreed to stop on (``None`` if none).
     """
-    config, context, model, history = run.config, run.context, run.model, run.history
+    config, context, model = run.config, run.context, run.model
     model.train()
     # Rank 0 carries the sums of an epoch resumed part-way; the others add their shares.
     carried = run.partial_epoch if context.is_main else {"loss_sum": 0.0, "images": 0}
-    loss_sum = torch.tensor(carried["loss_sum"], device=context.device)
-    epoch_images = carried["images"]
+    tally = _EpochTally(carried["loss_sum"], carried["images"], context.device)
+    guard = run.guard if run.guard.enabled else None
     run_loss, run_images = run.partial_epoch["loss_sum"], run.partial_epoch["images"]  # all ranks, last sync
     stop_signal = None
     unchecked = 0
@@ -888,9 +1145,8 @@ def _run_epoch(run, train_images, objective, batches_per_epoch, num_dims, signal
         if config.augment:
             x = augment_dihedral(x)
         beta = kl_scale(config, epoch, batch, batches_per_epoch)
-        loss = training_step(model, run.optimizer, objective, x, beta, config.clip_norm)
-        loss_sum = loss_sum + loss
-        epoch_images += x.shape[0]
+        loss = training_step(model, run.optimizer, objective, x, beta, config.clip_norm, guard, run.step + 1)
+        tally.add(loss, x.shape[0], guard.taken if guard is not None else None)
         unchecked += 1
         run.step += 1
         batch += 1
@@ -903,17 +1159,7 @@ def _run_epoch(run, train_images, objective, batches_per_epoch, num_dims, signal
         # sync points, which every rank reaches at the same steps.
         signalled_alone = bool(signal_state) and not context.enabled
         if unchecked >= SYNC_EVERY or limit_reached or checkpoint_due or epoch_done or signalled_alone:
-            # One host sync every few steps: checks for divergence and feeds the bar.
-            run_loss, run_images, stop_signal = _synchronise(context, loss_sum, epoch_images, signal_state)
-            mean_bpd = bits_per_dim(-run_loss / run_images, num_dims, model.bits)
-            if not math.isfinite(mean_bpd):
-                raise TrainingDiverged(
-                    f"the loss became {mean_bpd} at step {run.step} (epoch {epoch + 1}); "
-                    f"stopped without saving, the last good checkpoint is {run.checkpoint_path}"
-                )
-            history["steps"].append([run.step, mean_bpd])
-            run.board.running_loss(run.step, mean_bpd)
-            bar.set_postfix_str(f"epoch {epoch + 1} loss {mean_bpd:.3f} bpd")
+            run_loss, run_images, stop_signal = _sync_point(run, tally, signal_state, epoch, num_dims, bar)
             unchecked = 0
         if epoch_done:
             break  # the epoch record and checkpoint are written by _end_epoch
@@ -926,16 +1172,71 @@ def _run_epoch(run, train_images, objective, batches_per_epoch, num_dims, signal
     return batch, run_loss, run_images, stop_signal
 
 
+class _EpochTally:
+    """This rank's loss and image count over an epoch's steps, summed on the device.
+
+    A step whose update the guard skipped counts neither (its loss may be NaN): the running
+    loss is that of the steps taken. The guard's decisions stay on the device until a host sync.
+    """
+
+    def __init__(self, loss_sum, images, device):
+        self.loss_sum = torch.tensor(loss_sum, device=device)
+        self.images = images  # on the host: the steps counted without a guard
+        self.guarded_images = None  # on the device: the steps counted by the guard's decisions
+
+    def add(self, loss, images, taken=None):
+        if taken is None:
+            self.loss_sum = self.loss_sum + loss
+            self.images += images
+            return
+        self.loss_sum = self.loss_sum + torch.where(taken, loss.to(taken.device), 0.0)
+        counted = taken.long() * images
+        self.guarded_images = counted if self.guarded_images is None else self.guarded_images + counted
+
+    def host_images(self):
+        return self.images + (0 if self.guarded_images is None else int(self.guarded_images))
+
+
+def _sync_point(run, tally, signal_state, epoch, num_dims, bar):
+    """The loop's host sync every few steps: the guard's counts (stop after too many skips in a
+    row), the epoch's loss so far over all ranks (stop on divergence), the bar and the board.
+
+    Returns ``(run_loss, run_images, stop_signal)`` as :func:`_synchronise` does."""
+    run_loss, run_images, stop_signal = _synchronise(run.context, tally.loss_sum, tally.host_images(), signal_state)
+    note = ""
+    if run.guard.enabled:
+        counts = run.guard.counts()
+        run.guard.stop_if_stuck(counts, run.checkpoint_path)
+        run.board.skipped_updates(run.step, counts["skipped"], counts["nonfinite"])
+        note = f", {counts['skipped']} skipped" if counts["skipped"] else ""
+    if not run_images:  # every step of the epoch so far was skipped: no loss to report
+        return run_loss, run_images, stop_signal
+    mean_bpd = bits_per_dim(-run_loss / run_images, num_dims, run.model.bits)
+    if not math.isfinite(mean_bpd):
+        raise TrainingDiverged(
+            f"the loss became {mean_bpd} at step {run.step} (epoch {epoch + 1}); "
+            f"stopped without saving, the last good checkpoint is {run.checkpoint_path}"
+        )
+    run.history["steps"].append([run.step, mean_bpd])
+    run.board.running_loss(run.step, mean_bpd)
+    bar.set_postfix_str(f"epoch {epoch + 1} loss {mean_bpd:.3f} bpd{note}")
+    return run_loss, run_images, stop_signal
+
+
 def _end_epoch(run, batch, run_loss, run_images, test_images, batches_per_epoch, num_dims):
     """The record of the epoch (or of its part done), the position after it, the checkpoint."""
     config, history, epoch = run.config, run.history, run.epoch
     complete = batch == batches_per_epoch
+    end_scale = kl_scale(config, epoch, batch, batches_per_epoch)
     record = {
         "epoch": epoch + 1,
-        "train_elbo_bpd": bits_per_dim(-run_loss / max(run_images, 1), num_dims, run.model.bits),
+        # The running training loss (not the ELBO under warm-up, a bound or free bits: train_objective
+        # says which); None when the update guard skipped every step of the epoch: no loss was kept.
+        "train_objective_bpd": bits_per_dim(-run_loss / run_images, num_dims, run.model.bits) if run_images else None,
+        "train_objective": objective_name(config, kl_scale(config, epoch, 0, batches_per_epoch), end_scale),
         "test_elbo_bpd": _test_elbo_bpd(run.model, test_images, config, run.context),
         "step": run.step,
-        "kl_scale": kl_scale(config, epoch, batch, batches_per_epoch),
+        "kl_scale": end_scale,
         "complete": complete,
     }
     if history["epochs"] and history["epochs"][-1]["epoch"] == epoch + 1:
@@ -968,6 +1269,9 @@ def _replay_to_board(run, test_images):
     for step, bpd in run.history["steps"]:
         if step >= run.step:
             run.board.running_loss(step, bpd)
+    if run.step and run.guard.enabled:  # the update guard's counts, logged at that step's host sync
+        counts = run.guard.counts()
+        run.board.skipped_updates(run.step, counts["skipped"], counts["nonfinite"])
     epochs = run.history["epochs"]
     if epochs and epochs[-1]["step"] >= run.step:
         _board_epoch(run, epochs[-1], test_images)
@@ -984,9 +1288,11 @@ def _evaluate(run, train_set, test_set, progress, log):
 
 
 def evaluate_images(model, config, train_images, images, device, progress=False, rank=0, world_size=1):
-    """The end-of-training evaluation of ``model`` on the uint8 ``images``, with the run's settings:
-    K = ``eval_samples``, ``sr_samples`` draws, the run's seed, and for the srVAE the
-    consistent-bicubic baseline of -log p(x|y) fitted on ``train_images``."""
+    """The end-of-training evaluation of ``model`` on the uint8 (or uint16) ``images``, with the
+    run's settings: K = ``eval_samples``, ``sr_samples`` draws, the run's seed, the batches of
+    :func:`~pyro_srvae.evaluation.evaluation_batch_size` (as ``pyro-srvae evaluate``'s, so it
+    reproduces these numbers), and for the srVAE the consistent-bicubic baseline of -log p(x|y)
+    fitted on ``train_images``."""
     baseline_scale = fit_baseline_scale(train_images, config.factor, config.seed) if isinstance(model, SRVAE) else None
     return evaluate_model(
         model,
@@ -994,7 +1300,7 @@ def evaluate_images(model, config, train_images, images, device, progress=False,
         elbo_samples=config.eval_samples,
         iw_samples=config.eval_samples,
         sr_samples=config.sr_samples,
-        batch_size=max(1, 2 * particle_budget(device) // config.eval_samples),
+        batch_size=evaluation_batch_size(config.eval_samples, device),
         device=device,
         seed=config.seed,
         progress=progress,
@@ -1013,7 +1319,7 @@ def _finish(run, test, test_set, log):
     )
     rng_states = [rng for rng, _ in gathered]
     run.history["wall_seconds"] = run.prior_wall + time.time() - run.started
-    metrics = _metrics(config, model, run.history, test, context, [digest for _, digest in gathered])
+    metrics = _metrics(config, model, run.history, test, context, [digest for _, digest in gathered], run.guard)
     metrics["data"] = run.data
     if metrics.get("distributed") and not metrics["distributed"]["ranks_identical"]:
         log("warning: the ranks' weights differ after training (see state_digests in metrics.json)")
@@ -1112,7 +1418,7 @@ def top_prior(model):
     return model.prior_u if isinstance(model, SRVAE) else model.prior_z
 
 
-def _metrics(config, model, history, test, context, state_digests):
+def _metrics(config, model, history, test, context, state_digests, guard=None):
     test = dict(test, x_density=getattr(model, "x_density", None))
     metrics = {
         "config": config.to_dict(),
@@ -1121,10 +1427,14 @@ def _metrics(config, model, history, test, context, state_digests):
         "mixture": mixture_summary(top_prior(model)),
         "gamma_x": _scalar(model.gamma_x),
         "gamma_y": _scalar(getattr(model, "gamma_y", None)),
+        # Per band, x' = (x - offset) / scale for the networks (docs/own-images.md); None: x itself.
+        "data_scaling": _data_scaling(model),
         "world_size": context.world_size,
         "wall_seconds": history["wall_seconds"],
         "steps": history["steps"],
     }
+    if guard is not None:
+        metrics.update(update_guard_summary(guard))
     if context.enabled:
         metrics["distributed"] = {
             "backend": context.backend,
@@ -1137,10 +1447,50 @@ def _metrics(config, model, history, test, context, state_digests):
     return metrics
 
 
+def update_guard_summary(guard):
+    """What metrics.json records of the :class:`UpdateGuard`: the updates skipped (the non-finite ones
+    included) and, of them, those whose gradient was not finite; the median gradient norm of the last
+    steps taken (the scale its threshold multiplies; None before any step was taken)."""
+    counts = guard.counts()
+    return {
+        "skipped_updates": counts["skipped"],
+        "skipped_nonfinite_updates": counts["nonfinite"],
+        "gradient_norm_median": counts["median"],
+    }
+
+
+def too_short(config, steps):
+    """Whether ``steps`` update steps, set by ``--epochs`` alone (not by ``--max-steps``), are too few to learn."""
+    return config.max_steps is None and steps < MIN_STEPS_TO_LEARN
+
+
+def short_run_note(config, steps, images):
+    return (f"{config.epochs} epochs of {images} training images at batch {config.batch_size} are only {steps} "
+            f"update steps, too few to learn (the runs of docs/results.md took 624 to 2,816); "
+            f"raise --epochs, or set --max-steps")
+
+
+def skipped_updates_row(metrics):
+    """The summary's row of the skipped updates; None for metrics from before the update guard."""
+    if "skipped_updates" not in metrics:
+        return None
+    skipped, nonfinite = metrics["skipped_updates"], metrics["skipped_nonfinite_updates"]
+    steps = metrics["epochs"][-1]["step"] if metrics["epochs"] else 0
+    factor = metrics["config"].get("skip_factor", 0)
+    if not factor:
+        return ("skipped updates", f"{skipped} of {steps} steps; the update guard is off (--skip-factor 0)")
+    median = metrics["gradient_norm_median"]
+    median = "none yet" if median is None else f"{median:.3g} at the end"
+    return ("skipped updates", f"{skipped} of {steps} steps: {nonfinite} with a non-finite gradient, "
+            f"{skipped - nonfinite} with a gradient norm above {factor:g} x the median of the last "
+            f"{GUARD_WINDOW} steps taken (median {median})")  # fmt: skip
+
+
 def _write_metrics(out_dir, metrics):
     atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["epoch", "train_elbo_bpd", "test_elbo_bpd", "step", "kl_scale"])
+    fields = ["epoch", "train_objective_bpd", "train_objective", "test_elbo_bpd", "step", "kl_scale"]
+    writer = csv.DictWriter(buffer, fieldnames=fields)
     writer.writeheader()
     for record in metrics["epochs"]:
         writer.writerow({key: record.get(key) for key in writer.fieldnames})
@@ -1176,7 +1526,7 @@ def _draw_figures(model, test_images, history, out_dir, config, test_metrics, nu
             paths.append(plots.plot_samples(model.sample(16), out_dir / "samples.png"))
             decode, prior = model.decode, model.prior_z
         if config.prior == "mog":
-            paths.append(plots.plot_mog_components(decode(prior.means), prior.weights, out_dir / "mog_components.png"))
+            paths.append(plots.plot_mog_components(model.to_data_units(decode(prior.means)), prior.weights, out_dir / "mog_components.png"))
     return paths
 
 
@@ -1202,7 +1552,7 @@ def bits_note(test):
     return f" ({', '.join(parts)})" if parts else ""
 
 
-def test_metric_rows(test):
+def evaluation_rows(test):
     """(label, value) rows of the test metrics, shared by the training and evaluation summaries."""
     note = bits_note(test)
     rows = [
@@ -1227,8 +1577,10 @@ def test_metric_rows(test):
             rows.append(("  expected", f"{expected} (from {coverage['num_samples']} draws)"))
         if test.get("sr_bpd") is not None:
             baseline = test.get("sr_bpd_baseline")
+            # The convention and the kind of number (evaluation.conditional_bits_per_dim), said in the row.
             rows.append(("SR -log p(x|y)", f"{test['sr_bpd']:.4f} bits/dim of the {test['sr_bpd_dims']} dims not fixed by y"
-                         + (f" (consistent-bicubic Gaussian {baseline:.4f})" if baseline is not None else "")))  # fmt: skip
+                         + (f" (consistent-bicubic Gaussian {baseline:.4f})" if baseline is not None else "")
+                         + "; y = block means; an estimate (IW log p(x,y) - IW log p(y)), not a bound"))  # fmt: skip
     return rows + latent_rows(test)
 
 
@@ -1258,6 +1610,17 @@ def format_rows(rows):
     return "\n".join(f"  {label.ljust(width)}  {value}" for label, value in rows)
 
 
+def train_objective_row(metrics):
+    """The summary's row of the last epoch's running training loss, named for what it is (not the test ELBO)."""
+    if not metrics["epochs"]:
+        return None
+    last = upgrade_epoch_record(metrics["epochs"][-1], TrainConfig.from_dict(metrics["config"]))
+    if last["train_objective_bpd"] is None:
+        return ("train objective", "none kept: the update guard skipped every step of the last epoch")
+    return ("train objective", f"{last['train_objective_bpd']:.4f} bits/dim: minus the {last['train_objective']}, "
+            "mean over the last epoch's steps")  # fmt: skip
+
+
 def summary_table(metrics):
     """A short plain-text table of the final test metrics."""
     config = metrics["config"]
@@ -1265,15 +1628,26 @@ def summary_table(metrics):
         ("model", f"{model_label(config)}, {config['prior']} prior, {config['elbo']} ELBO"),
         ("epochs / steps", f"{len(metrics['epochs'])} / {metrics['epochs'][-1]['step'] if metrics['epochs'] else 0}"),
     ]
-    rows += test_metric_rows(metrics["test"])
+    steps = metrics["epochs"][-1]["step"] if metrics["epochs"] else 0
+    if config.get("max_steps") is None and steps < MIN_STEPS_TO_LEARN:
+        rows.append(("too short", f"only {steps} update steps, too few to learn: raise --epochs or set --max-steps"))
+    rows += [row for row in [train_objective_row(metrics), skipped_updates_row(metrics)] if row is not None]
+    rows += evaluation_rows(metrics["test"])
     mixture = metrics.get("mixture")
     if mixture is not None:
         rows.append(("mixture weights", f"effective number of components {mixture['effective_components']:.2f} "
                      f"of {len(mixture['weights'])}"))  # fmt: skip
     if metrics["gamma_x"] is not None:  # the learned scalar scale of the spec's Gaussian likelihood
-        rows.append(("gamma_x" + (" / gamma_y" if metrics["gamma_y"] is not None else ""), _gammas(metrics)))
+        units = " (of x / band std)" if metrics.get("data_scaling") else ""
+        rows.append(("gamma_x" + (" / gamma_y" if metrics["gamma_y"] is not None else "") + units, _gammas(metrics)))
     rows.append(("wall time", f"{metrics['wall_seconds']:.0f} s"))
     return format_rows(rows)
+
+
+def _data_scaling(model):
+    if not model.standardized:
+        return None
+    return {"offset": model.data_offset.flatten().tolist(), "scale": model.data_scale.flatten().tolist()}
 
 
 def _scalar(tensor):

@@ -47,10 +47,12 @@ def main(argv=None):
             config.train_limit = len(full) - VALIDATION
             started = time.time()
             # train() also scores the first 64 test images (--eval-limit 64); nothing here reads them.
-            model = train(config, progress=False, log=lambda *a, **k: None).model
+            result = train(config, progress=False, log=lambda *a, **k: None)
+            model = result.model
             seconds = time.time() - started
             metrics = evaluate_images(model, config, full.images[:-VALIDATION], full.images[-VALIDATION:], "cpu")
-        row = {"name": args.name, "flags": flags, "seed": seed, "train_seconds": round(seconds, 1)}
+        row = {"name": args.name, "flags": flags, "seed": seed, "train_seconds": round(seconds, 1),
+               "skipped_updates": result.metrics.get("skipped_updates")}  # by the update guard (training.UpdateGuard)
         row.update({key: metrics.get(key) for key in KEYS})
         row["coverage90_detail"] = metrics["sr_coverage"]["detail"]["0.9"]
         row["coverage90_edges"] = metrics["sr_coverage"]["edges"]["0.9"]

@@ -13,69 +13,18 @@ optimiser and start:
 The bound is linear in w, so its minimiser puts all the weight on the component with the
 smallest sum_n KL(q_n || p_i): one Gaussian stretched over both clusters. The script prints the
 fitted weights, their effective number of components exp(H(w)) and the exact mean KL of each
-fit (Monte Carlo, 4096 draws per q_n)::
+fit (Monte Carlo, 4096 draws per q_n). The fit is :mod:`pyro_srvae.mixture_fit`; this script runs it::
 
     python scripts/mixture_bound_collapse.py
 """
 
 import argparse
 import json
-import math
 
-import torch
-
-import pyro.distributions as dist
-
-from pyro_srvae import MixtureOfGaussiansPrior, mixture_kl_upper_bound
-
-
-def posterior_clusters(num=200, dim=2, separation=2.0, scale=0.3, seed=0):
-    """The fixed q_n: half around (-separation, 0, ...), half around (+separation, 0, ...)."""
-    g = torch.Generator().manual_seed(seed)
-    centres = torch.zeros(num, dim)
-    centres[: num // 2, 0], centres[num // 2 :, 0] = -separation, separation
-    loc = centres + 0.3 * torch.randn(num, dim, generator=g)
-    q_scale = scale * (1 + 0.2 * torch.rand(num, dim, generator=g))
-    return dist.Normal(loc, q_scale).to_event(1)
-
-
-def mean_kl(q, prior, num_samples=4096, seed=1):
-    """mean_n KL(q_n || p) by Monte Carlo (the exact objective, up to sampling error)."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        u = q.sample((num_samples,))
-        return (q.log_prob(u) - prior().log_prob(u)).mean().item()
-
-
-def effective_components(weights):
-    weights = weights.double()
-    return math.exp(-(weights * torch.log(weights.clamp_min(1e-300))).sum().item())
-
-
-def fit(objective, q, components=4, steps=600, lr=0.05, particles=16, seed=0):
-    """Fit a mixture prior to ``q`` under ``objective`` ("bound" or "sampled"); returns a summary."""
-    torch.manual_seed(seed)
-    prior = MixtureOfGaussiansPrior(q.event_shape[0], components)
-    optimizer = torch.optim.Adam(prior.parameters(), lr=lr)
-    for _ in range(steps):
-        optimizer.zero_grad()
-        if objective == "bound":
-            loss = mixture_kl_upper_bound(q, prior()).mean()  # eq. (23)
-        elif objective == "sampled":
-            u = q.rsample((particles,))
-            loss = (q.log_prob(u) - prior().log_prob(u)).mean()
-        else:
-            raise ValueError(f"unknown objective {objective!r}; expected 'bound' or 'sampled'")
-        loss.backward()
-        optimizer.step()
-    weights = prior.weights.detach()
-    return {
-        "objective": objective,
-        "weights": [round(w, 4) for w in weights.tolist()],
-        "effective_components": effective_components(weights),
-        "mean_kl": mean_kl(q, prior),
-        "bound": mixture_kl_upper_bound(q, prior()).mean().item(),
-    }
+# The fit lives in the package (pyro_srvae.mixture_fit) so that the tutorial and the tests import it
+# from any working directory; these names stay here for callers of the script's functions.
+from pyro_srvae.mixture_fit import effective_components, mean_kl, posterior_clusters  # noqa: F401
+from pyro_srvae.mixture_fit import fit_mixture_prior as fit
 
 
 def main(argv=None):

@@ -1,5 +1,6 @@
 import pyro
 import pytest
+import tifffile
 import torch
 
 # The networks in the tests are tiny: threads buy nothing, and on a 2-core machine
@@ -20,3 +21,23 @@ def tiny_images(batch=4, shape=(1, 8, 8), seed=0):
     """Dequantized-looking images in (0, 1), deterministic."""
     g = torch.Generator().manual_seed(seed)
     return (torch.randint(0, 256, (batch,) + tuple(shape), generator=g).float() + 0.5) / 256
+
+
+def hold_latents_fixed(model):
+    """Collapse q(u|y) and p(z|y,u) to their means: the SR draws then differ by the likelihood's noise alone,
+    so drawing that noise times ``t`` is exactly the model's predictive with the spread factor ``t``."""
+
+    def pinned(module, args, output):
+        loc, scale = output
+        return loc, torch.full_like(scale, 1e-12)
+
+    model.encoder_u.register_forward_hook(pinned)
+    model.prior_z.register_forward_hook(pinned)
+    return model
+
+
+def write_tiff(path, bands):
+    """A multi-band TIFF, bands first, as satellite scenes are stored."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tifffile.imwrite(path, bands, photometric="minisblack", planarconfig="separate")
+    return path

@@ -22,6 +22,10 @@ sys.path.insert(0, str(BENCHMARKS))
 import eval_time  # noqa: E402
 import photo_sr  # noqa: E402
 import step_time  # noqa: E402
+from common import benchmark_images  # noqa: E402
+
+from pyro_srvae import evaluate_model  # noqa: E402
+from pyro_srvae.training import TrainConfig, build_model  # noqa: E402
 
 
 def _json_records(capsys):
@@ -129,12 +133,21 @@ def test_paired_ratio_interval_brackets_spread_ratios():
         step_time.paired_ratio_summary(pyro_times, torch_times[:-1])
 
 
-def test_eval_benchmark_reports_throughput(capsys):
+def test_eval_benchmark_reports_the_bound_it_timed_and_its_throughput(capsys):
+    """Each record's iw_bpd is that of the model it timed (the seeded untrained model, K = 8, the
+    benchmark's images), and images_per_s is its images over its seconds."""
     eval_time.main(["--num-images", "2", "--samples", "8", "--hidden", "4", "--json", "--device", "cpu"])
     records = _json_records(capsys)
-    assert [r["model"] for r in records] == ["vae", "srvae", "srvae"]
-    for record in records:
-        assert record["iw_samples"] == 8 and record["images_per_s"] > 0 and record["iw_bpd"] > 0
+    assert [(r["model"], r["guide"]) for r in records] == [("vae", None), ("srvae", "simple"), ("srvae", "full")]
+    images = benchmark_images(2, split="test")
+    for record, (model_name, guide) in zip(records, eval_time.VARIANTS):
+        pyro.clear_param_store()
+        torch.manual_seed(0)
+        model = build_model(TrainConfig(model=model_name, guide=guide, hidden=4), images.shape[1:])
+        timed = evaluate_model(model, images, elbo_samples=8, iw_samples=8, batch_size=2, super_resolution=False)
+        assert record["iw_samples"] == 8 and record["iw_bpd"] == pytest.approx(timed["iw_bpd"], abs=1e-4), record
+        seconds = record["seconds"]  # rounded to a millisecond, images_per_s to a hundredth
+        assert 2 / (seconds + 5e-4) - 5e-3 <= record["images_per_s"] <= 2 / (seconds - 5e-4) + 5e-3, record
 
 
 def test_step_benchmark_runs_the_cifar_shaped_densenet_in_bf16(capsys):

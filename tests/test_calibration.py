@@ -1,4 +1,4 @@
-"""The SR spread calibrated on held-out images (pyro_srvae.calibration, pyro-srvae calibrate)."""
+"""The SR spread calibrated on calibration images (pyro_srvae.calibration, pyro-srvae calibrate)."""
 
 import hashlib
 import json
@@ -16,6 +16,7 @@ from pyro_srvae.evaluation import expected_interval_coverage, interval_coverages
 from pyro_srvae.likelihoods import block_mean
 from pyro_srvae.superresolve import load_model, superresolve_image
 from pyro_srvae.training import TrainConfig, build_model
+from conftest import hold_latents_fixed
 
 # The calibration scales the likelihood's noise. The vector z of a 2-step model leaves the spread to the
 # noise, so these checks are about the calibration. An untrained z map's latents would carry most of it,
@@ -84,7 +85,10 @@ def test_the_fit_finds_the_spread_the_truths_were_drawn_with(checkpoint):
     assert calibration.scale[0] == pytest.approx(SCALE, rel=0.05)
     assert calibration.target_coverage == pytest.approx(expected_interval_coverage(16, 0.9))
     assert calibration.coverage_before[0] < calibration.target_coverage - 0.05  # too narrow before
-    assert calibration.coverage_after[0] == pytest.approx(calibration.target_coverage, abs=0.005)
+    # New draws of the calibrated predictive on the same images: not the draws t was fitted to (whose
+    # coverage is the target by construction), yet they cover about the target too.
+    assert calibration.fresh_seed != 1 and calibration.coverage_fresh[0] != calibration.coverage_after[0]
+    assert calibration.coverage_fresh[0] == pytest.approx(calibration.target_coverage, abs=0.01)
     assert calibration.num_pixels == 48 * 28 * 28
     # Truths drawn from the model itself need no widening.
     own = fit_spread_scale(model, truths_drawn_wider(model, 48, scale=1.0), pixels="all", seed=1)
@@ -162,7 +166,14 @@ def test_console_calibrate_writes_the_factor_and_superresolve_uses_it(checkpoint
                          str(calibration_pngs)])  # fmt: skip
     out = capsys.readouterr().out
     assert code == 0
-    assert "calibrated: likelihood noise x" in out and "16 held-out image(s)" in out
+    assert "calibrated: likelihood noise x" in out and "16 calibration image(s)" in out and "held-out" not in out
+    record = load_checkpoint(calibrated)["spread_calibration"]
+    in_sample = [line for line in out.splitlines() if line.startswith("in-sample coverage")]
+    fresh = [line for line in out.splitlines() if line.startswith("fresh draws")]
+    assert len(in_sample) == 1 and "(the draws the factor was fitted to; the target by construction)" in in_sample[0]
+    assert f"{record['coverage_after'][0]:.3f} of {record['num_pixels']} pixels" in in_sample[0]
+    assert len(fresh) == 1 and f"(seed {record['fresh_seed']}) on the same calibration images, not a test set" in fresh[0]
+    assert fresh[0].endswith(f"coverage {record['coverage_fresh'][0]:.3f}")
     assert sha(checkpoint) == before  # --out: the original is left as it was
     payload, original = load_checkpoint(calibrated), load_checkpoint(checkpoint)
     assert payload["spread_calibration"]["pixels"] == "all"
@@ -235,3 +246,27 @@ def test_a_broken_calibration_record_is_a_checkpoint_error(checkpoint, tmp_path)
     assert console_main(["superresolve", "--checkpoint", str(path), "--out", str(tmp_path / "o"),
                          str(write_png(tmp_path / "a.png", np.zeros((8, 8), dtype=np.uint8)))]) == 1  # fmt: skip
     assert not (tmp_path / "o").exists()
+
+
+
+
+def test_a_factor_fitted_on_some_truths_covers_fresh_truths_at_the_target_out_of_sample():
+    """Out of sample: truths drawn from the predictive with the noise times SCALE, a factor fitted on 48
+    of them, and fresh draws of the calibrated predictive for 48 other truths: these are covered at the
+    target (j - i)/(S + 1) = 15/17 within four standard errors. The error counts both sets' pixels
+    (binomial) and, since the fit draws every image with the same seed, the spread of the coverage of
+    one image's 784 fitted intervals (the Beta((j - i), S + 1 - (j - i)) variance of each)."""
+    model = hold_latents_fixed(build_model(TrainConfig(hidden=4), (1, 28, 28)))
+    images = (load_dataset("fashion-mnist-mini", "test").images[:96].float() + 0.5) / 256
+    ys = [model.downscale(x[None])[0] for x in images]
+    model.spread_scale = [SCALE]
+    truths = [superresolve_image(model, y, DRAWS, seed=100 + i).samples[0] for i, y in enumerate(ys)]
+    model.spread_scale = fit_spread_scale(model, truths[:48], pixels="all", num_samples=DRAWS, seed=1).scale
+    covered = []
+    for i, (x, y) in enumerate(zip(truths[48:], ys[48:])):  # fresh truths, fresh draws (other seeds)
+        draws = superresolve_image(model, y, DRAWS, seed=500 + i).samples
+        covered.append(interval_coverages(draws[:, None], x[None], levels=(0.9,))["0.9"])
+    target, pixels = 15 / 17, 48 * 28 * 28
+    assert expected_interval_coverage(DRAWS, 0.9) == pytest.approx(target)
+    variance = 2 * target * (1 - target) / pixels + (15 * 2 / (17**2 * 18)) / (28 * 28)
+    assert np.mean(covered) == pytest.approx(target, abs=4 * np.sqrt(variance)), (np.mean(covered), model.spread_scale)

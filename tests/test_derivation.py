@@ -15,6 +15,7 @@ import pyro.poutine as poutine
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
 from pyro_srvae import SRVAE, VAE, make_elbo, mixture_kl_upper_bound
+from pyro_srvae.likelihoods import GaussianLikelihood
 from conftest import tiny_images
 
 SMALL = dict(hidden=8)
@@ -43,12 +44,18 @@ def diagonal_gaussian_kl_by_hand(q_loc, q_scale, p_loc, p_scale):
 
 @pytest.mark.parametrize("gamma", [0.05, 0.3, 1.7])
 def test_eq3_gaussian_decoder_log_density(gamma):
-    """eq. (3)/(13): Pyro's Normal log-density is the spec's data term plus its constant."""
+    """eq. (3)/(13)-(14): the package's Gaussian likelihood, with its locations a residual over an
+    offset (the SR decoder's upsampled y, section 3.1), scores an image by the spec's data term
+    plus its constant, with x_hat = offset + residual and the scale gamma given."""
     x = tiny_images(3, (2, 5, 6))
-    x_hat = torch.rand(3, 2, 5, 6)
-    pyro_value = dist.Normal(x_hat, gamma).to_event(3).log_prob(x)
-    assert torch.allclose(pyro_value, gaussian_log_density_by_hand(x, x_hat, gamma), rtol=1e-5)
-    assert torch.allclose(pyro_value, gaussian_data_term_mse_form(x, x_hat, torch.tensor(gamma)), rtol=1e-5)
+    residual, offset = torch.rand(3, 2, 5, 6) - 0.5, torch.rand(3, 2, 5, 6)
+    likelihood = GaussianLikelihood()
+    value = likelihood.distribution(residual, offset, scale=torch.tensor(gamma)).log_prob(x)
+    x_hat = offset + residual
+    assert value.shape == (3,)  # one number per image: the pixels are summed
+    assert torch.allclose(value, gaussian_log_density_by_hand(x, x_hat, gamma), rtol=1e-5)
+    assert torch.allclose(value, gaussian_data_term_mse_form(x, x_hat, torch.tensor(gamma)), rtol=1e-5)
+    torch.testing.assert_close(likelihood.mean(residual, offset), x_hat)
 
 
 def test_eq3_model_x_site_uses_learned_gamma():

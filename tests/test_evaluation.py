@@ -21,6 +21,7 @@ import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
 from pyro.infer import Trace_ELBO
+from conftest import hold_latents_fixed, tiny_images
 
 from pyro_srvae.evaluation import (
     DEFAULT_PARTICLE_BUDGET,
@@ -444,22 +445,23 @@ def test_super_resolution_metrics_report_the_coverage_of_the_edge_pixels_chosen_
 
 
 class ImageLinearGaussian(torch.nn.Module):
-    """Linear-Gaussian model on flattened C x H x W images, exact posterior as guide."""
+    """Linear-Gaussian model on flattened C x H x W images, the exact posterior (or the shifted one) as guide."""
 
-    def __init__(self, image_shape=(1, 2, 2), d=2, sigma=0.2):
+    def __init__(self, image_shape=(1, 2, 2), d=2, sigma=0.2, guide="exact"):
         super().__init__()
         D = math.prod(image_shape)
         self.lg = LinearGaussian(d=d, D=D, sigma=sigma, w_scale=0.2, seed=0)
         self.lg.b = torch.full((D,), 0.5, dtype=DTYPE)
         self.dummy = torch.nn.Parameter(torch.zeros(()))  # makes it a module with a device
         self.modes = []
+        self.guide_fn = {"exact": self.lg.exact_guide, "shifted": self.lg.shifted_guide}[guide]
 
     def model(self, x):
         self.modes.append(self.training)
         self.lg.model(x.flatten(1).to(DTYPE))
 
     def guide(self, x):
-        self.lg.exact_guide(x.flatten(1).to(DTYPE))
+        self.guide_fn(x.flatten(1).to(DTYPE))
 
 
 def test_evaluate_model_exact_and_deterministic():
@@ -491,6 +493,28 @@ def test_evaluate_model_exact_and_deterministic():
         evaluate_model(model, images.float(), elbo_samples=1, iw_samples=1)
 
 
+def test_evaluate_model_meets_the_closed_forms_when_the_weights_vary():
+    """With the shifted guide (mean one posterior std off, std x 1.5) the weights vary over the
+    particles and the images. E[log w] = log p(x) - KL(q || p(z|x)), where the KL of the shift is
+    d/2 (2.25 - log 2.25) = 1.439 nats for d = 2 whatever the image; the IW estimate of K = 500 lies
+    within a few hundredths of a nat of log p(x) when each image is weighed with its own K weights.
+    One logsumexp over a batch of 32 images' summed weights (a bound on their joint log-likelihood,
+    divided by 32) lies about 0.5 nats per image below: the product's KL exceeds log K."""
+    from pyro_srvae.data import dequantize
+
+    images = torch.randint(0, 256, (64, 1, 2, 2), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    model = ImageLinearGaussian(guide="shifted")
+    r = evaluate_model(model, images, elbo_samples=1000, iw_samples=500, batch_size=32, seed=11)
+    gen = torch.Generator().manual_seed(11)  # the same dequantized images
+    x = torch.cat([dequantize(images[i : i + 32], generator=gen) for i in (0, 32)])
+    exact = model.lg.log_marginal(x.flatten(1).to(DTYPE)).mean().item()
+    kl = model.lg.d / 2 * (2.25 - math.log(2.25))
+    # over seeds both land within 0.03 nats: 0.08 leaves room and still tells the reductions apart
+    assert r["elbo"] == pytest.approx(exact - kl, abs=0.08)
+    assert r["iw_log_likelihood"] == pytest.approx(exact, abs=0.08)
+    assert r["iw_bpd"] == pytest.approx(bits_per_dim(exact, 4), abs=0.08 / (4 * math.log(2)))
+
+
 # ---------------------------------------------------------------------------
 # the package's models (skipped while pyro_srvae.models is not importable)
 # ---------------------------------------------------------------------------
@@ -514,13 +538,8 @@ def test_evaluate_model_on_untrained_package_models():
         if is_sr:
             keys |= {"sr_psnr", "bicubic_psnr", "sr_ssim", "bicubic_ssim", "sr_coverage90"}
         assert keys <= set(r), (type(model).__name__, set(r))
-        for key in keys:
+        for key in keys:  # what the numbers are: the closed-form tests above and below
             assert math.isfinite(r[key]), (key, r[key])
-        # same K for both: logmeanexp >= mean holds image by image
-        assert r["iw_bpd"] <= r["elbo_bpd"] + 1e-6
-        if is_sr:
-            assert 0.0 <= r["sr_coverage90"] <= 1.0
-            assert -1.0 <= r["sr_ssim"] <= 1.0
 
         # the weights agree with Pyro's own vectorized Trace_ELBO on the same draws
         x = torch.rand(3, 1, 8, 8)
@@ -532,6 +551,43 @@ def test_evaluate_model_on_untrained_package_models():
         pyro.set_rng_seed(1)
         elbo = iw_and_elbo(model.model, model.guide, x, 4, chunk_size=4).elbo
         assert elbo.sum().item() == pytest.approx(-loss, rel=1e-5)
+
+
+
+
+#: (j - i) / (S + 1) for S = 16 draws and the order statistics i, j that enclose each central
+#: interval (rounded outwards): 9/17, 13/17, 15/17, 15/17.
+EXCHANGEABLE_COVERAGE_16 = {"0.5": 9 / 17, "0.8": 13 / 17, "0.9": 15 / 17, "0.95": 15 / 17}
+
+
+@pytest.mark.parametrize("guide", ["simple", "full"])
+def test_sr_metrics_of_a_package_srvae_on_truths_drawn_from_its_own_predictive(guide):
+    """Truths drawn from the srVAE's own predictive, its latents held at their means (so the draws
+    differ by the consistent likelihood's noise alone, and the predictive mean is the decoder mean m
+    at those means): the intervals of 16 draws cover them as often as exchangeable draws are covered,
+    within a binomial margin, and the SR PSNR and SSIM are those of m (clamped) against the truths,
+    by hand and by torchmetrics' standard 11x11 SSIM."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    from pyro_srvae import SRVAE
+
+    model = hold_latents_fixed(SRVAE((1, 28, 28), guide=guide, hidden=4))
+    y = model.downscale(tiny_images(64, (1, 28, 28)))
+    with torch.no_grad():
+        u = model.encoder_u(y)[0]
+        m = model.decode_x(y, model.prior_z(y, u)[0], u).clamp(0, 1)
+        truth = model.super_resolve(y, num_samples=1).samples[0]
+    metrics = super_resolution_metrics(model, truth, num_samples=16)
+    pixels = truth.numel()
+    for level, expected in EXCHANGEABLE_COVERAGE_16.items():
+        margin = 4 * math.sqrt(expected * (1 - expected) / pixels)  # over seeds the spread is the binomial one
+        assert metrics["sr_coverage"]["all"][level] == pytest.approx(expected, abs=margin), level
+        assert metrics["sr_coverage"]["expected"][level] == pytest.approx(expected)
+    mse = (m - truth).square().flatten(1).mean(1)
+    assert metrics["sr_psnr"] == pytest.approx((10 * torch.log10(1 / mse)).mean().item(), rel=1e-5)
+    reference = structural_similarity_index_measure(m, truth, data_range=1.0, reduction="none")
+    assert metrics["sr_ssim"] == pytest.approx(reference.mean().item(), rel=1e-5)
+    assert -1 <= metrics["sr_ssim"] <= 1 and 0 <= metrics["sr_coverage90"] <= 1
 
 
 def test_elbo_terms_name_every_site_and_sum_to_the_elbo():

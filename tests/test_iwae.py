@@ -102,15 +102,41 @@ def _mean_se(samples):
 # ---------------------------------------------------------------------------
 
 
+def _log_weights_by_hand(toy, x, z):
+    """log p(z) + log p(x|z) - log q(z|x) of the toy's densities, ``(K, N)`` for draws z ``(K, N, d)``."""
+    with torch.no_grad():
+        prior = dist.Normal(torch.zeros(toy.d, dtype=DT), 1.0).to_event(1).log_prob(z)
+        likelihood = dist.Normal(z @ toy.W.T + toy.b, toy.sigma).to_event(1).log_prob(x)
+        guide = dist.MultivariateNormal(x @ toy.A.T + toy.c, scale_tril=toy.scale_tril()).log_prob(z)
+    return prior + likelihood - guide
+
+
 @pytest.mark.parametrize("K", [2, 5, 50])
-def test_exact_posterior_gives_the_exact_log_likelihood(K):
-    toy = Toy().set_exact_posterior()
-    x = toy.data()
-    exact = -toy.log_marginal(x).sum().item()
+def test_the_bound_is_each_image_s_logmeanexp_and_exact_under_the_exact_posterior(K):
+    """loss = -sum_n [logsumexp_k log w_{k,n} - log K]: each image's own K weights.
+
+    Under the exact posterior every weight of image n is p(x_n), so any reduction gives -log p(x);
+    under the poor default guide the weights vary over particles and images, and only the
+    per-image form, computed here by hand on the drawn samples, is the bound."""
+    exact_toy = Toy().set_exact_posterior()
+    x = exact_toy.data()
+    exact = -exact_toy.log_marginal(x).sum().item()
     dreg = make_elbo("iwae-dreg", num_particles=K)
-    assert abs(dreg.loss(toy.model, toy.guide, x) - exact) < 1e-8
-    assert abs(dreg.differentiable_loss(toy.model, toy.guide, x).item() - exact) < 1e-8
-    assert abs(_renyi(K).loss(toy.model, toy.guide, x) - exact) < 1e-8
+    assert abs(dreg.loss(exact_toy.model, exact_toy.guide, x) - exact) < 1e-8
+    assert abs(dreg.differentiable_loss(exact_toy.model, exact_toy.guide, x).item() - exact) < 1e-8
+    assert abs(_renyi(K).loss(exact_toy.model, exact_toy.guide, x) - exact) < 1e-8
+
+    toy = Toy()
+    pyro.set_rng_seed(11)  # the guide is the first to use the RNG: these are the loss's draws
+    z = poutine.trace(dreg._vectorized_num_particles(toy.guide)).get_trace(x).nodes["z"]["value"]
+    log_w = _log_weights_by_hand(toy, x, z)
+    per_image = -(torch.logsumexp(log_w, 0) - math.log(K)).sum().item()
+    batch_level = -(torch.logsumexp(log_w.sum(1), 0) - math.log(K)).item()  # one weight per particle
+    assert abs(per_image - batch_level) > 1.0, (per_image, batch_level)  # the two reductions differ here
+    for value in (lambda: dreg.loss(toy.model, toy.guide, x),
+                  lambda: dreg.differentiable_loss(toy.model, toy.guide, x).item()):  # fmt: skip
+        pyro.set_rng_seed(11)
+        assert abs(value() - per_image) < 1e-8
 
 
 def test_poor_guide_bound_lies_between_elbo_and_likelihood_and_tightens_with_K():
@@ -372,6 +398,50 @@ def test_svi_with_iwae_dreg_decreases_the_loss():
         assert math.isfinite(svi.step(x))
     after = average_loss()
     assert after < before - 1.0, (before, after)
+
+
+def _maximum_likelihood(toy, x):
+    """max over W, b of sum log p(x) for the toy's fixed sigma (probabilistic PCA, Tipping & Bishop
+    1999): b the sample mean, W W^T + sigma^2 I the sample covariance with its smallest D - d
+    eigenvalues (and any below sigma^2) replaced by sigma^2."""
+    mean = x.mean(0)
+    covariance = (x - mean).T @ (x - mean) / x.shape[0]
+    eigenvalues, vectors = torch.linalg.eigh(covariance)  # ascending
+    kept = eigenvalues.clone()
+    kept[: toy.D - toy.d] = toy.sigma**2
+    kept = kept.clamp(min=toy.sigma**2)
+    fitted = vectors @ torch.diag(kept) @ vectors.T
+    return dist.MultivariateNormal(mean, covariance_matrix=fitted).log_prob(x).sum().item()
+
+
+def _bound_gap(toy, x, K, repeats=50):
+    """log p(x) - IW bound (K), mean and standard error over ``repeats`` seeded estimates."""
+    exact = toy.log_marginal(x).sum().item()
+    dreg = make_elbo("iwae-dreg", num_particles=K)
+    gaps = []
+    for r in range(repeats):
+        pyro.set_rng_seed(1000 * K + r)
+        gaps.append(exact + dreg.loss(toy.model, toy.guide, x))
+    mean, se = _mean_se(gaps)
+    return mean.item(), se.item()
+
+
+def test_training_with_iwae_dreg_reaches_the_maximum_likelihood_and_a_tight_bound():
+    """SVI on the IW bound fits the model itself: the exact log p(x) of the trained toy reaches the
+    closed-form maximum likelihood, and the bound, loose at the start, is then within noise of it."""
+    toy = Toy()
+    x = toy.data()
+    best = _maximum_likelihood(toy, x)
+    start_exact, (start_gap, _) = toy.log_marginal(x).sum().item(), _bound_gap(toy, x, K=10)
+    assert start_exact < best - 10 and start_gap > 2.0, (start_exact, best, start_gap)
+    svi = SVI(toy.model, toy.guide, Adam({"lr": 0.05}), make_elbo("iwae-dreg", num_particles=8))
+    for _ in range(200):
+        svi.step(x)
+    trained = toy.log_marginal(x).sum().item()
+    assert best - 0.2 < trained <= best + 1e-9, (trained, best)
+    for K in (10, 100):
+        gap, se = _bound_gap(toy, x, K)
+        assert -4 * se < gap < 0.05 + 4 * se, (K, gap, se)
 
 
 def test_loss_and_grads_fills_the_gradients():

@@ -115,20 +115,56 @@ def test_generation_helpers():
     assert model.reconstruct(x).shape == x.shape
     single = model.super_resolve(model.downscale(x), num_samples=1)
     assert torch.equal(single.std, torch.zeros_like(single.std))
-    many = model.super_resolve(model.downscale(x), num_samples=50)
-    assert torch.allclose(many.mean, many.means.mean(0)) and (many.std > 0).any()
-    means_only = model.super_resolve(model.downscale(x), num_samples=50, observation_noise=False)
-    assert torch.allclose(means_only.mean, means_only.samples.mean(0))
+    pyro.set_rng_seed(1)
+    many = model.super_resolve(model.downscale(x), num_samples=400)
+    assert (many.std > 0).all()
+    # the mean estimates E[decoder mean] over u ~ q(u|y), z ~ p(z|y,u), drawn here from the networks
+    reference, spread = _predictive_mean_by_hand(model, model.downscale(x), draws=4000)
+    z_scores = (many.mean - reference) / (spread * math.sqrt(1 / 400 + 1 / 4000))
+    assert z_scores.abs().max() < 5, z_scores.abs().max()
+    # without the noise: the same latent draws (same seed), each one's decoder mean, nothing added
+    pyro.set_rng_seed(1)
+    means_only = model.super_resolve(model.downscale(x), num_samples=400, observation_noise=False)
+    torch.testing.assert_close(means_only.samples, many.means)
     assert (many.std.mean() - means_only.std.mean()) > 0.5 * model.gamma_x.item()  # the likelihood's noise
     vae = VAE((1, 8, 8), **SMALL)
     assert vae.sample(5).shape == (5, 1, 8, 8)
     assert vae.reconstruct(x).shape == x.shape
 
 
-def test_reconstruction_is_deterministic_posterior_mean():
-    model = SRVAE((1, 8, 8), **SMALL)
+def _predictive_mean_by_hand(model, y, draws):
+    """Monte Carlo E[mean of p(x|y,z,u)] over u ~ q(u|y), z ~ p(z|y,u), and the spread of the means."""
+    with torch.no_grad():
+        u = dist.Normal(*model.encoder_u(y)).sample((draws,))
+        z = dist.Normal(*model.prior_z(y, u)).sample()
+        means = model.decode_x(y, z, u)
+    return means.mean(0), means.std(0)
+
+
+def _guide_means_and_decoder_mean(model, x):
+    """The guide's location parameters, read off its sites (u first, at its mean), and the mean of
+    the model's x site at them: what reconstruct must return."""
+    latents = {}
+    for name in ("u", "z"):
+        trace = poutine.trace(poutine.condition(model.guide, data=latents)).get_trace(x)
+        if name in trace.nodes:
+            latents[name] = trace.nodes[name]["fn"].base_dist.loc.detach()
+    model_trace = poutine.trace(poutine.condition(model.model, data=latents)).get_trace(x)
+    return latents, trace, model_trace.nodes["x"]["fn"].mean.detach()
+
+
+@pytest.mark.parametrize("model_class, kwargs", VARIANTS)
+def test_reconstruction_is_the_decoder_mean_at_the_guide_s_means_not_a_draw(model_class, kwargs):
+    model = model_class((1, 8, 8), **kwargs, **SMALL)
     x = tiny_images()
-    assert torch.equal(model.reconstruct(x), model.reconstruct(x))
+    latents, guide_trace, expected = _guide_means_and_decoder_mean(model, x)
+    reconstruction = model.reconstruct(x)
+    torch.testing.assert_close(reconstruction, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model.reconstruct(x), reconstruction, rtol=0, atol=0)  # no draw: the same twice
+    # decoding a draw of z instead lands elsewhere: the guide's spread is not negligible here
+    drawn = dict(latents, z=guide_trace.nodes["z"]["value"].detach())
+    at_draw = poutine.trace(poutine.condition(model.model, data=drawn)).get_trace(x).nodes["x"]["fn"].mean
+    assert (at_draw - expected).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ from pyro_srvae.evaluation import bits_per_dim
 from pyro_srvae.likelihoods import block_mean
 from pyro_srvae.superresolve import SuperResolveError, load_model, superresolve
 from pyro_srvae.training import ConfigError, TrainConfig, build_model, check_bit_depth, train
+from conftest import write_tiff
 
 QUIET = dict(progress=False, log=lambda *_: None)
 TINY = dict(
@@ -32,12 +33,6 @@ def smooth_bands(rng, bands, height, width, low=1000, high=9000):
     field = np.stack([np.sin(rows * (b + 1)) * np.cos(cols) for b in range(bands)])
     values = low + (high - low) * (field + 1) / 2 + rng.normal(0, 50, field.shape)
     return np.clip(values, 0, 65535).astype(np.uint16)
-
-
-def write_tiff(path, bands):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tifffile.imwrite(path, bands, photometric="minisblack", planarconfig="separate")
-    return path
 
 
 @pytest.fixture(scope="module")

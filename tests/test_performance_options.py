@@ -81,7 +81,7 @@ def test_bf16_training_lowers_the_loss_and_resumes_in_fp32(tmp_path):
         progress=False, log=lambda message: None,
     )  # fmt: skip
     epochs = result.metrics["epochs"]
-    assert epochs[1]["train_elbo_bpd"] < epochs[0]["train_elbo_bpd"]
+    assert epochs[1]["train_objective_bpd"] < epochs[0]["train_objective_bpd"]
     assert result.metrics["config"]["precision"] == "bf16"
     resumed = train(resume=result.checkpoint, epochs=3, precision="fp32", progress=False, log=lambda m: None)
     assert resumed.metrics["config"]["precision"] == "fp32" and len(resumed.metrics["epochs"]) == 3

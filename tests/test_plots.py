@@ -78,10 +78,10 @@ def _sr_inputs(c, h, w, n=3, s=5, seed=0):
 
 def _epochs():
     return [
-        {"epoch": 1, "train_elbo_bpd": 3.0, "test_elbo_bpd": 3.1},
-        {"epoch": 2, "train_elbo_bpd": 2.5},  # test missing
-        {"epoch": 3, "train_elbo_bpd": torch.tensor(2.2), "test_elbo_bpd": None},
-        {"epoch": 4, "train_elbo_bpd": 2.0, "test_elbo_bpd": 2.1},
+        {"epoch": 1, "train_objective_bpd": 3.0, "test_elbo_bpd": 3.1},
+        {"epoch": 2, "train_objective_bpd": 2.5},  # test missing
+        {"epoch": 3, "train_objective_bpd": torch.tensor(2.2), "test_elbo_bpd": None},
+        {"epoch": 4, "train_objective_bpd": 2.0, "test_elbo_bpd": 2.1},
     ]
 
 
@@ -308,8 +308,8 @@ def test_loss_curves_content(tmp_path, figs):
     fig = figs[0]
     ax, ax2 = fig.axes
     assert ax.get_xlabel() == "epoch"
-    assert ax.get_ylabel() == "negative ELBO (bits/dim)"
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["train", "test"]
+    assert ax.get_ylabel() == "bits/dim"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["train: -objective", "test: -ELBO"]
     train, test = ax.get_lines()
     assert list(train.get_xdata()) == [1, 2, 3, 4]
     assert np.allclose(train.get_ydata(), [3.0, 2.5, 2.2, 2.0])
@@ -328,8 +328,8 @@ def test_loss_curves_content(tmp_path, figs):
 def test_loss_curves_errors(tmp_path):
     with pytest.raises(ValueError, match="empty"):
         plots.plot_loss_curves([], tmp_path / "x.png")
-    with pytest.raises(ValueError, match=r"epochs\[1\].*missing.*train_elbo_bpd"):
-        plots.plot_loss_curves([{"epoch": 1, "train_elbo_bpd": 1.0}, {"epoch": 2}],
+    with pytest.raises(ValueError, match=r"epochs\[1\].*missing.*train_objective_bpd"):
+        plots.plot_loss_curves([{"epoch": 1, "train_objective_bpd": 1.0}, {"epoch": 2}],
                                tmp_path / "x.png")
     with pytest.raises(ValueError, match="must be a dict"):
         plots.plot_loss_curves([(1, 2.0)], tmp_path / "x.png")

@@ -13,7 +13,8 @@ import torch
 import pyro
 import pyro.distributions as dist
 
-from pyro_srvae import SRVAE, TrainConfig, train
+from pyro_srvae import SRVAE, SuperResolution, TrainConfig, train
+from pyro_srvae.data import dequantize
 from pyro_srvae.evaluation import (
     COVERAGE_LEVELS,
     baseline_log_likelihood,
@@ -21,6 +22,7 @@ from pyro_srvae.evaluation import (
     expected_interval_coverage,
     fit_baseline_scale,
     coverage_levels,
+    evaluate_model,
     interval_coverages,
     iw_conditional_log_likelihood,
     make_consistent,
@@ -29,25 +31,16 @@ from pyro_srvae.evaluation import (
     edge_mask,
 )
 from pyro_srvae.likelihoods import block_mean
-from conftest import tiny_images
+from pyro_srvae.training import load_split
+from conftest import hold_latents_fixed, tiny_images
 
 DTYPE = torch.float64
 
 
-def _hold_latents_fixed(model):
-    """Collapse q(u|y) and p(z|y,u) to their means: every draw then differs by the likelihood's noise only."""
-
-    def pinned(module, args, output):
-        loc, scale = output
-        return loc, torch.full_like(scale, 1e-12)
-
-    model.encoder_u.register_forward_hook(pinned)
-    model.prior_z.register_forward_hook(pinned)
-    return model
 
 
 def test_with_the_latents_held_fixed_std_is_the_consistent_noise_gamma_sqrt_one_minus_one_over_f2():
-    model = _hold_latents_fixed(SRVAE((1, 8, 8), guide="full", hidden=4))
+    model = hold_latents_fixed(SRVAE((1, 8, 8), guide="full", hidden=4))
     gamma = model.gamma_x.item()
     y = model.downscale(tiny_images(3))
     sr = model.super_resolve(y, num_samples=4000)
@@ -59,13 +52,20 @@ def test_with_the_latents_held_fixed_std_is_the_consistent_noise_gamma_sqrt_one_
     assert abs((sr.std / expected).mean().item() - 1) < 0.01
 
 
-def test_the_decoder_mean_draws_stay_available_and_leave_out_the_noise():
-    model = SRVAE((1, 8, 8), guide="full", hidden=4)
+def test_without_the_noise_each_draw_is_the_decoder_mean_at_its_latents():
+    """With the latents held at their means, every noise-free draw is the decoder's mean there,
+    m = decode_x(y, mean of p(z|y,u), mean of q(u|y)) from the networks; the full draws spread around it."""
+    model = hold_latents_fixed(SRVAE((1, 8, 8), guide="full", hidden=4))
     y = model.downscale(tiny_images(2))
-    sr = model.super_resolve(y, num_samples=50, observation_noise=False)
-    torch.testing.assert_close(sr.samples, sr.means)
-    torch.testing.assert_close(sr.std, sr.std_latent)
-    assert (sr.std_noise == 0).all()
+    with torch.no_grad():
+        u = model.encoder_u(y)[0]
+        m = model.decode_x(y, model.prior_z(y, u)[0], u)
+    quiet = model.super_resolve(y, num_samples=50, observation_noise=False)
+    torch.testing.assert_close(quiet.samples, m.expand_as(quiet.samples), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(quiet.mean, m, rtol=1e-5, atol=1e-6)
+    assert quiet.std.max() < 1e-5 and (quiet.std_noise == 0).all()
+    noisy = model.super_resolve(y, num_samples=50)
+    assert (noisy.samples - m).std() > 0.5 * model.gamma_x.item()
 
 
 def test_total_variance_is_latent_plus_noise_on_a_briefly_trained_model(tmp_path):
@@ -242,14 +242,22 @@ def test_conditional_log_likelihood_matches_the_linear_gaussian_closed_form(num_
     torch.testing.assert_close(estimate, lg.log_joint(data) - lg.log_y(data))
 
 
-def test_sr_bpd_is_finite_and_beside_its_baseline_on_a_trained_model(tmp_path):
-    result = train(TrainConfig(guide="full", max_steps=20, train_limit=256, eval_limit=16, batch_size=32, hidden=4,
-                               eval_samples=4, sr_samples=8, figures=False),
-                   out=str(tmp_path), progress=False, log=lambda *_: None)  # fmt: skip
+def test_sr_bpd_is_reported_beside_its_baseline_by_hand_on_a_trained_model(tmp_path):
+    config = TrainConfig(guide="full", max_steps=20, train_limit=256, eval_limit=16, batch_size=32, hidden=4,
+                         eval_samples=4, sr_samples=8, figures=False)  # fmt: skip
+    result = train(config, out=str(tmp_path), progress=False, log=lambda *_: None)
     test = result.metrics["test"]
-    assert test["sr_bpd_dims"] == 28 * 28 - 14 * 14
-    assert math.isfinite(test["sr_bpd"]) and 0 < test["sr_bpd"] < 16
-    assert math.isfinite(test["sr_bpd_baseline"]) and 0 < test["sr_bpd_baseline"] < 16
+    free = 28 * 28 - 14 * 14
+    assert test["sr_bpd_dims"] == free and math.isfinite(test["sr_bpd"])  # its value: the closed-form test below
+    # the baseline by hand, on the run's test images dequantized as its evaluation did (one batch, the
+    # run's seed): N(x; loc, s^2 I) given its block means, loc the consistent bicubic (A loc = y), so
+    # log p(x|y) = -|x - loc|^2 / (2 s^2) - (D - D_y)/2 log(2 pi s^2) - D_y log f, a density per detail dimension
+    generator = torch.Generator().manual_seed(config.seed)
+    x = dequantize(load_split(config, "test").images[:16], generator=generator).double()
+    s, y = test["sr_baseline_scale"], block_mean(x, 2)
+    squared = (x - make_consistent(bicubic_upsample(y, 2), y, 2)).square().flatten(1).sum(1)
+    log_p = -squared / (2 * s**2) - free / 2 * math.log(2 * math.pi * s**2) - 14 * 14 * math.log(2)
+    assert test["sr_bpd_baseline"] == pytest.approx(-log_p.mean().item() / (free * math.log(2)) + 8, abs=1e-4)
     assert set(test["sr_coverage"]) >= {"all", "detail", "expected"}
     assert list(test["sr_coverage"]["detail"]) == ["0.5", "0.8", "0.9", "0.95"]
     # the spec's joint has no conditional density of x to score
@@ -257,3 +265,84 @@ def test_sr_bpd_is_finite_and_beside_its_baseline_on_a_trained_model(tmp_path):
                              hidden=4, eval_samples=2, sr_samples=2, figures=False),
                  out=str(tmp_path / "spec"), progress=False, log=lambda *_: None)  # fmt: skip
     assert spec.metrics["test"]["sr_bpd"] is None
+
+
+class ImageLinearGaussianSR(torch.nn.Module):
+    """u ~ N(0, I_2), x | u ~ N(W u + b, s^2 I) on 8x8 images; y = A x the 2x2 block means.
+
+    ``model``/``guide`` score x (a density of x, as the consistent srVAE's log p(y|u) + log p(x|y,.) is)
+    with the exact posterior of u given x; ``lr_model``/``lr_guide`` score y with the exact posterior
+    of u given y: every importance weight is exact, so evaluate_model's -log p(x|y) must be
+    log p(y) - log p(x) in closed form. ``super_resolve`` is a stand-in (bicubic plus noise)."""
+
+    factor, lr_shape, x_density = 2, (1, 4, 4), "exact"
+
+    def __init__(self, s=0.2):
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.W = 0.2 * torch.randn(64, 2, generator=g, dtype=DTYPE)
+        self.b, self.s = torch.full((64,), 0.5, dtype=DTYPE), s
+        self.A = block_mean(torch.eye(64, dtype=DTYPE).reshape(64, 1, 8, 8), 2).reshape(64, 16).T  # y = A x
+        self.dummy = torch.nn.Parameter(torch.zeros(()))
+
+    def log_p_x(self, x):
+        return dist.MultivariateNormal(self.b, self.W @ self.W.T + self.s**2 * torch.eye(64, dtype=DTYPE)).log_prob(x)
+
+    def log_p_y(self, y):
+        A = self.A
+        return dist.MultivariateNormal(A @ self.b, A @ self.W @ self.W.T @ A.T + self.s**2 * A @ A.T).log_prob(y)
+
+    def _score(self, name, H, c, scale, value):
+        with pyro.plate("data", value.shape[0], dim=-1):
+            u = pyro.sample("u", dist.Normal(torch.zeros(2, dtype=DTYPE), 1.0).to_event(1))
+            pyro.sample(name, dist.MultivariateNormal(u @ H.T + c, scale_tril=scale), obs=value)
+
+    def _exact_posterior(self, H, c, scale_tril, value):
+        """u | value for value = H u + c + N(0, scale_tril scale_tril^T), u ~ N(0, I)."""
+        covariance = scale_tril @ scale_tril.T
+        precision = torch.linalg.inv(covariance)
+        posterior = torch.linalg.inv(torch.eye(2, dtype=DTYPE) + H.T @ precision @ H)
+        mean = (value - c) @ precision @ H @ posterior
+        with pyro.plate("data", value.shape[0], dim=-1):
+            pyro.sample("u", dist.MultivariateNormal(mean, covariance_matrix=posterior))
+
+    def _x(self, x):
+        return self.W, self.b, self.s * torch.eye(64, dtype=DTYPE), x.flatten(1).to(DTYPE)
+
+    def _y(self, x):
+        A = self.A
+        return A @ self.W, A @ self.b, torch.linalg.cholesky(self.s**2 * A @ A.T), x.flatten(1).to(DTYPE) @ A.T
+
+    def model(self, x):
+        self._score("x", *self._x(x))
+
+    def guide(self, x):
+        self._exact_posterior(*self._x(x))
+
+    def lr_model(self, x):
+        self._score("y", *self._y(x))
+
+    def lr_guide(self, x):
+        self._exact_posterior(*self._y(x))
+
+    def downscale(self, x):
+        return block_mean(x, 2)
+
+    def super_resolve(self, y, num_samples=16, observation_noise=True):
+        base = bicubic_upsample(y, 2).expand(num_samples, *y.shape[:-2], 8, 8)
+        samples = base + 0.05 * torch.randn(base.shape)
+        return SuperResolution(mean=base[0], std=samples.std(0), samples=samples, std_latent=torch.zeros_like(base[0]),
+                               std_noise=torch.full_like(base[0], 0.05), means=base)  # fmt: skip
+
+
+def test_sr_bpd_is_log_p_y_minus_log_p_x_per_detail_dimension_on_a_linear_gaussian():
+    """evaluate_model's sr_bpd = -(log p(x) - log p(y = A x)) / ((D - D_y) ln 2) + 8, exactly, when
+    both importance samplers are the exact posteriors (D - D_y = 64 - 16 detail dimensions)."""
+    model = ImageLinearGaussianSR()
+    images = torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
+    r = evaluate_model(model, images, elbo_samples=3, iw_samples=3, batch_size=6, sr_samples=4, seed=9, latents=False)
+    x = dequantize(images, generator=torch.Generator().manual_seed(9)).flatten(1).double()
+    conditional = (model.log_p_x(x) - model.log_p_y(x @ model.A.T)).mean().item()
+    assert r["iw_log_likelihood"] == pytest.approx(model.log_p_x(x).mean().item(), abs=1e-6)  # the samplers are exact
+    assert r["sr_bpd_dims"] == 48
+    assert r["sr_bpd"] == pytest.approx(-conditional / (48 * math.log(2)) + 8, abs=1e-6)

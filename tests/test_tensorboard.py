@@ -27,7 +27,7 @@ FAST_FLAGS = [
 ]  # fmt: skip
 QUIET = dict(progress=False, log=lambda *_: None)
 SRVAE_TERMS = ["log_p_u", "log_p_y", "log_p_z", "log_p_x", "minus_log_q_u", "minus_log_q_z"]
-EPOCH_SCALARS = ["train/elbo_bpd", "test/elbo_bpd", "train/kl_scale", "gamma/x"]
+EPOCH_SCALARS = ["train/objective_bpd", "test/elbo_bpd", "train/kl_scale", "gamma/x"]
 
 
 def read_events(out_dir):
@@ -210,7 +210,7 @@ def test_the_board_leaves_the_model_in_its_mode(tmp_path):
     board = TrainingBoard(tmp_path, seed=0, sr_samples=2)
     model = SRVAE((1, 8, 8), hidden=4)
     images = torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8)
-    record = {"step": 3, "train_elbo_bpd": 7.0, "test_elbo_bpd": 7.5, "kl_scale": 1.0}
+    record = {"step": 3, "train_objective_bpd": 7.0, "test_elbo_bpd": 7.5, "kl_scale": 1.0}
     state = torch.random.get_rng_state()
     board.epoch(record, model, images, {"x": 0.1, "y": None}, None)
     board.close()
