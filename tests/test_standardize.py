@@ -308,9 +308,10 @@ def test_rescoring_a_standardized_checkpoint_on_the_8_bit_grid_is_one_line(refle
 # --------------------------------------------------------------------------- #
 # (4) The named datasets' runs are unchanged
 # --------------------------------------------------------------------------- #
-def test_the_default_leaves_a_named_dataset_run_unchanged():
+def test_the_default_leaves_a_named_dataset_run_unchanged(tmp_path):
     common = dict(TINY, max_steps=2, train_limit=64)
-    runs = {mode: train(TrainConfig(standardize=mode, **common), **QUIET) for mode in ("auto", "off", "on")}
+    runs = {mode: train(TrainConfig(standardize=mode, out=str(tmp_path / mode), **common), **QUIET)
+            for mode in ("auto", "off", "on")}  # fmt: skip
     assert not runs["auto"].model.standardized and runs["on"].model.standardized
     assert runs["auto"].metrics["epochs"] == runs["off"].metrics["epochs"]
     assert runs["auto"].metrics["test"] == runs["off"].metrics["test"]
