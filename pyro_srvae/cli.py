@@ -74,7 +74,7 @@ def build_train_parser(prog=None):
         help="folder: where the patch cache (.npy memmap) is kept [a folder-cache/ beside the run]")
     add("--standardize", choices=STANDARDIZE, default=defaults.standardize,
         help="scale each band by the training set's mean and std for the networks (stored in the checkpoint; "
-        "bits/dim and outputs stay in the data's units): auto = on for --dataset folder, off for the named sets")
+        "bits/dim and outputs stay in the data's units): auto = on for a --dataset folder of 16-bit images, off for 8-bit ones and the named sets")
     add("--download", action="store_true", help="download the dataset if missing (needs internet)")
     add("--epochs", type=int, default=None, metavar="N", help=f"total epochs; a resumed run continues up to it [{defaults.epochs}]")
     add("--max-steps", type=int, default=None, metavar="N", help="stop after N optimizer steps (smoke runs)")

@@ -70,7 +70,7 @@ DEVICES = ("auto", "cpu", "cuda")
 #: while samples, log-densities and the loss stay float32 (networks.float32_outputs).
 PRECISIONS = ("fp32", "bf16")
 #: --standardize: scale each band by the training set's mean and std for the networks (docs/own-images.md);
-#: auto = on for --dataset folder (where the model allows it), off for the named datasets.
+#: auto = on for a --dataset folder of 16-bit images (where the model allows it), off otherwise (standardizes).
 STANDARDIZE = ("auto", "on", "off")
 # Steps between host syncs (divergence check, progress bar, and in a data-parallel run the
 # moment all ranks agree to stop on a signal): rare enough not to stall a GPU queue.
@@ -949,7 +949,7 @@ def _build(config, train_set, context, log=None, fresh=True):
     torch.manual_seed(config.seed)
     pyro.set_rng_seed(config.seed)
     model = build_model(config, train_set.image_shape).to(context.device)
-    if fresh and standardizes(config, model):
+    if fresh and standardizes(config, model, train_set.bits):
         _standardize(model, train_set, log or _silent)
     if config.compile:
         model.compile_networks()
@@ -960,19 +960,21 @@ def _build(config, train_set, context, log=None, fresh=True):
     return model, make_optimizer(model, config.lr)
 
 
-def standardizes(config, model):
+def standardizes(config, model, bits=8):
     """Whether the run standardizes its data per band (``--standardize``).
 
-    ``auto``: for ``--dataset folder`` (any bit depth and band count, values anywhere in the
-    range), unless the model scores x on the 256-bin grid (``model.discretized``); never for
-    the named datasets, whose runs stay as they were. ``on`` with such a model is an error."""
+    ``auto``: for a ``--dataset folder`` of 16-bit images (bands that may fill a few thousand of
+    65,536 levels), unless the model scores x on the 256-bin grid (``model.discretized``); not
+    for 8-bit folders, whose pixels fill [0, 1] already and where a standardized run of the
+    photographs' recipe diverged (docs/results.md, the fifteenth run); never for the named
+    datasets, whose runs stay as they were. ``on`` with a discretized model is an error."""
     if config.standardize == "on" and model.discretized:
         raise ConfigError(
             "--standardize on: this model scores x on the 256-bin grid of [0, 1] (--likelihood dlogistic-mix, "
             "or y on the 8-bit grid: --x-given-y quantized, --downscale-mode bilinear); use --standardize off"
         )
     if config.standardize == "auto":
-        return config.dataset == FOLDER and not model.discretized
+        return config.dataset == FOLDER and bits > 8 and not model.discretized
     return config.standardize == "on"
 
 

@@ -336,3 +336,18 @@ def test_an_old_checkpoint_without_statistics_loads_as_the_identity(reflectance_
     model = load_model(result.checkpoint, device="cpu")
     model.load_state_dict(old_state)
     assert not model.standardized and torch.equal(model.data_scale, torch.ones(4, 1, 1))
+
+
+def test_auto_leaves_an_8_bit_folder_unstandardized(tmp_path):
+    # 8-bit pixels fill [0, 1] already; a standardized run of the photographs' recipe diverged (results.md).
+    rng = np.random.default_rng(1)
+    for split, count in (("train", 2), ("test", 1)):
+        for index in range(count):
+            path = tmp_path / "images" / split / f"grey{index}.tif"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tifffile.imwrite(path, rng.integers(0, 256, (16, 16), dtype=np.uint8))
+    common = dict(TINY, dataset="folder", data_dir=str(tmp_path / "images"), patch_size=8, max_steps=1)
+    auto = train(TrainConfig(out=str(tmp_path / "auto"), **common), **QUIET)
+    forced = train(TrainConfig(out=str(tmp_path / "on"), standardize="on", **common), **QUIET)
+    assert auto.metrics["test"]["bits"] == 8 and not auto.model.standardized and auto.metrics["data_scaling"] is None
+    assert forced.model.standardized
