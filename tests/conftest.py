@@ -41,3 +41,11 @@ def write_tiff(path, bands):
     path.parent.mkdir(parents=True, exist_ok=True)
     tifffile.imwrite(path, bands, photometric="minisblack", planarconfig="separate")
     return path
+
+
+def write_scene_folder(root, make_bands, counts=(("train", 3), ("test", 1))):
+    """``root/images/{train,test}/sceneN.tif``, each ``make_bands()``; returns ``root/images``."""
+    for split, count in counts:
+        for index in range(count):
+            write_tiff(root / "images" / split / f"scene{index}.tif", make_bands())
+    return root / "images"

@@ -18,7 +18,7 @@ from pyro_srvae.evaluation import bits_per_dim
 from pyro_srvae.likelihoods import block_mean
 from pyro_srvae.superresolve import SuperResolveError, load_model, superresolve
 from pyro_srvae.training import ConfigError, TrainConfig, build_model, check_bit_depth, train
-from conftest import write_tiff
+from conftest import write_scene_folder, write_tiff
 
 QUIET = dict(progress=False, log=lambda *_: None)
 TINY = dict(
@@ -40,9 +40,7 @@ def sixteen_bit_run(tmp_path_factory):
     """A few steps on a folder of 4-band 16-bit TIFFs, patches of 8x8."""
     root = tmp_path_factory.mktemp("satellite")
     rng = np.random.default_rng(0)
-    for split, count in (("train", 3), ("test", 1)):
-        for index in range(count):
-            write_tiff(root / "images" / split / f"scene{index}.tif", smooth_bands(rng, 4, 24, 20))
+    write_scene_folder(root, lambda: smooth_bands(rng, 4, 24, 20))
     result = train(
         TrainConfig(dataset="folder", data_dir=str(root / "images"), patch_size=8, out=str(root / "run"), **TINY),
         **QUIET,

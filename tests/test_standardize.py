@@ -25,7 +25,7 @@ from pyro_srvae.likelihoods import block_mean
 from pyro_srvae.models import SRVAE, VAE
 from pyro_srvae.superresolve import load_model, superresolve
 from pyro_srvae.training import ConfigError, TrainConfig, load_split, train
-from conftest import write_tiff
+from conftest import write_scene_folder, write_tiff
 
 QUIET = dict(progress=False, log=lambda *_: None)
 TINY = dict(
@@ -229,9 +229,7 @@ def reflectances(rng, height, width, low=600, high=3000):
 def reflectance_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("reflectances")
     rng = np.random.default_rng(0)
-    for split, count in (("train", 3), ("test", 1)):
-        for index in range(count):
-            write_tiff(root / "images" / split / f"scene{index}.tif", reflectances(rng, 24, 20))
+    write_scene_folder(root, lambda: reflectances(rng, 24, 20))
     messages = []
     config = TrainConfig(dataset="folder", data_dir=str(root / "images"), patch_size=8, out=str(root / "run"),
                          guide="full", max_steps=3, **TINY)  # fmt: skip
