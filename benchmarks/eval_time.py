@@ -54,7 +54,7 @@ def main(argv=None):
     parser.add_argument("--num-images", type=int, default=None, help="test images [256, quick: 32]")
     parser.add_argument("--samples", type=int, default=1000, help="importance samples K per image")
     parser.add_argument("--batch-size", type=int, default=None, help="images per batch [chosen from K]")
-    parser.add_argument("--hidden", type=int, default=TrainConfig.hidden)
+    parser.add_argument("--hidden", type=int, default=None, help="[the main job's, training.RECIPES]")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--arch", default="small", choices=networks.ARCHS)
     parser.add_argument("--shape", type=image_shape, default=None, metavar="C,H,W", help="random images of this shape")

@@ -32,7 +32,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--model", default="srvae", choices=["vae", "srvae"])
-    parser.add_argument("--hidden", type=int, default=TrainConfig.hidden)
+    parser.add_argument("--hidden", type=int, default=None, help="[the main job's, training.RECIPES]")
     parser.add_argument("--arch", default="small", choices=ARCHS)
     parser.add_argument("--shape", type=image_shape, default=(1, 28, 28), metavar="C,H,W")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

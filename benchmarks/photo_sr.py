@@ -1,28 +1,36 @@
-"""Super-resolution of held-out photographs by an srVAE trained on a folder of photographs.
+"""Super-resolution of held-out photographs by an srVAE trained with the README's own-images command.
 
 The photographs are the real ones that ship inside scikit-image's wheel
-(``skimage/data``; ``pip install -e ".[photos]"``, nothing is downloaded). Thirteen colour and
-grey photographs train the model (converted to grey, cut into patches); five grey ones that
-are *not* in the training folder -- camera, coins, moon, page, text, 172 to 512 pixels a
-side -- are the held-out test set (moon's file is a 256x256 photograph stored 2x
-nearest-upsampled, so it is scored at 256x256: :func:`scored_photograph`). Each held-out
-photograph is downscaled 2x by block averaging (y = A x) and super-resolved whole (tiled,
-:func:`pyro_srvae.superresolve_image`);
-the SR mean is scored against the photograph beside bicubic upsampling and bicubic made
-consistent with y (``bicubic + nearest_upsample(y - A bicubic)``), and the central 90%
-intervals of the SR draws are checked on the detail pixels (those differing from their
-block mean by more than one grey level: chosen by the truth, which lowers even a calibrated
-predictive's coverage), on the edge pixels (where the bicubic upsampling of y is more than a grey
-level off y's own pixel: chosen from y alone, a calibration test) and on all pixels.
+(``skimage/data``; ``pip install -e ".[photos]"``, nothing is downloaded), in four sets that
+never share a photograph (docs/results.md, "Your own images", says which set chose what):
 
-Before scoring, the SR spread is calibrated (:mod:`pyro_srvae.calibration`, ``pyro-srvae
-calibrate``) on three photographs in neither folder -- scikit-image's clock_motion and
-microaneurysms, matplotlib's grace_hopper -- and written into the checkpoint: the coverages are
-those of the draws ``superresolve`` then gives, beside the model's own (``*_model``).
-``--calibrate-on none`` scores the model's own spread only.
+* ``train``: ten colour and grey photographs, converted to grey and cut into patches;
+* ``validation``: camera, coins, moon, page, text (172 to 512 pixels a side), on which every
+  recipe choice was made (they were the "held-out" set of the first fifteen runs); they are also
+  the run's own test split, so its metrics.json describes them;
+* ``test``: chelsea, coffee, rocket, ordinary photographs that no choice has seen (they trained
+  the runs before the protocol, which made no choice on them): scored once per recipe;
+* calibration: scikit-image's clock_motion and microaneurysms and matplotlib's grace_hopper, on
+  which ``pyro-srvae calibrate`` fits the SR spread before scoring.
 
-    python benchmarks/photo_sr.py --out runs/photo-sr            # trains, then scores
-    python benchmarks/photo_sr.py --out runs/photo-sr --skip-training   # scores the checkpoint again
+The model is trained by the README's command, word for word (:data:`README_COMMAND`: the folder's
+recipe, ``pyro_srvae.training.RECIPES``), plus the benchmark's bookkeeping (``--out``, ``--seed``,
+no figures, and its own evaluation cut to 1,024 patches); extra training flags after ``--`` try
+another recipe. Each scored photograph is downscaled 2x by block averaging (y = A x) and
+super-resolved whole (tiled, :func:`pyro_srvae.superresolve_image`; moon's file is a 256x256
+photograph stored 2x nearest-upsampled, so it is scored at 256x256: :func:`scored_photograph`).
+The SR mean is scored against the photograph beside bicubic upsampling and bicubic made
+consistent with y (``bicubic + nearest_upsample(y - A bicubic)``), and the central 90% intervals
+of the SR draws are checked on the detail pixels (those differing from their block mean by more
+than one grey level: chosen by the truth, which lowers even a calibrated predictive's coverage),
+on the edge pixels (where the bicubic upsampling of y is more than a grey level off y's own
+pixel: chosen from y alone, a calibration test) and on all pixels. ``*_model`` coverages are the
+model's own spread's, from the same draws.
+
+    python benchmarks/photo_sr.py --out runs/photo-sr                  # trains, scores validation
+    python benchmarks/photo_sr.py --out runs/photo-sr --score validation test   # and the test set
+    python benchmarks/photo_sr.py --out runs/photo-sr --skip-training  # scores the checkpoint again
+    python benchmarks/photo_sr.py --out runs/photo-sr -- --epochs 6    # another recipe
 
 Prints one row per photograph and writes ``OUT/photo_sr.json``.
 """
@@ -39,21 +47,23 @@ import numpy as np
 import torch
 
 from pyro_srvae.calibration import CALIBRATION_PIXELS, calibrate_checkpoint, model_spread
-from pyro_srvae.checkpoint import derive_seed
+from pyro_srvae.checkpoint import atomic_write_text, derive_seed
 from pyro_srvae.evaluation import bicubic_upsample, detail_mask, edge_mask, interval_coverages, make_consistent, psnr
 from pyro_srvae.images import match_channels, read_image
-from pyro_srvae.likelihoods import LIKELIHOODS, block_mean, nearest_upsample
+from pyro_srvae.likelihoods import block_mean, nearest_upsample
 from pyro_srvae.models import downscale
 from pyro_srvae.latents import latent_share
-from pyro_srvae.networks import ARCHS, SR_BASES, Z_INJECTIONS
 from pyro_srvae.superresolve import default_views, load_model, superresolve_image
-from pyro_srvae.training import TrainConfig, train
+from pyro_srvae.cli import build_train_parser, config_from_args
+from pyro_srvae.training import train
 
 TRAIN_PHOTOS = (
-    "astronaut.png", "brick.png", "cell.png", "chelsea.png", "coffee.png", "grass.png", "gravel.png",
-    "hubble_deep_field.jpg", "ihc.png", "motorcycle_left.png", "motorcycle_right.png", "retina.jpg", "rocket.jpg",
+    "astronaut.png", "brick.png", "cell.png", "grass.png", "gravel.png", "hubble_deep_field.jpg", "ihc.png",
+    "motorcycle_left.png", "motorcycle_right.png", "retina.jpg",
 )  # fmt: skip
-HELD_OUT_PHOTOS = ("camera.png", "coins.png", "moon.png", "page.png", "text.png")
+VALIDATION_PHOTOS = ("camera.png", "coins.png", "moon.png", "page.png", "text.png")
+TEST_PHOTOS = ("chelsea.png", "coffee.png", "rocket.jpg")
+SCORED_SETS = {"validation": VALIDATION_PHOTOS, "test": TEST_PHOTOS}
 #: Photographs in neither folder that calibrate the SR spread (pyro_srvae.calibration): the
 #: package files (scikit-image's and matplotlib's wheels) they come from.
 CALIBRATION_PHOTOS = (("skimage", "clock_motion.png"), ("skimage", "microaneurysms.png"), ("matplotlib", "grace_hopper.jpg"))
@@ -65,7 +75,7 @@ def photo_folder():
     if spec is None or not spec.submodule_search_locations:
         sys.exit('photo_sr: scikit-image is not installed: pip install -e ".[photos]" (its wheel ships the photographs)')
     folder = Path(list(spec.submodule_search_locations)[0]) / "data"
-    missing = [name for name in TRAIN_PHOTOS + HELD_OUT_PHOTOS if not (folder / name).is_file()]
+    missing = [name for name in TRAIN_PHOTOS + VALIDATION_PHOTOS + TEST_PHOTOS if not (folder / name).is_file()]
     if missing:
         sys.exit(f"photo_sr: {folder} lacks {', '.join(missing)} (another scikit-image version?)")
     return folder
@@ -98,13 +108,31 @@ def calibrate(run, paths, pixels, num_samples, seed):
 
 
 def build_folder(source, root):
-    """root/train (the training photographs) and root/test (the held-out ones), as copies."""
-    for split, names in (("train", TRAIN_PHOTOS), ("test", HELD_OUT_PHOTOS)):
+    """root/train (the training photographs), root/test (the validation ones: the run's own test split)
+    and root/scored-test (the test photographs, outside the folder the run reads), as copies."""
+    for split, names in (("train", TRAIN_PHOTOS), ("test", VALIDATION_PHOTOS), ("scored-test", TEST_PHOTOS)):
         (root / split).mkdir(parents=True, exist_ok=True)
         for name in names:
             if not (root / split / name).exists():
                 shutil.copyfile(source / name, root / split / name)
     return root
+
+
+def scored_paths(folder, scored_set):
+    return [folder / ("test" if scored_set == "validation" else "scored-test") / name for name in SCORED_SETS[scored_set]]
+
+
+#: The README's own-images training command, word for word (README.md, "Train on your own images").
+README_COMMAND = ("--guide", "full", "--dataset", "folder", "--data-dir", "{folder}", "--channels", "1")
+
+
+def training_config(folder, run, seed, extra=()):
+    """The TrainConfig of the README's command on ``folder``, as the command line builds it, with the
+    benchmark's bookkeeping and any ``extra`` flags (another recipe)."""
+    parser = build_train_parser()
+    argv = [arg.format(folder=folder) for arg in README_COMMAND]
+    argv += ["--out", str(run), "--seed", str(seed), "--no-figures", "--eval-limit", "1024", *extra]
+    return config_from_args(parser, parser.parse_args(argv))
 
 
 def scored_photograph(path):
@@ -169,73 +197,8 @@ def score(model, path, num_samples, seed):
     }
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="runs/photo-sr", help="folder for the photographs, the run and the scores")
-    parser.add_argument("--patch-size", type=int, default=32)
-    parser.add_argument("--hidden", type=int, default=32, help="width of the encoders and of p(y|u)'s decoder")
-    parser.add_argument("--arch", choices=ARCHS, default="small", help="the encoders' and p(y|u)'s architecture")
-    parser.add_argument("--sr-arch", choices=ARCHS, default="densenet",
-                        help="the SR decoder's architecture (train --sr-arch): it draws the pixels that are scored")
-    parser.add_argument("--sr-hidden", type=int, default=16, help="the SR decoder's width (train --sr-hidden)")
-    parser.add_argument("--sr-base", choices=SR_BASES, default="bicubic",
-                        help="the upsampling of y under the SR decoder's residual (train --sr-base)")
-    parser.add_argument("--likelihood", choices=LIKELIHOODS, default="gaussian-pixel-faithful",
-                        help="p(x|y,z,u) and p(y|u): per-pixel scales fitted faithfully (the spec's gamma: gaussian)")
-    parser.add_argument("--faithful-scale-weight", type=float, default=0.01, metavar="W",
-                        help="train --faithful-scale-weight (gaussian-pixel-faithful only; 0.01: the ninth run's recipe)")
-    parser.add_argument("--epochs", type=int, default=4, help="4 (2,816 steps): 11-13 minutes held to AVX2 (docs/results.md)")
-    parser.add_argument("--kl-warmup", type=float, default=0.0, metavar="EPOCHS", help="linear KL warm-up (train --kl-warmup)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument(
-        "--clip-norm", type=float, default=None,
-        help="global gradient-norm clipping, off by default: photographs' flat and saturated patches give rare "
-        "huge gradients (median norm ~4e4, 99th percentile ~3e5 at the start), and unclipped one such step once "
-        "wrecked a run; the runs of docs/results.md clipped at a hand-picked 1e5. Training's update guard now skips "
-        "such a step instead (train --skip-factor, docs/training-faults.md), with no norm to pick per dataset",
-    )
-    parser.add_argument("--standardize", choices=("auto", "on", "off"), default="off",
-                        help="train --standardize: off, as the runs of docs/results.md trained (8-bit photographs "
-                        "fill [0, 1]); auto standardizes a folder per band, not yet measured on photographs")
-    parser.add_argument("--z-channels", type=int, default=0,
-                        help="train --z-channels: 0 (a vector z, the layout the runs of docs/results.md used) or a map")
-    parser.add_argument("--z-injection", choices=Z_INJECTIONS, default="input", help="train --z-injection")
-    parser.add_argument("--sr-samples", type=int, default=16, help="SR draws per photograph (for the intervals)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--skip-training", action="store_true", help="score the checkpoint already in OUT/run")
-    parser.add_argument("--calibrate-on", choices=CALIBRATION_PIXELS + ("none",), default="detail",
-                        help="fit the SR spread on the three calibration photographs' pixels of this set "
-                        "(pyro-srvae calibrate --pixels); none: score the model's own spread")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(2)
-
-    out = Path(args.out)
-    folder = build_folder(photo_folder(), out / "photos")
-    run = out / "run"
-    started = time.perf_counter()
-    if not args.skip_training:
-        config = TrainConfig(
-            guide="full", dataset="folder", data_dir=str(folder), patch_size=args.patch_size, channels=1,
-            augment=True, epochs=args.epochs, hidden=args.hidden, arch=args.arch, sr_arch=args.sr_arch, sr_hidden=args.sr_hidden,
-            sr_base=args.sr_base, likelihood=args.likelihood,
-            faithful_scale_weight=args.faithful_scale_weight if args.likelihood == "gaussian-pixel-faithful" else 1.0, batch_size=args.batch_size, lr=args.lr, clip_norm=args.clip_norm, kl_warmup=args.kl_warmup,
-            seed=args.seed, out=str(run), figures=False, eval_limit=1024,
-            z_channels=args.z_channels, z_injection=args.z_injection, standardize=args.standardize,
-        )  # fmt: skip
-        train(config, progress=True)
-    train_seconds = time.perf_counter() - started
-    calibration = None
-    calibration_seed, scoring_seed = stage_seeds(args.seed)
-    if args.calibrate_on != "none":
-        calibration = calibrate(run, calibration_paths(photo_folder()), args.calibrate_on, args.sr_samples, calibration_seed)
-        print(f"spread {calibration.describe()}")
-    model = load_model(run / "checkpoint.pt", device="cpu")
-    if calibration is None:
-        model.spread_scale = None
-    rows = [score(model, folder / "test" / name, args.sr_samples, scoring_seed) for name in HELD_OUT_PHOTOS]
-    print(f"{args.sr_samples} SR draws per photograph from {default_views(model)} flipped and turned views (superresolve --views)")
-
+def print_rows(scored_set, rows, sr_samples):
+    print(f"\n{scored_set} photographs")
     print(f"{'':<12} {'':>9} {'':>8} {'':>8} {'':>8} {'':>6} {'90% coverage, as drawn':>23} {'model own':>10}")
     print(f"{'photo':<12} {'size':>9} {'SR mean':>8} {'bicubic':>8} {'consist.':>8} {'gain':>6} {'detail':>7} {'edges':>7} {'all':>7} {'detail':>10}")
     for row in rows:
@@ -248,23 +211,81 @@ def main(argv=None):
         )
     if any(row["stored_nearest_upsampled"] for row in rows):
         print(f"* stored {FACTOR}x nearest-upsampled (every block constant): scored at its own resolution, its block means")
+    summary = summarize(rows)
+    mean = summary["mean"]
+    print(f"{'mean':<12} {'':>9} {mean['sr_psnr']:8.2f} {mean['bicubic_psnr']:8.2f} {mean['consistent_bicubic_psnr']:8.2f} "
+          f"{summary['gain_over_bicubic_db']:+6.2f}")
+    print(f"what z carries: latent share {summary['latent_share']:.3f} of the predictive variance "
+          f"({summary['latent_share_detail']:.3f} on detail pixels), best of {sr_samples} decoder means "
+          f"{summary['best_of_gain']:+.2f} dB over the mean (averages over the photographs)")
+    print(f"gain over bicubic {summary['gain_over_bicubic_db']:+.2f} dB; beats consistent bicubic on every photo: "
+          f"{summary['beats_consistent_bicubic_on_every_photo']}")
+    print(f"90% coverage (pooled), as drawn: {summary['coverage90_detail_pooled']:.3f} of the detail pixels, "
+          f"{summary['coverage90_edges_pooled']:.3f} of the edge pixels (chosen from y), {summary['coverage90_all_pooled']:.3f} of all; "
+          f"the model's own: {summary['coverage90_detail_model_pooled']:.3f} / {summary['coverage90_edges_model_pooled']:.3f} / "
+          f"{summary['coverage90_all_model_pooled']:.3f}")
+    return summary
+
+
+def summarize(rows):
+    """Means over one set's photographs, and the coverages pooled over its pixels (each photograph weighs its count)."""
     mean = {key: float(np.mean([row[key] for row in rows])) for key in ("sr_psnr", "bicubic_psnr", "consistent_bicubic_psnr")}
-    # Pooled over the pixels of each set in all five photographs (each photograph weighs its pixel count).
     counts = {"detail": "detail_pixels", "edges": "edge_pixels", "all": "pixels"}
     pooled = {
         f"coverage90_{name}{suffix}_pooled": sum(r[f"coverage90_{name}{suffix}"] * r[count] for r in rows) / max(sum(r[count] for r in rows), 1)
         for name, count in counts.items() for suffix in ("", "_model")
     }  # fmt: skip
-    print(
-        f"{'mean':<12} {'':>9} {mean['sr_psnr']:8.2f} {mean['bicubic_psnr']:8.2f} {mean['consistent_bicubic_psnr']:8.2f} "
-        f"{mean['sr_psnr'] - mean['bicubic_psnr']:+6.2f}"
-    )
-    report = {
+    return {
         "photos": rows,
         "mean": mean,
         "gain_over_bicubic_db": mean["sr_psnr"] - mean["bicubic_psnr"],
         **{key: float(np.mean([row[key] for row in rows])) for key in ("latent_share", "latent_share_detail", "best_of_gain")},
         "beats_consistent_bicubic_on_every_photo": all(r["sr_psnr"] > r["consistent_bicubic_psnr"] for r in rows),
+        **pooled,
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="runs/photo-sr", help="folder for the photographs, the run and the scores")
+    parser.add_argument("--score", nargs="+", choices=tuple(SCORED_SETS), default=["validation"],
+                        help="the sets of photographs scored; the test set once per recipe (docs/results.md)")
+    parser.add_argument("--sr-samples", type=int, default=16, help="SR draws per photograph (for the intervals)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-training", action="store_true", help="score the checkpoint already in OUT/run")
+    parser.add_argument("--calibrate-on", choices=CALIBRATION_PIXELS + ("none",), default="detail",
+                        help="fit the SR spread on the three calibration photographs' pixels of this set "
+                        "(pyro-srvae calibrate --pixels); none: score the model's own spread")
+    parser.add_argument("train_flags", nargs="*", metavar="-- FLAG",
+                        help="training flags after --, added to the README's command (another recipe)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+
+    out = Path(args.out)
+    folder = build_folder(photo_folder(), out / "photos")
+    run = out / "run"
+    started = time.perf_counter()
+    if not args.skip_training:
+        train(training_config(folder, run, args.seed, args.train_flags), progress=True)
+    train_seconds = time.perf_counter() - started
+    calibration = None
+    calibration_seed, scoring_seed = stage_seeds(args.seed)
+    if args.calibrate_on != "none":
+        calibration = calibrate(run, calibration_paths(photo_folder()), args.calibrate_on, args.sr_samples, calibration_seed)
+        print(f"spread {calibration.describe()}")
+    model = load_model(run / "checkpoint.pt", device="cpu")
+    if calibration is None:
+        model.spread_scale = None
+    print(f"{args.sr_samples} SR draws per photograph from {default_views(model)} flipped and turned views (superresolve --views)")
+    sets = {}
+    for scored_set in args.score:
+        rows = [score(model, path, args.sr_samples, scoring_seed) for path in scored_paths(folder, scored_set)]
+        sets[scored_set] = print_rows(scored_set, rows, args.sr_samples)
+    report = {
+        "sets": sets,
+        "readme_command": list(README_COMMAND),
+        "train_flags": args.train_flags,
+        "config": json.loads((run / "metrics.json").read_text())["config"],
         "sr_samples": args.sr_samples,
         "calibration_seed": calibration_seed,
         "scoring_seed": scoring_seed,
@@ -274,19 +295,8 @@ def main(argv=None):
         "torch_threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "args": vars(args),
-        **pooled,
     }
-    print(f"what z carries: latent share {report['latent_share']:.3f} of the predictive variance "
-          f"({report['latent_share_detail']:.3f} on detail pixels), best of {args.sr_samples} decoder means "
-          f"{report['best_of_gain']:+.2f} dB over the mean (averages over the photographs)")
-    print(f"gain over bicubic {report['gain_over_bicubic_db']:+.2f} dB; beats consistent bicubic on every photo: "
-          f"{report['beats_consistent_bicubic_on_every_photo']}")
-    spread = "the model's own spread" if calibration is None else f"the spread calibrated on {args.calibrate_on} pixels"
-    print(f"90% coverage (pooled), {spread}: {pooled['coverage90_detail_pooled']:.3f} of the detail pixels, "
-          f"{pooled['coverage90_edges_pooled']:.3f} of the edge pixels (chosen from y), {pooled['coverage90_all_pooled']:.3f} of all; "
-          f"the model's own: {pooled['coverage90_detail_model_pooled']:.3f} / {pooled['coverage90_edges_model_pooled']:.3f} / "
-          f"{pooled['coverage90_all_model_pooled']:.3f}")
-    (out / "photo_sr.json").write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out / "photo_sr.json", json.dumps(report, indent=2) + "\n")
     if not args.skip_training:
         print(f"training and evaluation of the run: {train_seconds:.0f} s")
 

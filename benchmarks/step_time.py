@@ -176,7 +176,7 @@ def benchmark_variant(model_name, guide, prior, elbo_name, images, args, device)
     config = TrainConfig(
         model=model_name, guide=guide or "simple", prior=prior, elbo=elbo_name, hidden=args.hidden, seed=0,
         arch=args.arch, precision=args.precision,
-    )
+    ).resolve_defaults()  # the main job's recipe for what is not given here
     pyro.clear_param_store()
     torch.manual_seed(0)
     pyro_model = build_model(config, tuple(images.shape[1:])).to(device)
@@ -253,7 +253,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="fewer pairs (200): about 3 minutes on a 2-core CPU")
     parser.add_argument("--json", action="store_true", help="print the records as a JSON list on the last line")
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
-    parser.add_argument("--hidden", type=int, default=TrainConfig.hidden)
+    parser.add_argument("--hidden", type=int, default=None, help="[the main job's, training.RECIPES]")
     parser.add_argument("--steps", type=int, default=None, help="timed (pyro, torch) pairs per record [400, quick: 200]")
     parser.add_argument("--warmup", type=int, default=None, help="untimed pairs first [10]")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

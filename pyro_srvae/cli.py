@@ -25,8 +25,10 @@ from .networks import ARCHS, SR_BASES, Z_INJECTIONS
 from .priors import PRIORS
 from .training import (
     DEVICES,
+    FOLDER_STEP_BUDGET,
     MODEL_DEFAULTS,
     MODELS,
+    RECIPES,
     PRECISIONS,
     STANDARDIZE,
     ConfigError,
@@ -41,6 +43,17 @@ from .training import (
 
 EXIT_INTERRUPTED = {2: 130, 15: 143}  # the shell's 128 + signal number
 SPREADS = ("calibrated", "model")
+
+
+def recipe_default(name):
+    """A field's default in each recipe (training.RECIPES), for the flags' help: ``[X; folder: Y]``."""
+    unset = {"sr_arch": "--arch", "sr_hidden": "--hidden"}  # what None means for these two
+    values = []
+    for recipe in RECIPES.values():
+        value = recipe["all"].get(name, recipe.get("srvae", {}).get(name, recipe.get(name)))
+        values.append(unset.get(name) if value is None else value)
+    named, folder = values
+    return f"[{named}; --dataset folder: {folder}]"
 
 
 def build_train_parser(prog=None):
@@ -63,31 +76,37 @@ def build_train_parser(prog=None):
         help="root of torchvision-layout data [./data]; for --dataset folder, the folder of images "
         "(DIR/train and DIR/test when both exist, else a seeded split by image)")
     add("--patch-size", type=int, default=None, metavar="P",
-        help="folder: train on P x P patches (a multiple of --factor); also superresolve's tile [whole images]")
+        help=f"folder: train on P x P patches (a multiple of --factor); also superresolve's tile [{RECIPES['folder']['all']['patch_size']}]")
     add("--patch-stride", type=int, default=None, metavar="S", help="folder: step of the patch grid [P/2]")
     add("--test-fraction", type=float, default=defaults.test_fraction, metavar="F",
         help="folder without DIR/train and DIR/test: the share of images (at least one) held out for testing")
     add("--channels", type=int, default=None, metavar="C",
         help="folder: convert every image to C channels (grey <-> RGB) [the images' own count]")
-    add("--augment", action="store_true", help="random flips and quarter turns of each training image, on the fly")
+    add("--augment", action=argparse.BooleanOptionalAction, default=None,
+        help=f"random flips and quarter turns of each training image, on the fly {recipe_default('augment')}")
     add("--cache-dir", default=None, metavar="DIR",
         help="folder: where the patch cache (.npy memmap) is kept [a folder-cache/ beside the run]")
     add("--standardize", choices=STANDARDIZE, default=defaults.standardize,
         help="scale each band by the training set's mean and std for the networks (stored in the checkpoint; "
         "bits/dim and outputs stay in the data's units): auto = on for a --dataset folder of 16-bit images, off for 8-bit ones and the named sets")
     add("--download", action="store_true", help="download the dataset if missing (needs internet)")
-    add("--epochs", type=int, default=None, metavar="N", help=f"total epochs; a resumed run continues up to it [{defaults.epochs}]")
+    add("--epochs", type=int, default=None, metavar="N",
+        help=f"total epochs; a resumed run continues up to it [{RECIPES['named']['all']['epochs']}; --dataset folder: "
+        f"as many as make about {FOLDER_STEP_BUDGET:,} update steps]")
     add("--max-steps", type=int, default=None, metavar="N", help="stop after N optimizer steps (smoke runs)")
     add("--batch-size", type=int, default=defaults.batch_size)
-    add("--lr", type=float, default=defaults.lr)
+    add("--lr", type=float, default=None, help=f"Adam's learning rate {recipe_default('lr')}")
     add("--kl-warmup", type=float, default=defaults.kl_warmup, metavar="EPOCHS", help="linear KL warm-up length")
     add("--free-bits", type=float, default=defaults.free_bits, metavar="NATS",
         help=f"free bits on z: nats per dimension below which its batch-averaged KL costs nothing [{defaults.free_bits}]")
     add("--clip-norm", type=float, default=defaults.clip_norm,
-        help="global gradient-norm clipping (not needed against loss spikes: the update guard, --skip-factor, skips them)")
+        help="clip the global gradient norm at this fixed value (the update guard skips spikes and --clip-factor clips adaptively)")
     add("--skip-factor", type=float, default=None, metavar="F",
         help="skip an update whose gradient norm is not finite or above F x the median of the last steps taken; "
-        f"0: off (docs/training-faults.md) [{defaults.skip_factor:g}]")
+        f"0: off (docs/training-faults.md) {recipe_default('skip_factor')}")
+    add("--clip-factor", type=float, default=None, metavar="F",
+        help="scale a step's gradient down to F x the median norm of the last steps taken where it is above it "
+        f"(adaptive clipping, no norm to pick; 0: off) {recipe_default('clip_factor')}")
     add("--max-consecutive-skips", type=int, default=None, metavar="N",
         help=f"stop with an error after N updates in a row skipped [{defaults.max_consecutive_skips}]")
     add("--device", choices=DEVICES, default=None, help="[auto]")
@@ -103,16 +122,16 @@ def build_train_parser(prog=None):
     add("--downscale-mode", choices=DOWNSCALE_MODES, default=defaults.downscale_mode)
     add("--u-dim", type=int, default=defaults.u_dim)
     add("--z-dim", type=int, default=defaults.z_dim)
-    add("--hidden", type=int, default=defaults.hidden, help="width of the convolutional networks")
+    add("--hidden", type=int, default=None, help=f"width of the convolutional networks {recipe_default('hidden')}")
     add("--arch", choices=ARCHS, default=defaults.arch, help="small conv nets (CPU) or the paper's DenseNet blocks (GPU)")
-    add("--likelihood", choices=LIKELIHOODS, default=defaults.likelihood,
+    add("--likelihood", choices=LIKELIHOODS, default=None,
         help="p(x|.) and p(y|u): the spec's Gaussian with learned scalar gamma, a per-pixel Gaussian, "
-        "or a discretized mixture of logistics")
+        f"or a discretized mixture of logistics {recipe_default('likelihood')}")
     add("--likelihood-components", type=int, default=defaults.likelihood_components, metavar="K",
         help="logistic components per pixel for --likelihood dlogistic-mix")
-    add("--faithful-scale-weight", type=float, default=defaults.faithful_scale_weight, metavar="W",
-        help="--likelihood gaussian-pixel-faithful: the weight of the sigmas' gradient (0.01: the photographs' "
-        "benchmark, docs/results.md)")
+    add("--faithful-scale-weight", type=float, default=None, metavar="W",
+        help="--likelihood gaussian-pixel-faithful: the weight of the sigmas' gradient "
+        f"{recipe_default('faithful_scale_weight')}")
     add("--pixel-scale-floor", type=float, default=defaults.pixel_scale_floor, metavar="SIGMA",
         help="--likelihood gaussian-pixel*: the least per-pixel sigma, in p(y|u) and p(x|y,z,u) (data on [0, 1])")
     add("--pixel-scale-from", choices=PIXEL_SCALE_SOURCES, default=defaults.pixel_scale_from,
@@ -122,19 +141,19 @@ def build_train_parser(prog=None):
         help="srVAE p(x|y,.): consistent (a normalized density of x: the Gaussian given its block means, "
         "or y on the 8-bit grid where no closed form exists), quantized (the paper's 8-bit y), "
         "or spec (the literal eq. 15: a joint of x and y, not a density of x)")
-    add("--sr-base", choices=SR_BASES, default=defaults.sr_base,
-        help="the upsampling of y the srVAE's SR decoder adds its residual to: bilinear (the default) or "
-        "bicubic (the stronger start on photographs)")
+    add("--sr-base", choices=SR_BASES, default=None,
+        help=f"the upsampling of y the srVAE's SR decoder adds its residual to {recipe_default('sr_base')}")
     add("--sr-arch", choices=ARCHS, default=None,
-        help="the srVAE's SR decoder alone in this architecture (default: --arch); the photographs' "
-        "benchmark pairs a densenet SR decoder with small encoders")
-    add("--sr-hidden", type=int, default=None, metavar="WIDTH", help="width of the SR decoder alone (default: --hidden)")
+        help=f"the srVAE's SR decoder alone in this architecture {recipe_default('sr_arch')}")
+    add("--sr-hidden", type=int, default=None, metavar="WIDTH", help=f"width of the SR decoder alone {recipe_default('sr_hidden')}")
     srvae = MODEL_DEFAULTS["srvae"]
     add("--z-channels", type=int, default=None, metavar="C",
         help="srVAE: z as a map of C channels at the low resolution (z-dim C*h*w, convolutional p(z|y,u) "
-        f"and q(z|x,y,u), as the srVAE paper's latents); 0: a vector of --z-dim [{srvae['z_channels']}]")
+        f"and q(z|x,y,u), as the srVAE paper's latents); 0: a vector of --z-dim [{srvae['z_channels']}; "
+        f"--dataset folder: {RECIPES['folder']['srvae']['z_channels']}]")
     add("--z-injection", choices=Z_INJECTIONS, default=None,
-        help=f"where the srVAE's SR decoder reads z and u: its first layer (input) or every layer [{srvae['z_injection']}]")
+        help=f"where the srVAE's SR decoder reads z and u: its first layer (input) or every layer [{srvae['z_injection']}; "
+        f"--dataset folder: {RECIPES['folder']['srvae']['z_injection']}]")
     add("--precision", choices=PRECISIONS, default=defaults.precision,
         help="bf16: the networks train under torch.autocast in bfloat16 (log-densities and loss stay float32)")
     add("--compile", action="store_true", help="torch.compile the networks (not Pyro's tracing)")
@@ -153,7 +172,7 @@ def config_from_args(parser, args):
         name: getattr(args, name)
         for name in (
             "model", "prior", "mog_components", "elbo", "num_particles", "dataset", "data_dir", "download",
-            "max_steps", "batch_size", "lr", "kl_warmup", "free_bits", "clip_norm", "seed", "sr_samples", "eval_limit", "train_limit", "out",
+            "max_steps", "batch_size", "lr", "kl_warmup", "free_bits", "clip_norm", "clip_factor", "seed", "sr_samples", "eval_limit", "train_limit", "out",
             "checkpoint_every", "factor", "downscale_mode", "u_dim", "z_dim", "hidden",
             "arch", "likelihood", "likelihood_components", "faithful_scale_weight", "pixel_scale_floor", "pixel_scale_from", "x_given_y", "sr_base", "sr_arch", "sr_hidden", "z_injection", "z_channels", "precision", "compile",
             "patch_size", "patch_stride", "test_fraction", "channels", "augment", "cache_dir", "tensorboard",

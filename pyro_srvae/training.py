@@ -116,21 +116,23 @@ class TrainConfig:
     dataset: str = "fashion-mnist-mini"
     data_dir: Optional[str] = None
     download: bool = False
-    # The defaults are the main job's: epochs, batch size and learning rate chosen with the layout of z
-    # on a validation split (docs/results.md, "What z carries"); their time and what the shorter
-    # budget costs against 10 epochs and K = 32 are in docs/performance.md.
-    epochs: int = 2
+    # Fields left None take their recipe's value (RECIPES, resolve_defaults): the main job's for the named
+    # datasets, the photographs' for --dataset folder; ``recipe`` records which one a run took.
+    epochs: Optional[int] = None
     max_steps: Optional[int] = None
     batch_size: int = 32
-    lr: float = 4e-3
+    lr: Optional[float] = None
     kl_warmup: float = 0.0
     # Free bits on z (nats per dimension, batch-averaged; 0 = the plain ELBO): elbo.FreeBits_ELBO.
     free_bits: float = 0.0
     clip_norm: Optional[float] = None
     # The update guard (UpdateGuard, docs/training-faults.md): skip a step whose gradient norm is not finite
     # or above skip_factor x the median norm of the last steps taken (0: off); stop after max_consecutive_skips.
-    skip_factor: float = 10.0
+    skip_factor: Optional[float] = None
     max_consecutive_skips: int = 20
+    # ... and scale a step's gradient down to clip_factor x that median where its norm is above it (0: off;
+    # None: the recipe's, off in both): an adaptive form of the photographs' early fixed clip (training-faults.md).
+    clip_factor: Optional[float] = None
     device: str = "auto"
     seed: int = 0
     eval_samples: int = 16
@@ -143,18 +145,18 @@ class TrainConfig:
     downscale_mode: str = "area"
     u_dim: int = 16
     z_dim: int = 32
-    hidden: int = 16
-    likelihood: str = "gaussian"
+    hidden: Optional[int] = None
+    likelihood: Optional[str] = None
     likelihood_components: int = 10
     # gaussian-pixel-faithful: the weight of the sigmas' gradient (its scale_gradient_weight).
-    faithful_scale_weight: float = 1.0
+    faithful_scale_weight: Optional[float] = None  # None: the recipe's where gaussian-pixel-faithful, else 1
     # gaussian-pixel*: the floor of the per-pixel sigmas and where p(x|y,z,u)'s come from (SRVAE's
     # pixel_scale_floor, pixel_scale_from): levers tried against the collapse of z.
     pixel_scale_floor: float = GAUSSIAN_PIXEL_MIN_SCALE
     pixel_scale_from: str = "decoder"
     arch: str = "small"
     x_given_y: str = "consistent"
-    sr_base: str = "bilinear"
+    sr_base: Optional[str] = None
     sr_arch: Optional[str] = None  # None: the SR decoder is --arch, like the other networks
     sr_hidden: Optional[int] = None  # None: --hidden
     # How the srVAE's z is laid out and read (SRVAE z_channels, z_injection); None: the model's own
@@ -170,10 +172,12 @@ class TrainConfig:
     patch_stride: Optional[int] = None
     test_fraction: float = 0.1
     channels: Optional[int] = None
-    augment: bool = False
+    augment: Optional[bool] = None
     cache_dir: Optional[str] = None
     # Per-band standardization for the networks, from the training set (STANDARDIZE, _build).
     standardize: str = "auto"
+    # Which RECIPES entry filled the fields left None ("named" or "folder"); None until resolve_defaults.
+    recipe: Optional[str] = None
 
     # Fields that may change when a run is resumed; every other field is the run's identity.
     RESUMABLE = (
@@ -182,8 +186,20 @@ class TrainConfig:
     )  # fmt: skip
     FOLDER_OPTIONS = ("patch_size", "patch_stride", "channels", "cache_dir")
 
-    def resolve_model_defaults(self):
-        """Fill the fields left ``None`` with the model's defaults (:data:`MODEL_DEFAULTS`)."""
+    def resolve_defaults(self):
+        """Fill the fields left ``None`` from the data's recipe (:data:`RECIPES`, once: ``recipe`` records
+        it) and the model's defaults (:data:`MODEL_DEFAULTS`). A folder's ``epochs`` stays None until its
+        patches are counted (:func:`resolve_epochs`)."""
+        if self.recipe is None:
+            self.recipe = FOLDER if self.dataset == FOLDER else "named"
+            recipe = RECIPES[self.recipe]
+            if self.clip_norm is not None and self.clip_factor is None:  # a fixed clip norm given: no adaptive one
+                self.clip_factor = 0.0
+            for name, value in {**recipe["all"], **recipe.get(self.model, {})}.items():
+                if getattr(self, name) is None:
+                    setattr(self, name, value)
+            if self.faithful_scale_weight is None:  # the recipe's damping belongs to the faithful likelihood
+                self.faithful_scale_weight = recipe["faithful_scale_weight"] if self.likelihood == "gaussian-pixel-faithful" else 1.0
         for name, value in MODEL_DEFAULTS.get(self.model, {}).items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
@@ -195,7 +211,7 @@ class TrainConfig:
             raise ConfigError("--z-channels lays out the srVAE's z as a low-resolution map; the VAE's z is a vector (--z-dim)")
         if self.model == "vae" and self.z_injection not in (None, "input"):
             raise ConfigError("--z-injection shapes the srVAE's SR decoder p(x|y,z[,u]); the VAE has none")
-        self.resolve_model_defaults()
+        self.resolve_defaults()
         choices = {
             "model": MODELS,
             "guide": GUIDES,
@@ -228,7 +244,7 @@ class TrainConfig:
         positive = ["mog_components", "num_particles", "epochs", "batch_size", "eval_samples", "sr_samples"]
         positive += ["u_dim", "z_dim", "hidden", "likelihood_components"]
         for name in positive:
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:  # a folder's epochs: None until counted
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
         if self.sr_arch is not None and self.sr_arch not in ARCHS:
             raise ConfigError(f"--sr-arch must be one of {', '.join(ARCHS)}")
@@ -282,6 +298,10 @@ class TrainConfig:
         # At or below 1 the threshold would sit at or under the median: half the ordinary steps skipped.
         if not (self.skip_factor == 0 or (self.skip_factor > 1 and math.isfinite(self.skip_factor))):
             raise ConfigError(f"--skip-factor must be 0 (no update guard) or a number above 1, got {self.skip_factor}")
+        if not (self.clip_factor == 0 or (self.clip_factor > 1 and math.isfinite(self.clip_factor))):
+            raise ConfigError(f"--clip-factor must be 0 (no adaptive clipping) or a number above 1, got {self.clip_factor}")
+        if self.clip_factor and self.clip_norm is not None:
+            raise ConfigError("--clip-factor and --clip-norm both clip the gradient: give one (--clip-factor 0 turns it off)")
         if not (isinstance(self.max_consecutive_skips, int) and self.max_consecutive_skips >= 1):
             raise ConfigError(f"--max-consecutive-skips must be a positive integer, got {self.max_consecutive_skips}")
 
@@ -319,12 +339,40 @@ class TrainConfig:
         values.setdefault("z_injection", "input")
         # ... and those stored before standardize existed saw x itself (their state dict has no statistics).
         values.setdefault("standardize", "off")
+        # ... and those stored before the recipes existed were complete, or meant by None what they mean now
+        # (sr_arch/sr_hidden: --arch/--hidden; patch_size: whole images): no recipe may fill them.
+        values.setdefault("recipe", "stored")
+        values.setdefault("clip_factor", 0.0)  # ... and those stored before the adaptive clip did not clip
+        values.setdefault("skip_factor", 10.0)  # ... and those from before the update guard resume with it on
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(values) - known
         if unknown:
             raise ConfigError(f"unknown configuration keys: {', '.join(sorted(unknown))}")
         return cls(**values)
 
+
+#: What a run's unset fields become (:meth:`TrainConfig.resolve_defaults`), for all models and per model.
+#: "named": the main job's, chosen with the layout of z on a validation split (docs/results.md, "What z
+#: carries"; their time in docs/performance.md). "folder": the photographs' recipe, chosen on the five
+#: validation photographs (docs/results.md, "Your own images"): a DenseNet SR decoder over bicubic
+#: upsampling beside small encoders, per-pixel scales fitted faithfully with their gradient damped 100x,
+#: 32x32 patches with flips and turns, and a budget of FOLDER_STEP_BUDGET update steps (resolve_epochs).
+RECIPES = {
+    "named": {
+        "all": dict(epochs=2, lr=4e-3, hidden=16, likelihood="gaussian", augment=False, skip_factor=10.0, clip_factor=0.0,
+                    sr_base="bilinear"),  # the VAE has no SR decoder; its configuration carries the field all the same
+        "faithful_scale_weight": 1.0,
+    },
+    FOLDER: {
+        "all": dict(lr=2e-3, hidden=32, likelihood="gaussian-pixel-faithful", augment=True, patch_size=32,
+                    skip_factor=10.0, clip_factor=0.0, sr_base="bicubic"),  # the fourteenth run's guard (training-faults.md)
+        "srvae": dict(sr_arch="densenet", sr_hidden=16, z_channels=0, z_injection="input"),
+        "faithful_scale_weight": 0.01,
+    },
+}
+#: A folder run without --epochs trains for as many epochs as make about this many update steps: the
+#: photographs' validated 4 epochs of 704 steps (docs/results.md), whatever the folder's size.
+FOLDER_STEP_BUDGET = 2800
 
 #: Defaults that differ between the models, filled in by :meth:`TrainConfig.validate` where a field
 #: is None. The srVAE's z is a map read by every layer of the SR decoder: the layout a validation
@@ -346,7 +394,7 @@ class TrainResult:
 
 def build_model(config, image_shape):
     """The VAE or SRVAE a configuration describes, for images of ``image_shape``."""
-    config = dataclasses.replace(config).resolve_model_defaults()
+    config = dataclasses.replace(config).resolve_defaults()
     common = dict(
         prior=config.prior,
         mog_components=config.mog_components,
@@ -612,23 +660,30 @@ class UpdateGuard:
     kept even with ``factor == 0`` (off), so that a run resumed without the guard keeps its counts.
     """
 
-    def __init__(self, factor, max_consecutive, device="cpu", window=GUARD_WINDOW, warmup=GUARD_WARMUP):
+    def __init__(self, factor, max_consecutive, device="cpu", window=GUARD_WINDOW, warmup=GUARD_WARMUP, clip_factor=0.0):
         self.factor, self.max_consecutive, self.window, self.warmup = factor, max_consecutive, window, warmup
+        self.clip_factor = clip_factor
         self.device = torch.device(device)
         self.load_state_dict({})
 
     @property
     def enabled(self):
-        return self.factor > 0
+        return self.factor > 0 or self.clip_factor > 0
 
     def decide(self, norm, step):
         """Whether to take step ``step``'s update, whose gradient norm is ``norm``: a device boolean, no host sync."""
         norm = norm.detach().float().reshape(1).to(self.device)
         median = torch.nanmedian(self.norms)  # NaN marks an empty place of the window
         trusted = (torch.isfinite(self.norms).sum() >= self.warmup) & (median > 0)
-        threshold = torch.where(trusted, self.factor * median, math.inf)
+        threshold = torch.where(trusted & (self.factor > 0), self.factor * median, math.inf)
         finite = torch.isfinite(norm)
         taken = finite & (norm <= threshold)
+        # A taken step above clip_factor x the median is scaled down to it (adaptive clipping, as AutoClip:
+        # Seetharaman et al. 2020); its raw norm enters the window, so that a lasting change of scale moves the median.
+        clip = torch.where(trusted & (self.clip_factor > 0), self.clip_factor * median, math.inf)
+        clipped = taken & (norm > clip)
+        self.clip_scale = torch.where(clipped, clip / norm, 1.0).reshape(())
+        self.clipped = self.clipped + clipped
         self.norms = torch.where(taken, torch.cat([self.norms[1:], norm]), self.norms)  # slides by a taken norm only
         self.skipped = self.skipped + ~taken
         self.nonfinite = self.nonfinite + ~finite
@@ -646,10 +701,10 @@ class UpdateGuard:
         the limit, or None."""
         median = torch.nanmedian(self.norms).reshape(1)
         values = torch.cat([self.skipped.double(), self.nonfinite.double(), self.consecutive.double(),
-                            median.double(), self.stuck.double()]).tolist()  # fmt: skip
-        skipped, nonfinite, consecutive, median, step, norm, threshold = values
+                            self.clipped.double(), median.double(), self.stuck.double()]).tolist()  # fmt: skip
+        skipped, nonfinite, consecutive, clipped, median, step, norm, threshold = values
         return {
-            "skipped": int(skipped), "nonfinite": int(nonfinite), "consecutive": int(consecutive),
+            "skipped": int(skipped), "nonfinite": int(nonfinite), "consecutive": int(consecutive), "clipped": int(clipped),
             "median": median if math.isfinite(median) else None,
             "stuck": (int(step), norm, threshold) if step else None,
         }  # fmt: skip
@@ -673,7 +728,7 @@ class UpdateGuard:
         """Plain numbers (a checkpoint loads with ``weights_only=True``): the window and the counts."""
         counts = self.counts()
         norms = [value for value in self.norms.tolist() if math.isfinite(value)]
-        return {"norms": norms, **{key: counts[key] for key in ("skipped", "nonfinite", "consecutive")}}
+        return {"norms": norms, **{key: counts[key] for key in ("skipped", "nonfinite", "consecutive", "clipped")}}
 
     def load_state_dict(self, state):
         """The state :meth:`state_dict` gave; ``{}``: a fresh guard (an empty window, no skips)."""
@@ -685,6 +740,8 @@ class UpdateGuard:
         self.skipped = torch.tensor([state.get("skipped", 0)], **integer)
         self.nonfinite = torch.tensor([state.get("nonfinite", 0)], **integer)
         self.consecutive = torch.tensor([state.get("consecutive", 0)], **integer)
+        self.clipped = torch.tensor([state.get("clipped", 0)], **integer)
+        self.clip_scale = torch.ones((), device=self.device)
         self.stuck = torch.zeros(3, device=self.device)
         self.taken = torch.ones((), dtype=torch.bool, device=self.device)
 
@@ -726,7 +783,10 @@ def training_step(model, optimizer, objective, x, kl_scale=1.0, clip_norm=None, 
     # ranks (DDP's all-reduce ends inside backward(); all_reduce_gradients is synchronous): the
     # same bits on every rank, so every rank computes the same norm and takes the same decision.
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf if clip_norm is None else clip_norm)
-    step_unless_skipped(optimizer, guard.decide(norm, step))
+    taken = guard.decide(norm, step)
+    if guard.clip_factor > 0:  # by exactly 1.0 unless clipped: a device scalar, no host sync
+        torch._foreach_mul_([p.grad for p in model.parameters() if p.grad is not None], guard.clip_scale)
+    step_unless_skipped(optimizer, taken)
     return loss
 
 
@@ -845,6 +905,8 @@ def _train(config, payload, resume, context, started, progress, log):
         per_rank = f" x {context.world_size} processes = {global_batch}" if context.enabled else ""
         raise ConfigError(f"--batch-size {config.batch_size}{per_rank} exceeds the {len(train_set)} training images")
 
+    if config.epochs is None:
+        log(resolve_epochs(config, len(train_set), context.world_size))
     run = _Run(config, context, out_dir, started, *_build(config, train_set, context, log, fresh=payload is None))
     check_bit_depth(run.model, train_set.bits)
     run.model.bits = train_set.bits
@@ -1016,7 +1078,7 @@ class _Run:
         self.prior_wall = 0.0  # the wall time of the earlier sessions of this run
         self.board = None
         self.data = {}  # data_summary of the training set
-        self.guard = UpdateGuard(config.skip_factor, config.max_consecutive_skips, context.device)
+        self.guard = UpdateGuard(config.skip_factor, config.max_consecutive_skips, context.device, clip_factor=config.clip_factor)
 
     def reached_max_steps(self):
         return self.config.max_steps is not None and self.step >= self.config.max_steps
@@ -1457,8 +1519,20 @@ def update_guard_summary(guard):
     return {
         "skipped_updates": counts["skipped"],
         "skipped_nonfinite_updates": counts["nonfinite"],
+        "clipped_updates": counts["clipped"],
         "gradient_norm_median": counts["median"],
     }
+
+
+def resolve_epochs(config, num_train, world_size=1):
+    """Set a folder run's ``epochs`` (left None by its recipe) to the number whose update steps come
+    nearest :data:`FOLDER_STEP_BUDGET` (at least one), so that a folder of any size trains for about
+    the validated budget (whole epochs, not a step limit: a resumed run then ends where this one would
+    have). Returns the line that says so."""
+    per_epoch = num_batches(num_train, config.batch_size, drop_last=True, world_size=world_size)
+    config.epochs = max(1, round(FOLDER_STEP_BUDGET / per_epoch))
+    return (f"budget: {config.epochs} epochs of {per_epoch} steps = {config.epochs * per_epoch} update steps "
+            f"(a folder's default, about {FOLDER_STEP_BUDGET:,}; --epochs N to choose)")
 
 
 def too_short(config, steps):
@@ -1478,14 +1552,16 @@ def skipped_updates_row(metrics):
         return None
     skipped, nonfinite = metrics["skipped_updates"], metrics["skipped_nonfinite_updates"]
     steps = metrics["epochs"][-1]["step"] if metrics["epochs"] else 0
-    factor = metrics["config"].get("skip_factor", 0)
-    if not factor:
+    factor, clip = metrics["config"].get("skip_factor") or 0, metrics["config"].get("clip_factor") or 0
+    if not factor and not clip:
         return ("skipped updates", f"{skipped} of {steps} steps; the update guard is off (--skip-factor 0)")
     median = metrics["gradient_norm_median"]
     median = "none yet" if median is None else f"{median:.3g} at the end"
-    return ("skipped updates", f"{skipped} of {steps} steps: {nonfinite} with a non-finite gradient, "
-            f"{skipped - nonfinite} with a gradient norm above {factor:g} x the median of the last "
-            f"{GUARD_WINDOW} steps taken (median {median})")  # fmt: skip
+    finite = (f"{skipped - nonfinite} with a gradient norm above {factor:g} x the median of the last {GUARD_WINDOW} "
+              f"steps taken" if factor else f"no finite one (--skip-factor 0); the median of the last {GUARD_WINDOW} steps taken")
+    clipped = f"; {metrics.get('clipped_updates', 0)} clipped to {clip:g} x that median" if clip else ""
+    return ("skipped updates", f"{skipped} of {steps} steps: {nonfinite} with a non-finite gradient, {finite} "
+            f"(median {median}){clipped}")  # fmt: skip
 
 
 def _write_metrics(out_dir, metrics):

@@ -28,5 +28,5 @@ def test_a_step_budget_the_user_chose_is_not_second_guessed(tmp_path):
 
 def test_the_main_jobs_budget_is_not_too_short():
     # The README's command: 2 epochs of fashion-mnist-mini's 10,000 images at batch 32.
-    config = TrainConfig()
+    config = TrainConfig().validate()
     assert config.epochs * (10_000 // config.batch_size) >= MIN_STEPS_TO_LEARN

@@ -78,6 +78,42 @@ def test_the_guard_stops_after_max_consecutive_skips_in_a_row_not_before():
     assert "threshold 10 = 10 x the median" in message and "no checkpoint was written yet" in message
 
 
+def test_adaptive_clipping_scales_a_large_norm_down_to_the_factor_times_the_median_and_no_other():
+    guard = UpdateGuard(factor=10, max_consecutive=20, clip_factor=2.5)
+    scales = []
+    # The median of 20 norms [1, 2] x 10 is 1 (torch's lower median); with the 4 taken it is 2.
+    for step, norm in enumerate([1.0, 2.0] * 10 + [4.0, 30.0, 2.0, 1.0], start=1):
+        taken = bool(guard.decide(torch.tensor(norm), step))
+        scales.append((norm, taken, float(guard.clip_scale)))
+    assert scales[:20] == [(n, True, 1.0) for n in [1.0, 2.0] * 10]  # ordinary steps: scaled by exactly 1
+    assert scales[20] == (4.0, True, pytest.approx(2.5 / 4.0))  # clipped to 2.5 x the median
+    assert scales[21][:2] == (30.0, False)  # a spike above 10 x the median is still skipped
+    assert scales[22:] == [(2.0, True, 1.0), (1.0, True, 1.0)]
+    counts = guard.counts()
+    assert (counts["clipped"], counts["skipped"]) == (1, 1)
+    assert UpdateGuard(factor=10, max_consecutive=20).enabled and UpdateGuard(0, 20, clip_factor=3).enabled
+
+
+def test_a_clipped_step_applies_the_gradient_scaled_to_the_threshold():
+    torch.manual_seed(0)
+    model = SRVAE((1, 8, 8), hidden=4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    elbo, x = make_elbo("meanfield"), tiny_images(4)
+    guard = UpdateGuard(factor=10, max_consecutive=20, clip_factor=2.5)
+    with training_mode(model, elbo):
+        training_step(model, optimizer, elbo, x, guard=guard, step=1)  # warm the window on this model's norm
+        norm = float(torch.nanmedian(guard.norms))
+        guard.load_state_dict({"norms": [norm / 5.0] * 64})  # the history: a fifth of this norm, so 5 x the median
+        before = {name: p.detach().clone() for name, p in model.named_parameters()}
+        torch.manual_seed(1)
+        training_step(model, optimizer, elbo, x, guard=guard, step=2)
+        scale = float(guard.clip_scale)
+    assert bool(guard.taken) and scale < 0.9  # this draw's norm is near the last one's: 5 x the median
+    # SGD moved each parameter by lr x the clipped gradient: its norm is 2.5 x the median exactly.
+    step = torch.cat([(before[name] - p.detach()).flatten() for name, p in model.named_parameters()]) / 1e-3
+    assert float(step.norm()) == pytest.approx(2.5 * norm / 5.0, rel=1e-4)
+
+
 # -- (a) a skipped step leaves the parameters and Adam's state as they were -----------------
 
 
@@ -267,6 +303,8 @@ def test_a_checkpoint_from_before_the_guard_resumes_with_a_fresh_one(tmp_path):
         (["--skip-factor", "0.5"], "--skip-factor must be 0 (no update guard) or a number above 1, got 0.5"),
         (["--skip-factor", "nan"], "--skip-factor must be 0 (no update guard) or a number above 1, got nan"),
         (["--max-consecutive-skips", "0"], "--max-consecutive-skips must be a positive integer, got 0"),
+        (["--clip-factor", "1"], "--clip-factor must be 0 (no adaptive clipping) or a number above 1, got 1.0"),
+        (["--clip-factor", "3", "--clip-norm", "1e5"], "--clip-factor and --clip-norm both clip the gradient: give one (--clip-factor 0 turns it off)"),
     ],
 )
 def test_bad_guard_flags_exit_2_with_one_line(capsys, flags, reason):
