@@ -24,9 +24,7 @@ Prints the comparison and writes ``OUT/bands16_sr.json``.
 """
 
 import argparse
-import importlib.util
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -35,8 +33,9 @@ import tifffile
 from PIL import Image
 
 from pyro_srvae.checkpoint import atomic_write_text
-from pyro_srvae.cli import build_train_parser, config_from_args
 from pyro_srvae.training import train
+
+from common import package_photographs, readme_training_config
 
 TRAIN_SCENES = (("skimage", "coffee.png"), ("skimage", "chelsea.png"), ("skimage", "motorcycle_left.png"),
                 ("skimage", "retina.jpg"), ("skimage", "hubble_deep_field.jpg"), ("skimage", "ihc.png"),
@@ -45,16 +44,6 @@ TEST_SCENES = (("skimage", "astronaut.png"), ("skimage", "motorcycle_right.png")
 #: The README's 16-bit command (README.md, "Train on your own images"), with the folder in braces.
 README_COMMAND = ("--guide", "full", "--dataset", "folder", "--data-dir", "{folder}")
 LOW, HIGH, NOISE = (600, 750, 900, 1050), (2600, 2800, 3000, 3200), 3.0
-
-
-def source_folders():
-    spec = importlib.util.find_spec("skimage")
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit('bands16_sr: scikit-image is not installed: pip install -e ".[photos]" (its wheel ships the photographs)')
-    import matplotlib
-
-    return {"skimage": Path(list(spec.submodule_search_locations)[0]) / "data",
-            "matplotlib": Path(matplotlib.get_data_path()) / "sample_data"}  # fmt: skip
 
 
 def scene(path, rng):
@@ -70,7 +59,7 @@ def scene(path, rng):
 
 def build_folder(root, seed=0):
     rng = np.random.default_rng(seed)
-    folders = source_folders()
+    folders = package_photographs("bands16_sr", TRAIN_SCENES + TEST_SCENES)
     for split, names in (("train", TRAIN_SCENES), ("test", TEST_SCENES)):
         (root / split).mkdir(parents=True, exist_ok=True)
         for package, name in names:
@@ -88,11 +77,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     out = Path(args.out)
     folder = build_folder(out / "scenes")
-    argv = [arg.format(folder=folder) for arg in README_COMMAND]
-    argv += ["--out", str(out / "run"), "--seed", str(args.seed), "--no-figures", "--eval-limit", "1024", *args.train_flags]
-    parser = build_train_parser()
     started = time.perf_counter()
-    result = train(config_from_args(parser, parser.parse_args(argv)), progress=True)
+    result = train(readme_training_config(README_COMMAND, folder, out / "run", args.seed, args.train_flags), progress=True)
     test = result.metrics["test"]
     report = {
         "sr_psnr": test["sr_psnr"], "consistent_bicubic_psnr": test["consistent_bicubic_psnr"],

@@ -1,10 +1,15 @@
-"""What the benchmark scripts share: their test images and their memory figure."""
+"""What the benchmark scripts share: their test images, their memory figure, the photographs in the
+wheels and the README's training commands."""
 
 import argparse
+import importlib.util
 import resource
+import sys
+from pathlib import Path
 
 import torch
 
+from pyro_srvae.cli import build_train_parser, config_from_args
 from pyro_srvae.data import load_dataset
 
 
@@ -32,3 +37,30 @@ def peak_memory_mb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def package_photographs(script, wanted):
+    """The folders of the photographs that ship in scikit-image's and matplotlib's wheels, as
+    ``{"skimage": ..., "matplotlib": ...}``, once every ``(package, name)`` in ``wanted`` is found there;
+    otherwise ``script`` exits with one line (nothing is downloaded: ``pip install -e ".[photos]"``)."""
+    spec = importlib.util.find_spec("skimage")
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit(f'{script}: scikit-image is not installed: pip install -e ".[photos]" (its wheel ships the photographs)')
+    import matplotlib  # a dependency of the package; imported here only to find its sample data
+
+    folders = {"skimage": Path(list(spec.submodule_search_locations)[0]) / "data",
+               "matplotlib": Path(matplotlib.get_data_path()) / "sample_data"}  # fmt: skip
+    missing = [str(folders[package] / name) for package, name in wanted if not (folders[package] / name).is_file()]
+    if missing:
+        sys.exit(f"{script}: the photographs {', '.join(missing)} are missing (another scikit-image version?)")
+    return folders
+
+
+def readme_training_config(command, folder, out, seed, extra=()):
+    """The TrainConfig of a README training ``command`` (argv with ``{folder}`` in it) on ``folder``, as the
+    command line builds it, plus a benchmark's bookkeeping (``--out``, ``--seed``, no figures, its own
+    evaluation cut to 1,024 images) and ``extra`` flags (another recipe)."""
+    parser = build_train_parser()
+    argv = [arg.format(folder=folder) for arg in command]
+    argv += ["--out", str(out), "--seed", str(seed), "--no-figures", "--eval-limit", "1024", *extra]
+    return config_from_args(parser, parser.parse_args(argv))

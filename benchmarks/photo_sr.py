@@ -36,10 +36,8 @@ Prints one row per photograph and writes ``OUT/photo_sr.json``.
 """
 
 import argparse
-import importlib.util
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -54,8 +52,9 @@ from pyro_srvae.likelihoods import block_mean, nearest_upsample
 from pyro_srvae.models import downscale
 from pyro_srvae.latents import latent_share
 from pyro_srvae.superresolve import default_views, load_model, superresolve_image
-from pyro_srvae.cli import build_train_parser, config_from_args
 from pyro_srvae.training import train
+
+from common import package_photographs, readme_training_config
 
 TRAIN_PHOTOS = (
     "astronaut.png", "brick.png", "cell.png", "grass.png", "gravel.png", "hubble_deep_field.jpg", "ihc.png",
@@ -70,27 +69,15 @@ CALIBRATION_PHOTOS = (("skimage", "clock_motion.png"), ("skimage", "microaneurys
 FACTOR = 2
 
 
-def photo_folder():
-    spec = importlib.util.find_spec("skimage")
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit('photo_sr: scikit-image is not installed: pip install -e ".[photos]" (its wheel ships the photographs)')
-    folder = Path(list(spec.submodule_search_locations)[0]) / "data"
-    missing = [name for name in TRAIN_PHOTOS + VALIDATION_PHOTOS + TEST_PHOTOS if not (folder / name).is_file()]
-    if missing:
-        sys.exit(f"photo_sr: {folder} lacks {', '.join(missing)} (another scikit-image version?)")
-    return folder
+def photo_folders():
+    """The wheels' photograph folders, once every photograph the benchmark uses is there."""
+    names = TRAIN_PHOTOS + VALIDATION_PHOTOS + TEST_PHOTOS
+    return package_photographs("photo_sr", [("skimage", name) for name in names] + list(CALIBRATION_PHOTOS))
 
 
-def calibration_paths(skimage_folder):
-    """The :data:`CALIBRATION_PHOTOS` as paths (matplotlib's sample data ships with it)."""
-    import matplotlib
-
-    folders = {"skimage": skimage_folder, "matplotlib": Path(matplotlib.get_data_path()) / "sample_data"}
-    paths = [folders[package] / name for package, name in CALIBRATION_PHOTOS]
-    missing = [str(path) for path in paths if not path.is_file()]
-    if missing:
-        sys.exit(f"photo_sr: the calibration photographs are missing: {', '.join(missing)}")
-    return paths
+def calibration_paths(folders):
+    """The :data:`CALIBRATION_PHOTOS` as paths."""
+    return [folders[package] / name for package, name in CALIBRATION_PHOTOS]
 
 
 def stage_seeds(seed):
@@ -124,15 +111,6 @@ def scored_paths(folder, scored_set):
 
 #: The README's own-images training command, word for word (README.md, "Train on your own images").
 README_COMMAND = ("--guide", "full", "--dataset", "folder", "--data-dir", "{folder}", "--channels", "1")
-
-
-def training_config(folder, run, seed, extra=()):
-    """The TrainConfig of the README's command on ``folder``, as the command line builds it, with the
-    benchmark's bookkeeping and any ``extra`` flags (another recipe)."""
-    parser = build_train_parser()
-    argv = [arg.format(folder=folder) for arg in README_COMMAND]
-    argv += ["--out", str(run), "--seed", str(seed), "--no-figures", "--eval-limit", "1024", *extra]
-    return config_from_args(parser, parser.parse_args(argv))
 
 
 def scored_photograph(path):
@@ -262,16 +240,17 @@ def main(argv=None):
     torch.set_num_threads(2)
 
     out = Path(args.out)
-    folder = build_folder(photo_folder(), out / "photos")
+    folders = photo_folders()
+    folder = build_folder(folders["skimage"], out / "photos")
     run = out / "run"
     started = time.perf_counter()
     if not args.skip_training:
-        train(training_config(folder, run, args.seed, args.train_flags), progress=True)
+        train(readme_training_config(README_COMMAND, folder, run, args.seed, args.train_flags), progress=True)
     train_seconds = time.perf_counter() - started
     calibration = None
     calibration_seed, scoring_seed = stage_seeds(args.seed)
     if args.calibrate_on != "none":
-        calibration = calibrate(run, calibration_paths(photo_folder()), args.calibrate_on, args.sr_samples, calibration_seed)
+        calibration = calibrate(run, calibration_paths(folders), args.calibrate_on, args.sr_samples, calibration_seed)
         print(f"spread {calibration.describe()}")
     model = load_model(run / "checkpoint.pt", device="cpu")
     if calibration is None:

@@ -193,8 +193,6 @@ class TrainConfig:
         if self.recipe is None:
             self.recipe = FOLDER if self.dataset == FOLDER else "named"
             recipe = RECIPES[self.recipe]
-            if self.clip_norm is not None and self.clip_factor is None:  # a fixed clip norm given: no adaptive one
-                self.clip_factor = 0.0
             for name, value in {**recipe["all"], **recipe.get(self.model, {})}.items():
                 if getattr(self, name) is None:
                     setattr(self, name, value)
@@ -678,12 +676,13 @@ class UpdateGuard:
         threshold = torch.where(trusted & (self.factor > 0), self.factor * median, math.inf)
         finite = torch.isfinite(norm)
         taken = finite & (norm <= threshold)
-        # A taken step above clip_factor x the median is scaled down to it (adaptive clipping, as AutoClip:
-        # Seetharaman et al. 2020); its raw norm enters the window, so that a lasting change of scale moves the median.
-        clip = torch.where(trusted & (self.clip_factor > 0), self.clip_factor * median, math.inf)
-        clipped = taken & (norm > clip)
-        self.clip_scale = torch.where(clipped, clip / norm, 1.0).reshape(())
-        self.clipped = self.clipped + clipped
+        if self.clip_factor > 0:
+            # A taken step above clip_factor x the median is scaled down to it (adaptive clipping, as AutoClip:
+            # Seetharaman et al. 2020); its raw norm enters the window, so that a lasting change of scale moves the median.
+            clip = torch.where(trusted, self.clip_factor * median, math.inf)
+            clipped = taken & (norm > clip)
+            self.clip_scale = torch.where(clipped, clip / norm, 1.0).reshape(())
+            self.clipped = self.clipped + clipped
         self.norms = torch.where(taken, torch.cat([self.norms[1:], norm]), self.norms)  # slides by a taken norm only
         self.skipped = self.skipped + ~taken
         self.nonfinite = self.nonfinite + ~finite
