@@ -20,7 +20,7 @@ from .data import DATASET_NAMES, DATASETS, DatasetNotFoundError
 from .folder import FolderDatasetError
 from .elbo import ELBO_NAMES
 from .likelihoods import LIKELIHOODS
-from .models import DOWNSCALE_FACTORS, DOWNSCALE_MODES, GUIDES, PIXEL_SCALE_SOURCES, X_GIVEN_Y
+from .models import DOWNSCALE_FACTORS, DOWNSCALE_MODES, GUIDES, PIXEL_SCALE_SOURCES, X_GIVEN_Y, Z_POSTERIORS
 from .networks import ARCHS, SR_BASES, Z_INJECTIONS
 from .priors import PRIORS
 from .training import (
@@ -154,6 +154,12 @@ def build_train_parser(prog=None):
     add("--z-injection", choices=Z_INJECTIONS, default=None,
         help=f"where the srVAE's SR decoder reads z and u: its first layer (input) or every layer [{srvae['z_injection']}; "
         f"--dataset folder: {RECIPES['folder']['srvae']['z_injection']}]")
+    add("--z-posterior", choices=Z_POSTERIORS, default=None,
+        help="the full guide's q(z|x,y,u): its own location and scale (direct), or a residual normal around "
+        f"p(z|y,u) (residual: NVAE's; its KL stays finite when the prior's scale shrinks) {recipe_default('z_posterior')}")
+    add("--z-scale-floor", type=float, default=None, metavar="S",
+        help="srVAE: added to the scale of p(z|y,u), which else drifts towards 0 with the SR decoder's weights "
+        f"growing in turn {recipe_default('z_scale_floor')}")
     add("--precision", choices=PRECISIONS, default=defaults.precision,
         help="bf16: the networks train under torch.autocast in bfloat16 (log-densities and loss stay float32)")
     add("--compile", action="store_true", help="torch.compile the networks (not Pyro's tracing)")
@@ -174,7 +180,7 @@ def config_from_args(parser, args):
             "model", "prior", "mog_components", "elbo", "num_particles", "dataset", "data_dir", "download",
             "max_steps", "batch_size", "lr", "kl_warmup", "free_bits", "clip_norm", "clip_factor", "seed", "sr_samples", "eval_limit", "train_limit", "out",
             "checkpoint_every", "factor", "downscale_mode", "u_dim", "z_dim", "hidden",
-            "arch", "likelihood", "likelihood_components", "faithful_scale_weight", "pixel_scale_floor", "pixel_scale_from", "x_given_y", "sr_base", "sr_arch", "sr_hidden", "z_injection", "z_channels", "precision", "compile",
+            "arch", "likelihood", "likelihood_components", "faithful_scale_weight", "pixel_scale_floor", "pixel_scale_from", "x_given_y", "sr_base", "sr_arch", "sr_hidden", "z_injection", "z_channels", "z_posterior", "z_scale_floor", "precision", "compile",
             "patch_size", "patch_stride", "test_fraction", "channels", "augment", "cache_dir", "tensorboard",
             "standardize",
         )

@@ -57,6 +57,9 @@ X_GIVEN_Y = ("consistent", "quantized", "spec")
 #: locations, from y, z and u (``"decoder"``), or by a network of y alone (``"y"``; beyond the spec).
 PIXEL_SCALE_LIKELIHOODS = ("gaussian-pixel", "gaussian-pixel-faithful")
 PIXEL_SCALE_SOURCES = ("decoder", "y")
+#: How the full guide's q(z|x,y,u) is parametrized: its own location and scale ("direct"), or relative
+#: to the conditional prior p(z|y,u) ("residual", NVAE's residual normal, Vahdat & Kautz 2020, sec. 3.2).
+Z_POSTERIORS = ("direct", "residual")
 #: What a model's log-likelihood of x is: a normalized density of x, a lower bound on one,
 #: or the spec's literal joint (not a density of x, not comparable with a VAE's).
 X_DENSITIES = ("exact", "bound", "joint")
@@ -545,6 +548,13 @@ class SRVAE(_ImageModel):
             and p(x|y,z,u) alike (default 1e-3, about one 8-bit bin of dequantization noise).
         pixel_scale_from: where p(x|y,z,u)'s per-pixel sigmas come from: the SR decoder, with the
             locations (``"decoder"``, the default), or a network of y alone (``"y"``).
+        z_posterior: the full guide's q(z|x,y,u) with its own location and scale (``"direct"``, the
+            default), or ``"residual"``: N(mu_p + sigma_p dmu, sigma_p dsigma) around p(z|y,u) =
+            N(mu_p, sigma_p) (NVAE's residual normal), whose KL, (dmu^2 + dsigma^2 - 1)/2 - log dsigma
+            per dimension, does not blow up when the prior's scale shrinks (docs/training-faults.md).
+        z_scale_floor: added to the scale of p(z|y,u) (0: none beyond the networks' 1e-4). With a
+            learned p(z|y,u), z -> c z (the SR decoder taking up 1/c) leaves the ELBO as it is, and
+            training drifts along it to c -> 0, where the KL's gradients explode; a floor ends the drift.
     """
 
     def __init__(
@@ -572,9 +582,18 @@ class SRVAE(_ImageModel):
         z_channels=0,
         pixel_scale_floor=GAUSSIAN_PIXEL_MIN_SCALE,
         pixel_scale_from="decoder",
+        z_posterior="direct",
+        z_scale_floor=0.0,
     ):
         super().__init__(image_shape, name, validate_inputs, likelihood, likelihood_components, arch, gamma_init,
                          pixel_scale_floor)
+        _check_choice("z_posterior", z_posterior, Z_POSTERIORS)
+        if z_posterior == "residual" and guide != "full":
+            raise ValueError("z_posterior='residual' is relative to p(z|y,u): it needs the full guide q(z|x,y,u)")
+        self.z_posterior = z_posterior
+        if not z_scale_floor >= 0:
+            raise ValueError(f"z_scale_floor must be >= 0, got {z_scale_floor!r}")
+        self.z_scale_floor = float(z_scale_floor)
         _check_choice("pixel_scale_from", pixel_scale_from, PIXEL_SCALE_SOURCES)
         if pixel_scale_from != "decoder" and likelihood not in PIXEL_SCALE_LIKELIHOODS:
             raise ValueError(f"pixel_scale_from={pixel_scale_from!r} needs a per-pixel sigma; the {likelihood} likelihood has none")
@@ -732,11 +751,21 @@ class SRVAE(_ImageModel):
             return self.x_distribution(y, z, u).mean
         return self.likelihood.mean(*self._x_parameters(y, z, u))
 
+    def z_prior_parameters(self, y, u):
+        """loc and scale of p(z|y,u) (eqs. 7, 16), the scale above :attr:`z_scale_floor`."""
+        loc, scale = self.prior_z(y, u)
+        return loc, scale + self.z_scale_floor  # + 0.0 is exact: no floor, the same bits
+
     def encode_z(self, x, y, u):
         """loc and scale of q(z|x) (eq. 10) or q(z|x,y,u) (eq. 19)."""
         if not self.full:
             return self.encoder_z(x)
-        return self.encoder_z(torch.cat([x, self.decoder_x.upsample(y)], dim=-3), u)
+        loc, scale = self.encoder_z(torch.cat([x, self.decoder_x.upsample(y)], dim=-3), u)
+        if self.z_posterior == "direct":
+            return loc, scale
+        prior_loc, prior_scale = self.z_prior_parameters(y, u)
+        # eq. (19)'s q(z|x,y,u) as a residual normal around p(z|y,u): eq. (21)'s KL depends on (loc, scale) alone
+        return prior_loc + prior_scale * loc, prior_scale * scale
 
     def model(self, x):
         """p(u) p(y|u) p(z|y,u) p(x|y,z[,u]): eq. (8) (simple) or eq. (7) (full).
@@ -748,7 +777,7 @@ class SRVAE(_ImageModel):
         with pyro.plate("data", x.shape[0], dim=-1):
             u = pyro.sample("u", self.prior_u())
             pyro.sample("y", self.y_distribution(u), obs=y)
-            z_loc, z_scale = self.prior_z(y, u)
+            z_loc, z_scale = self.z_prior_parameters(y, u)
             z = pyro.sample("z", dist.Normal(z_loc, z_scale).to_event(1))
             pyro.sample("x", self.x_distribution(y, z, u), obs=x)
             self._observe_data_scaling(x.shape[0], self._scaled_pixels_per_band)
@@ -798,7 +827,7 @@ class SRVAE(_ImageModel):
         y = self.decode_y(u)
         if self.quantized_y:
             y = bin_centres(y)
-        z_loc, z_scale = self.prior_z(y, u)
+        z_loc, z_scale = self.z_prior_parameters(y, u)
         z = dist.Normal(z_loc, z_scale).sample()
         return SRSample(x=self.to_data_units(self.decode_x(y, z, u)), y=self.to_data_units(y))
 
@@ -827,7 +856,7 @@ class SRVAE(_ImageModel):
             raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
         u_loc, u_scale = self.encoder_u(y)
         u = dist.Normal(u_loc, u_scale).sample((int(num_samples),))
-        z_loc, z_scale = self.prior_z(y, u)
+        z_loc, z_scale = self.z_prior_parameters(y, u)
         z = dist.Normal(z_loc, z_scale).sample()
         likelihood = self.x_distribution(y, z, u)
         means = likelihood.mean  # = decode_x(y, z, u), without a second decoder pass

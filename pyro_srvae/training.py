@@ -58,6 +58,7 @@ from .evaluation import bicubic_upsample, bits_per_dim, evaluate_model, evaluati
 from .likelihoods import GAUSSIAN_PIXEL_MIN_SCALE, LIKELIHOODS
 from .models import (
     DOWNSCALE_FACTORS, DOWNSCALE_MODES, GUIDES, PIXEL_SCALE_LIKELIHOODS, PIXEL_SCALE_SOURCES, SRVAE, VAE, X_GIVEN_Y,
+    Z_POSTERIORS,
 )
 from .networks import ARCHS, SR_BASES, Z_INJECTIONS
 from .priors import PRIORS
@@ -163,6 +164,10 @@ class TrainConfig:
     # default, MODEL_DEFAULTS, fixed by validate() so that a checkpoint stores what was trained.
     z_channels: Optional[int] = None
     z_injection: Optional[str] = None
+    # The full guide's q(z|x,y,u): "direct" or "residual" around p(z|y,u) (SRVAE z_posterior); None: the recipe's.
+    z_posterior: Optional[str] = None
+    # The least scale of p(z|y,u), added to its network's (SRVAE z_scale_floor); None: the recipe's.
+    z_scale_floor: Optional[float] = None
     figures: bool = True
     precision: str = "fp32"
     compile: bool = False
@@ -198,6 +203,11 @@ class TrainConfig:
                     setattr(self, name, value)
             if self.faithful_scale_weight is None:  # the recipe's damping belongs to the faithful likelihood
                 self.faithful_scale_weight = recipe["faithful_scale_weight"] if self.likelihood == "gaussian-pixel-faithful" else 1.0
+            if self.z_posterior is None:  # the residual q(z|x,y,u) belongs to the srVAE's full guide
+                full_guide = self.model == "srvae" and self.guide == "full"
+                self.z_posterior = recipe["z_posterior"] if full_guide else "direct"
+            if self.z_scale_floor is None:
+                self.z_scale_floor = recipe["z_scale_floor"] if self.model == "srvae" else 0.0
         for name, value in MODEL_DEFAULTS.get(self.model, {}).items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
@@ -226,6 +236,7 @@ class TrainConfig:
             "sr_base": SR_BASES,
             "z_injection": Z_INJECTIONS,
             "pixel_scale_from": PIXEL_SCALE_SOURCES,
+            "z_posterior": Z_POSTERIORS,
             "standardize": STANDARDIZE,
         }
         for name, allowed in choices.items():
@@ -233,6 +244,10 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(map(str, allowed))}")
         if self.model == "vae" and self.guide != "simple":
             raise ConfigError("--guide full is an srVAE guide (section 4); the VAE has only q(z|x)")
+        if self.z_scale_floor < 0 or (self.model == "vae" and self.z_scale_floor):
+            raise ConfigError("--z-scale-floor is the least scale of the srVAE's p(z|y,u): a number >= 0, and 0 for the VAE")
+        if self.z_posterior == "residual" and not (self.model == "srvae" and self.guide == "full"):
+            raise ConfigError("--z-posterior residual is relative to p(z|y,u): it needs --model srvae --guide full")
         if self.model == "vae" and self.x_given_y != "consistent":
             raise ConfigError("--x-given-y is the srVAE's p(x|y,.); the VAE has no y (its p(x|z) is a density of x)")
         if self.elbo == "meanfield-mog-bound" and self.prior != "mog":
@@ -342,6 +357,8 @@ class TrainConfig:
         values.setdefault("recipe", "stored")
         values.setdefault("clip_factor", 0.0)  # ... and those stored before the adaptive clip did not clip
         values.setdefault("skip_factor", 10.0)  # ... and those from before the update guard resume with it on
+        values.setdefault("z_posterior", "direct")  # ... and those from before the residual q(z|x,y,u) had the direct one
+        values.setdefault("z_scale_floor", 0.0)  # ... and no floor on p(z|y,u)'s scale
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(values) - known
         if unknown:
@@ -360,12 +377,18 @@ RECIPES = {
         "all": dict(epochs=2, lr=4e-3, hidden=16, likelihood="gaussian", augment=False, skip_factor=10.0, clip_factor=0.0,
                     sr_base="bilinear"),  # the VAE has no SR decoder; its configuration carries the field all the same
         "faithful_scale_weight": 1.0,
+        "z_posterior": "direct",
+        "z_scale_floor": 0.0,
     },
     FOLDER: {
         "all": dict(lr=2e-3, hidden=32, likelihood="gaussian-pixel-faithful", augment=True, patch_size=32,
                     skip_factor=10.0, clip_factor=0.0, sr_base="bicubic"),  # the fourteenth run's guard (training-faults.md)
         "srvae": dict(sr_arch="densenet", sr_hidden=16, z_channels=0, z_injection="input"),
         "faithful_scale_weight": 0.01,
+        # q(z|x,y,u) as a residual around p(z|y,u): the direct one diverged on photographs when a step
+        # shrank the prior's scale 40x (docs/training-faults.md)
+        "z_posterior": "residual",
+        "z_scale_floor": 0.01,
     },
 }
 #: A folder run without --epochs trains for as many epochs as make about this many update steps: the
@@ -423,6 +446,8 @@ def build_model(config, image_shape):
         z_injection=config.z_injection,
         z_channels=config.z_channels,
         pixel_scale_from=config.pixel_scale_from,
+        z_posterior=config.z_posterior,
+        z_scale_floor=config.z_scale_floor,
         **common,
     )
     return _weigh_faithful_scales(model, config)

@@ -47,6 +47,8 @@ def test_the_readmes_own_images_command_trains_the_photographs_recipe(tmp_path):
         "folder", 2e-3, 32, 32, 32, True)
     assert (config.likelihood, config.faithful_scale_weight) == ("gaussian-pixel-faithful", 0.01)
     assert (config.sr_base, config.z_channels, config.z_injection) == ("bicubic", 0, "input")
+    # q(z|x,y,u) a residual normal around p(z|y,u), whose scale is floored (docs/training-faults.md)
+    assert (config.z_posterior, config.z_scale_floor) == ("residual", 0.01)
     # The fourteenth run's update guard: spikes above 10 x the median norm skipped, no clipping.
     assert (config.skip_factor, config.clip_factor, config.clip_norm) == (10.0, 0.0, None)
     assert config.epochs is None  # set from the patch count when the data are loaded
@@ -65,6 +67,7 @@ def test_the_named_datasets_keep_the_main_jobs_recipe():
     assert (config.augment, config.patch_size, config.sr_arch, config.z_channels, config.faithful_scale_weight) == (
         False, None, None, 1, 1.0)
     assert (config.skip_factor, config.clip_factor) == (10.0, 0.0)
+    assert (config.z_posterior, config.z_scale_floor) == ("direct", 0.0)
     assert TrainConfig(guide="full").validate() == config  # from Python, the same run
 
 
@@ -75,6 +78,8 @@ def test_the_named_datasets_keep_the_main_jobs_recipe():
         (["--no-augment", "--lr", "1e-3"], dict(augment=False, lr=1e-3)),
         (["--sr-arch", "small", "--hidden", "8"], dict(sr_arch="small", hidden=8, sr_hidden=16)),
         (["--epochs", "3", "--patch-size", "16", "--z-channels", "1"], dict(epochs=3, patch_size=16, z_channels=1)),
+        ([], dict(guide="simple", z_posterior="direct", z_scale_floor=0.01)),  # the residual q needs the full guide
+        (["--guide", "full", "--z-posterior", "direct", "--z-scale-floor", "0"], dict(z_posterior="direct", z_scale_floor=0.0)),
     ],
 )
 def test_a_flag_given_overrides_the_folder_recipe(tmp_path, flags, expected):
@@ -133,8 +138,10 @@ def test_stored_configurations_take_no_recipe():
                       faithful_scale_weight=1.0, sr_base="bilinear", augment=False, z_channels=0, z_injection="input").to_dict()
     del old["recipe"], old["clip_factor"]  # neither field existed
     old["skip_factor"] = 10.0
+    del old["z_posterior"], old["z_scale_floor"]
     config = TrainConfig.from_dict(old).validate()
     assert (config.patch_size, config.sr_arch, config.sr_hidden, config.recipe) == (None, None, None, "stored")
+    assert (config.z_posterior, config.z_scale_floor) == ("direct", 0.0)  # what they trained
 
 
 def test_the_16_bit_benchmark_builds_four_reflectance_like_bands_from_a_colour_photograph(tmp_path):
