@@ -666,6 +666,10 @@ class DataParallelElbo:
 #: in 10 steps on the default recipe), so an early median errs high, which skips less, never more.
 GUARD_WINDOW = 64
 GUARD_WARMUP = 8
+#: After this many skips in a row, a finite step above the threshold is taken, clipped to the threshold:
+#: a skipped step moves nothing, so large gradients that belong to the parameters rather than to a batch
+#: are left only by steps taken (docs/training-faults.md, "Skips that froze a transient").
+GUARD_RESCUE_AFTER = 3
 
 
 class UpdateGuard:
@@ -675,7 +679,10 @@ class UpdateGuard:
     per dataset and model; here the threshold adapts: ``factor`` times the median norm of the last
     ``window`` updates taken. A median ignores the rare large norms a mean would follow, and a
     skipped norm never enters the window, so a burst of spikes cannot raise the bar. Until
-    ``warmup`` norms are in, only non-finite gradients are skipped.
+    ``warmup`` norms are in, only non-finite gradients are skipped. After ``rescue_after`` skips in
+    a row, a finite step above the threshold is taken, scaled down to the threshold: a skipped step
+    moves nothing, so large gradients that belong to the parameters, not to a batch, would
+    otherwise be frozen in place (docs/training-faults.md).
 
     The decision stays on the device: :meth:`decide` returns a boolean tensor that masks the
     optimizer step (:func:`step_unless_skipped`); the counts reach the host only at the loop's
@@ -683,8 +690,10 @@ class UpdateGuard:
     kept even with ``factor == 0`` (off), so that a run resumed without the guard keeps its counts.
     """
 
-    def __init__(self, factor, max_consecutive, device="cpu", window=GUARD_WINDOW, warmup=GUARD_WARMUP, clip_factor=0.0):
+    def __init__(self, factor, max_consecutive, device="cpu", window=GUARD_WINDOW, warmup=GUARD_WARMUP, clip_factor=0.0,
+                 rescue_after=GUARD_RESCUE_AFTER):
         self.factor, self.max_consecutive, self.window, self.warmup = factor, max_consecutive, window, warmup
+        self.rescue_after = rescue_after
         self.clip_factor = clip_factor
         self.device = torch.device(device)
         self.load_state_dict({})
@@ -700,14 +709,21 @@ class UpdateGuard:
         trusted = (torch.isfinite(self.norms).sum() >= self.warmup) & (median > 0)
         threshold = torch.where(trusted & (self.factor > 0), self.factor * median, math.inf)
         finite = torch.isfinite(norm)
-        taken = finite & (norm <= threshold)
+        within = norm <= threshold
+        # After rescue_after skips in a row, the step is taken clipped to the threshold: a bad batch is skipped,
+        # a bad state is left in bounded steps. Its raw norm enters the window, as a clipped one's does.
+        rescued = finite & ~within & (self.consecutive >= self.rescue_after)
+        taken = finite & (within | rescued)
+        scale = torch.where(rescued, threshold / norm, 1.0)
         if self.clip_factor > 0:
             # A taken step above clip_factor x the median is scaled down to it (adaptive clipping, as AutoClip:
             # Seetharaman et al. 2020); its raw norm enters the window, so that a lasting change of scale moves the median.
             clip = torch.where(trusted, self.clip_factor * median, math.inf)
             clipped = taken & (norm > clip)
-            self.clip_scale = torch.where(clipped, clip / norm, 1.0).reshape(())
+            scale = torch.minimum(scale, torch.where(clipped, clip / norm, 1.0))
             self.clipped = self.clipped + clipped
+        self.clip_scale = scale.reshape(())
+        self.rescued = self.rescued + rescued
         self.norms = torch.where(taken, torch.cat([self.norms[1:], norm]), self.norms)  # slides by a taken norm only
         self.skipped = self.skipped + ~taken
         self.nonfinite = self.nonfinite + ~finite
@@ -725,10 +741,11 @@ class UpdateGuard:
         the limit, or None."""
         median = torch.nanmedian(self.norms).reshape(1)
         values = torch.cat([self.skipped.double(), self.nonfinite.double(), self.consecutive.double(),
-                            self.clipped.double(), median.double(), self.stuck.double()]).tolist()  # fmt: skip
-        skipped, nonfinite, consecutive, clipped, median, step, norm, threshold = values
+                            self.clipped.double(), self.rescued.double(), median.double(), self.stuck.double()]).tolist()  # fmt: skip
+        skipped, nonfinite, consecutive, clipped, rescued, median, step, norm, threshold = values
         return {
             "skipped": int(skipped), "nonfinite": int(nonfinite), "consecutive": int(consecutive), "clipped": int(clipped),
+            "rescued": int(rescued),
             "median": median if math.isfinite(median) else None,
             "stuck": (int(step), norm, threshold) if step else None,
         }  # fmt: skip
@@ -752,7 +769,7 @@ class UpdateGuard:
         """Plain numbers (a checkpoint loads with ``weights_only=True``): the window and the counts."""
         counts = self.counts()
         norms = [value for value in self.norms.tolist() if math.isfinite(value)]
-        return {"norms": norms, **{key: counts[key] for key in ("skipped", "nonfinite", "consecutive", "clipped")}}
+        return {"norms": norms, **{key: counts[key] for key in ("skipped", "nonfinite", "consecutive", "clipped", "rescued")}}
 
     def load_state_dict(self, state):
         """The state :meth:`state_dict` gave; ``{}``: a fresh guard (an empty window, no skips)."""
@@ -765,6 +782,7 @@ class UpdateGuard:
         self.nonfinite = torch.tensor([state.get("nonfinite", 0)], **integer)
         self.consecutive = torch.tensor([state.get("consecutive", 0)], **integer)
         self.clipped = torch.tensor([state.get("clipped", 0)], **integer)
+        self.rescued = torch.tensor([state.get("rescued", 0)], **integer)
         self.clip_scale = torch.ones((), device=self.device)
         self.stuck = torch.zeros(3, device=self.device)
         self.taken = torch.ones((), dtype=torch.bool, device=self.device)
@@ -808,7 +826,7 @@ def training_step(model, optimizer, objective, x, kl_scale=1.0, clip_norm=None, 
     # same bits on every rank, so every rank computes the same norm and takes the same decision.
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), math.inf if clip_norm is None else clip_norm)
     taken = guard.decide(norm, step)
-    if guard.clip_factor > 0:  # by exactly 1.0 unless clipped: a device scalar, no host sync
+    if guard.factor > 0 or guard.clip_factor > 0:  # by exactly 1.0 unless clipped: a device scalar, no host sync
         torch._foreach_mul_([p.grad for p in model.parameters() if p.grad is not None], guard.clip_scale)
     step_unless_skipped(optimizer, taken)
     return loss
@@ -1544,6 +1562,7 @@ def update_guard_summary(guard):
         "skipped_updates": counts["skipped"],
         "skipped_nonfinite_updates": counts["nonfinite"],
         "clipped_updates": counts["clipped"],
+        "rescued_updates": counts["rescued"],
         "gradient_norm_median": counts["median"],
     }
 
@@ -1584,8 +1603,10 @@ def skipped_updates_row(metrics):
     finite = (f"{skipped - nonfinite} with a gradient norm above {factor:g} x the median of the last {GUARD_WINDOW} "
               f"steps taken" if factor else f"no finite one (--skip-factor 0); the median of the last {GUARD_WINDOW} steps taken")
     clipped = f"; {metrics.get('clipped_updates', 0)} clipped to {clip:g} x that median" if clip else ""
+    rescued = metrics.get("rescued_updates", 0)
+    rescued = f"; {rescued} taken clipped to the threshold after {GUARD_RESCUE_AFTER} skips in a row" if rescued else ""
     return ("skipped updates", f"{skipped} of {steps} steps: {nonfinite} with a non-finite gradient, {finite} "
-            f"(median {median}){clipped}")  # fmt: skip
+            f"(median {median}){clipped}{rescued}")  # fmt: skip
 
 
 def _write_metrics(out_dir, metrics):

@@ -49,10 +49,28 @@ def test_the_guard_skips_the_spikes_of_a_noisy_series_and_no_ordinary_step():
 
 
 def test_a_burst_of_spikes_does_not_raise_the_bar():
-    guard = UpdateGuard(factor=10, max_consecutive=1000)
+    guard = UpdateGuard(factor=10, max_consecutive=1000, rescue_after=math.inf)
     taken = _decisions(guard, [1.0] * 64 + [100.0] * 64 + [1.0])
     assert taken == [True] * 64 + [False] * 64 + [True]  # skipped norms never enter the window
     assert guard.counts()["median"] == 1.0
+
+
+def test_after_three_skips_in_a_row_a_large_step_is_taken_clipped_to_the_threshold():
+    # Large gradients that last are the parameters' (seed 2 of the photographs, docs/training-faults.md):
+    # skipping forever froze them, so every fourth is taken, scaled to the threshold, and enters the window.
+    guard = UpdateGuard(factor=10, max_consecutive=20)
+    decisions = []
+    for step, norm in enumerate([1.0] * 64 + [100.0] * 8 + [1.0], start=1):
+        decisions.append((bool(guard.decide(torch.tensor(norm), step)), float(guard.clip_scale)))
+    assert decisions[:64] == [(True, 1.0)] * 64
+    assert decisions[64:] == [(False, 1.0)] * 3 + [(True, pytest.approx(0.1))] + [(False, 1.0)] * 3 + [
+        (True, pytest.approx(0.1)), (True, 1.0)]  # 10 x the median 1 over a norm of 100
+    counts = guard.counts()
+    assert (counts["skipped"], counts["rescued"], counts["consecutive"], counts["stuck"]) == (6, 2, 0, None)
+    assert sorted(guard.norms.tolist())[-2:] == [100.0, 100.0]  # the raw norms of the two taken
+    # A lone spike is still skipped, and non-finite norms are never taken, however many in a row.
+    assert _decisions(guard, [100.0, 1.0]) == [False, True]
+    assert _decisions(guard, [math.nan] * 5) == [False] * 5 and guard.counts()["rescued"] == 2
 
 
 def test_in_the_warm_up_only_non_finite_norms_are_skipped():
@@ -65,7 +83,7 @@ def test_in_the_warm_up_only_non_finite_norms_are_skipped():
 
 
 def test_the_guard_stops_after_max_consecutive_skips_in_a_row_not_before():
-    guard = UpdateGuard(factor=10, max_consecutive=5)
+    guard = UpdateGuard(factor=10, max_consecutive=5, rescue_after=10)  # no step taken clipped before the limit
     _decisions(guard, [1.0] * 10 + [100.0] * 4 + [1.0] + [100.0] * 4)  # two runs of 4: below the limit
     assert guard.counts()["stuck"] is None and guard.counts()["consecutive"] == 4
     guard.decide(torch.tensor(100.0), 20)  # the fifth in a row
@@ -112,6 +130,25 @@ def test_a_clipped_step_applies_the_gradient_scaled_to_the_threshold():
     # SGD moved each parameter by lr x the clipped gradient: its norm is 2.5 x the median exactly.
     step = torch.cat([(before[name] - p.detach()).flatten() for name, p in model.named_parameters()]) / 1e-3
     assert float(step.norm()) == pytest.approx(2.5 * norm / 5.0, rel=1e-4)
+
+
+def test_a_step_taken_after_three_skips_applies_the_gradient_scaled_to_the_threshold():
+    torch.manual_seed(0)
+    model = SRVAE((1, 8, 8), hidden=4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    elbo, x = make_elbo("meanfield"), tiny_images(4)
+    guard = UpdateGuard(factor=10, max_consecutive=20)
+    with training_mode(model, elbo):
+        training_step(model, optimizer, elbo, x, guard=guard, step=1)
+        norm = float(torch.nanmedian(guard.norms))
+        guard.load_state_dict({"norms": [norm / 50.0] * 64, "consecutive": 3})  # 50 x the median, 3 skipped before
+        before = {name: p.detach().clone() for name, p in model.named_parameters()}
+        torch.manual_seed(1)
+        training_step(model, optimizer, elbo, x, guard=guard, step=2)
+    assert bool(guard.taken) and guard.counts()["rescued"] == 1
+    # SGD moved each parameter by lr x the gradient scaled to the threshold: 10 x the median.
+    step = torch.cat([(before[name] - p.detach()).flatten() for name, p in model.named_parameters()]) / 1e-3
+    assert float(step.norm()) == pytest.approx(10 * norm / 50.0, rel=1e-3)
 
 
 # -- (a) a skipped step leaves the parameters and Adam's state as they were -----------------
