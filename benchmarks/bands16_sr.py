@@ -85,7 +85,7 @@ def main(argv=None):
         "bicubic_psnr": test["bicubic_psnr"],
         "sr_bpd": test["sr_bpd"], "consistent_bicubic_gaussian_bpd": test["sr_bpd_baseline"],
         "sr_coverage": test.get("sr_coverage"),  # PSNRs above: data range 1, the 16-bit range (x in [0, 1])
-        "no_worse_than_consistent_bicubic": test["sr_psnr"] >= test["sr_consistent_bicubic_psnr"],
+        "no_worse_than_consistent_bicubic": test["sr_psnr"] >= test["consistent_bicubic_psnr"],
         "density_below_the_consistent_bicubic_gaussian": test["sr_bpd"] < test["sr_bpd_baseline"],
         "standardized": result.metrics.get("data_scaling") is not None,
         "skipped_updates": result.metrics.get("skipped_updates"),
