@@ -160,6 +160,9 @@ def build_train_parser(prog=None):
     add("--z-scale-floor", type=float, default=None, metavar="S",
         help="srVAE: added to the scale of p(z|y,u), which else drifts towards 0 with the SR decoder's weights "
         f"growing in turn {recipe_default('z_scale_floor')}")
+    add("--z-prior-rank", type=int, default=defaults.z_prior_rank, metavar="R",
+        help="srVAE with a z map: p(z|y,u) with covariance W W^T + diag(sigma^2), W of rank R, so that its draws "
+        "vary together over the image in R directions; 0: diagonal, as eq. (16)")
     add("--precision", choices=PRECISIONS, default=defaults.precision,
         help="bf16: the networks train under torch.autocast in bfloat16 (log-densities and loss stay float32)")
     add("--compile", action="store_true", help="torch.compile the networks (not Pyro's tracing)")
@@ -180,7 +183,7 @@ def config_from_args(parser, args):
             "model", "prior", "mog_components", "elbo", "num_particles", "dataset", "data_dir", "download",
             "max_steps", "batch_size", "lr", "kl_warmup", "free_bits", "clip_norm", "clip_factor", "seed", "sr_samples", "eval_limit", "train_limit", "out",
             "checkpoint_every", "factor", "downscale_mode", "u_dim", "z_dim", "hidden",
-            "arch", "likelihood", "likelihood_components", "faithful_scale_weight", "pixel_scale_floor", "pixel_scale_from", "x_given_y", "sr_base", "sr_arch", "sr_hidden", "z_injection", "z_channels", "z_posterior", "z_scale_floor", "precision", "compile",
+            "arch", "likelihood", "likelihood_components", "faithful_scale_weight", "pixel_scale_floor", "pixel_scale_from", "x_given_y", "sr_base", "sr_arch", "sr_hidden", "z_injection", "z_channels", "z_posterior", "z_scale_floor", "z_prior_rank", "precision", "compile",
             "patch_size", "patch_stride", "test_fraction", "channels", "augment", "cache_dir", "tensorboard",
             "standardize",
         )

@@ -26,7 +26,7 @@ import math
 from typing import Dict
 
 import torch
-from torch.distributions import Independent, Normal, kl_divergence
+from torch.distributions import Independent, LowRankMultivariateNormal, Normal, kl_divergence
 
 import pyro.poutine as poutine
 from pyro.poutine.messenger import Messenger
@@ -78,15 +78,17 @@ def kl_per_image(model, x) -> Dict[str, torch.Tensor]:
     return result
 
 
-def _is_diagonal_normal(d):
-    return isinstance(d, Independent) and d.reinterpreted_batch_ndims == 1 and isinstance(d.base_dist, Normal)
+def _is_gaussian(d):
+    """A diagonal normal, or the low-rank one of ``SRVAE(z_prior_rank=R)`` (standardized by its marginals)."""
+    diagonal = isinstance(d, Independent) and d.reinterpreted_batch_ndims == 1 and isinstance(d.base_dist, Normal)
+    return diagonal or isinstance(d, LowRankMultivariateNormal)
 
 
 def posterior_means(model, x) -> Dict[str, torch.Tensor]:
     """``{site: posterior mean}``, ``(B, D)``, in the prior's own units where it has them.
 
     Each site's E_q[site | x] is taken with the latents it depends on at their own posterior
-    means. Against a diagonal Gaussian prior it is standardized by that prior,
+    means. Against a Gaussian prior it is standardized by that prior's marginals,
     (E_q - E_p) / sd_p: for p(u) = N(0, I) this is the posterior mean itself (Burda et al.'s
     active units); for z it removes what the conditional prior p(z|y,u) already says from y,
     so that a z whose posterior only follows its prior (nothing learnt from x) counts as
@@ -96,7 +98,7 @@ def posterior_means(model, x) -> Dict[str, torch.Tensor]:
     result = {}
     for name, site in _latent_sites(guide_trace).items():
         mean, prior = site["value"], model_trace.nodes[name]["fn"]
-        result[name] = (mean - prior.mean) / prior.stddev if _is_diagonal_normal(prior) else mean
+        result[name] = (mean - prior.mean) / prior.stddev if _is_gaussian(prior) else mean
     return result
 
 

@@ -555,6 +555,11 @@ class SRVAE(_ImageModel):
         z_scale_floor: added to the scale of p(z|y,u) (0: none beyond the networks' 1e-4). With a
             learned p(z|y,u), z -> c z (the SR decoder taking up 1/c) leaves the ELBO as it is, and
             training drifts along it to c -> 0, where the KL's gradients explode; a floor ends the drift.
+        z_prior_rank: 0 (default): p(z|y,u) has a diagonal covariance, as eq. (16). R > 0 (a z map
+            only): N(mu, W W^T + diag(sigma^2)) with W of R columns from the same network, so that
+            a draw of the map varies together over the image in R directions (a low-rank
+            multivariate normal, torch's ``LowRankMultivariateNormal``); q(z|.) stays diagonal and
+            eq. (21)'s KL keeps a closed form (:func:`~pyro_srvae.priors.kl_diagonal_lowrank`).
     """
 
     def __init__(
@@ -584,6 +589,7 @@ class SRVAE(_ImageModel):
         pixel_scale_from="decoder",
         z_posterior="direct",
         z_scale_floor=0.0,
+        z_prior_rank=0,
     ):
         super().__init__(image_shape, name, validate_inputs, likelihood, likelihood_components, arch, gamma_init,
                          pixel_scale_floor)
@@ -617,6 +623,11 @@ class SRVAE(_ImageModel):
         if int(z_channels) != z_channels or z_channels < 0:
             raise ValueError(f"z_channels must be an integer >= 0, got {z_channels!r}")
         self.z_channels = int(z_channels)
+        if int(z_prior_rank) != z_prior_rank or z_prior_rank < 0:
+            raise ValueError(f"z_prior_rank must be an integer >= 0, got {z_prior_rank!r}")
+        if z_prior_rank and not (self.z_channels and z_posterior == "direct"):
+            raise ValueError("z_prior_rank > 0 is a covariance over a z map (z_channels > 0) with z_posterior='direct'")
+        self.z_prior_rank = int(z_prior_rank)
         if self.z_channels:  # z a map at the low resolution: its l coefficients, laid out in space
             z_dim = self.z_channels * self.lr_shape[1] * self.lr_shape[2]
         self.u_dim, self.z_dim = u_dim, z_dim
@@ -629,7 +640,7 @@ class SRVAE(_ImageModel):
         params = self.likelihood.params_per_channel
         self.prior_u = make_prior(prior, u_dim, mog_components)
         self.decoder_y = make_image_decoder(arch, u_dim, self.lr_shape, hidden, self.likelihood.out_channels(channels))
-        self.prior_z = self._z_network(channels, lr_hw, hidden, u_dim, arch)
+        self.prior_z = self._z_network(channels, lr_hw, hidden, u_dim, arch, factor_rank=self.z_prior_rank)
         self.sr_arch = arch if sr_arch is None else sr_arch
         self.sr_hidden = hidden if sr_hidden is None else sr_hidden
         self.pixel_scale_from = pixel_scale_from
@@ -651,10 +662,11 @@ class SRVAE(_ImageModel):
         self.log_gamma_y = self._learned_scale(gamma_init)
         self._finish_networks()
 
-    def _z_network(self, in_channels, image_hw, hidden, condition_dim, arch):
+    def _z_network(self, in_channels, image_hw, hidden, condition_dim, arch, factor_rank=0):
         """A Gaussian over z from an image (and u): a vector, or a map with ``z_channels``."""
         if self.z_channels:
-            return SpatialGaussianEncoder(in_channels, image_hw, self.z_channels, self.lr_shape[1:], hidden, condition_dim)
+            return SpatialGaussianEncoder(in_channels, image_hw, self.z_channels, self.lr_shape[1:], hidden, condition_dim,
+                                          factor_rank=factor_rank)
         return GaussianEncoder(in_channels, image_hw, self.z_dim, hidden, condition_dim=condition_dim, arch=arch)
 
     @property
@@ -752,9 +764,17 @@ class SRVAE(_ImageModel):
         return self.likelihood.mean(*self._x_parameters(y, z, u))
 
     def z_prior_parameters(self, y, u):
-        """loc and scale of p(z|y,u) (eqs. 7, 16), the scale above :attr:`z_scale_floor`."""
-        loc, scale = self.prior_z(y, u)
-        return loc, scale + self.z_scale_floor  # + 0.0 is exact: no floor, the same bits
+        """loc and scale of p(z|y,u) (eqs. 7, 16), the scale above :attr:`z_scale_floor`; with
+        :attr:`z_prior_rank`, also the factor W of its covariance W W^T + diag(scale^2)."""
+        loc, scale, *factor = self.prior_z(y, u)
+        return (loc, scale + self.z_scale_floor, *factor)  # + 0.0 is exact: no floor, the same bits
+
+    def z_prior(self, y, u):
+        """p(z|y,u), eq. (16): N(mu, diag(sigma^2)), or N(mu, W W^T + diag(sigma^2)) with :attr:`z_prior_rank`."""
+        loc, scale, *factor = self.z_prior_parameters(y, u)
+        if factor:
+            return dist.LowRankMultivariateNormal(loc, factor[0], scale.square())
+        return dist.Normal(loc, scale).to_event(1)
 
     def encode_z(self, x, y, u):
         """loc and scale of q(z|x) (eq. 10) or q(z|x,y,u) (eq. 19)."""
@@ -777,8 +797,7 @@ class SRVAE(_ImageModel):
         with pyro.plate("data", x.shape[0], dim=-1):
             u = pyro.sample("u", self.prior_u())
             pyro.sample("y", self.y_distribution(u), obs=y)
-            z_loc, z_scale = self.z_prior_parameters(y, u)
-            z = pyro.sample("z", dist.Normal(z_loc, z_scale).to_event(1))
+            z = pyro.sample("z", self.z_prior(y, u))  # eq. (16)
             pyro.sample("x", self.x_distribution(y, z, u), obs=x)
             self._observe_data_scaling(x.shape[0], self._scaled_pixels_per_band)
 
@@ -827,8 +846,7 @@ class SRVAE(_ImageModel):
         y = self.decode_y(u)
         if self.quantized_y:
             y = bin_centres(y)
-        z_loc, z_scale = self.z_prior_parameters(y, u)
-        z = dist.Normal(z_loc, z_scale).sample()
+        z = self.z_prior(y, u).sample()
         return SRSample(x=self.to_data_units(self.decode_x(y, z, u)), y=self.to_data_units(y))
 
     @torch.no_grad()
@@ -856,8 +874,7 @@ class SRVAE(_ImageModel):
             raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
         u_loc, u_scale = self.encoder_u(y)
         u = dist.Normal(u_loc, u_scale).sample((int(num_samples),))
-        z_loc, z_scale = self.z_prior_parameters(y, u)
-        z = dist.Normal(z_loc, z_scale).sample()
+        z = self.z_prior(y, u).sample()
         likelihood = self.x_distribution(y, z, u)
         means = likelihood.mean  # = decode_x(y, z, u), without a second decoder pass
         if not observation_noise:

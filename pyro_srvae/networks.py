@@ -190,10 +190,17 @@ class SpatialGaussianEncoder(nn.Module):
     function of u, the same over the map: p(z|y,u) (eq. 16) and q(z|x,y,u) (eq. 19) with z a map
     (``SRVAE(z_channels=...)``). So the convolutions run once per image, not once per particle
     of u, which importance-weighted evaluation draws K of per image.
+
+    With ``factor_rank`` R > 0 it also returns R factor maps of the same layout, flattened to
+    ``(*, out_channels*h*w, R)``: the W of a covariance W W^T + diag(scale^2) (SRVAE's
+    ``z_prior_rank``), R directions in which the whole map varies together.
     """
 
-    def __init__(self, in_channels, image_hw, out_channels, lr_hw, hidden=32, condition_dim=0):
+    def __init__(self, in_channels, image_hw, out_channels, lr_hw, hidden=32, condition_dim=0, factor_rank=0):
         super().__init__()
+        if int(factor_rank) != factor_rank or factor_rank < 0:
+            raise ValueError(f"factor_rank must be an integer >= 0, got {factor_rank!r}")
+        self.factor_rank = int(factor_rank)
         self.lr_hw = tuple(lr_hw)
         self.fold = image_hw[0] // self.lr_hw[0]
         if tuple(d * self.fold for d in self.lr_hw) != tuple(image_hw):
@@ -206,18 +213,20 @@ class SpatialGaussianEncoder(nn.Module):
             nn.SiLU(),
             nn.Conv2d(width, width, 3, padding=1),
             nn.SiLU(),
-            nn.Conv2d(width, 2 * out_channels, 3, padding=1),
+            nn.Conv2d(width, (2 + self.factor_rank) * out_channels, 3, padding=1),
         )
-        self.condition = nn.Linear(condition_dim, 2 * out_channels) if condition_dim else None
+        self.condition = nn.Linear(condition_dim, (2 + self.factor_rank) * out_channels) if condition_dim else None
 
     def forward(self, image, condition=None):
         flat, batch_shape = _merge_leading(image, 3)
         folded = F.pixel_unshuffle(flat, self.fold) if self.fold > 1 else flat
-        maps = _split_leading(self.net(_conv_input(folded)), batch_shape)  # (*, 2C, h, w)
+        maps = _split_leading(self.net(_conv_input(folded)), batch_shape)  # (*, (2 + R) C, h, w)
         if self.condition is not None:
             maps = maps + self.condition(condition)[..., None, None]  # broadcast over particles of u
-        loc, raw_scale = maps.flatten(-3).chunk(2, dim=-1)
-        return loc, bounded_scale(raw_scale)
+        loc, raw_scale, *factors = maps.flatten(-3).chunk(2 + self.factor_rank, dim=-1)
+        if not factors:
+            return loc, bounded_scale(raw_scale)
+        return loc, bounded_scale(raw_scale), torch.stack(factors, dim=-1)
 
 
 def _check_arch(arch):

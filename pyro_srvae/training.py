@@ -168,6 +168,8 @@ class TrainConfig:
     z_posterior: Optional[str] = None
     # The least scale of p(z|y,u), added to its network's (SRVAE z_scale_floor); None: the recipe's.
     z_scale_floor: Optional[float] = None
+    # R > 0: p(z|y,u) over a z map with covariance W W^T + diag(sigma^2), W of rank R (SRVAE z_prior_rank).
+    z_prior_rank: int = 0
     figures: bool = True
     precision: str = "fp32"
     compile: bool = False
@@ -248,6 +250,7 @@ class TrainConfig:
             raise ConfigError("--z-scale-floor is the least scale of the srVAE's p(z|y,u): a number >= 0, and 0 for the VAE")
         if self.z_posterior == "residual" and not (self.model == "srvae" and self.guide == "full"):
             raise ConfigError("--z-posterior residual is relative to p(z|y,u): it needs --model srvae --guide full")
+        self._validate_z_prior_rank()
         if self.model == "vae" and self.x_given_y != "consistent":
             raise ConfigError("--x-given-y is the srVAE's p(x|y,.); the VAE has no y (its p(x|z) is a density of x)")
         if self.elbo == "meanfield-mog-bound" and self.prior != "mog":
@@ -306,6 +309,15 @@ class TrainConfig:
         if self.pixel_scale_from != "decoder" and not (per_pixel and self.model == "srvae"):
             raise ConfigError("--pixel-scale-from y is where the srVAE's per-pixel sigmas come from; "
                               f"--model {self.model} --likelihood {self.likelihood} has none")
+
+    def _validate_z_prior_rank(self):
+        if not (isinstance(self.z_prior_rank, int) and self.z_prior_rank >= 0):
+            raise ConfigError(f"--z-prior-rank must be an integer >= 0, got {self.z_prior_rank!r}")
+        if self.z_prior_rank and not (self.model == "srvae" and self.z_channels and self.z_posterior == "direct"):
+            raise ConfigError("--z-prior-rank is a covariance over the srVAE's z map: it needs --model srvae, "
+                              "--z-channels >= 1 and --z-posterior direct")
+        if self.z_prior_rank and self.free_bits:
+            raise ConfigError("--free-bits counts the KL per dimension of a diagonal p(z|y,u); --z-prior-rank has none")
 
     def _validate_update_guard(self):
         # At or below 1 the threshold would sit at or under the median: half the ordinary steps skipped.
@@ -448,6 +460,7 @@ def build_model(config, image_shape):
         pixel_scale_from=config.pixel_scale_from,
         z_posterior=config.z_posterior,
         z_scale_floor=config.z_scale_floor,
+        z_prior_rank=config.z_prior_rank,
         **common,
     )
     return _weigh_faithful_scales(model, config)

@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from pyro_srvae.cli import build_train_parser, config_from_args
 from pyro_srvae.training import evaluate_images, load_split, train
 
@@ -26,6 +28,17 @@ KEYS = (
     "iw_bpd", "elbo_bpd", "sr_psnr", "sr_best_of_gain", "sr_draw_psnr", "sr_latent_share", "sr_latent_share_detail",
     "sr_bpd", "sr_bpd_baseline", "kl_z_bits", "kl_u_bits", "active_z", "active_u",
 )  # fmt: skip
+
+
+@torch.no_grad()
+def factor_share(model, images, limit=256):
+    """tr(W W^T) / tr(W W^T + diag(sigma^2)) of p(z|y,u) at q(u|y)'s mean, over ``limit`` images: the
+    part of z's prior variance that varies together over the map (``--z-prior-rank``)."""
+    x = model.to_network_units(images[:limit].float().div(255))
+    y = model.downscale(x)
+    _, scale, factor = model.z_prior_parameters(y, model.encoder_u(y)[0])
+    coherent = factor.square().sum((-1, -2))
+    return (coherent / (coherent + scale.square().sum(-1))).mean().item()
 
 
 def main(argv=None):
@@ -55,6 +68,8 @@ def main(argv=None):
                "skipped_updates": result.metrics.get("skipped_updates")}  # by the update guard (training.UpdateGuard)
         row.update({key: metrics.get(key) for key in KEYS})
         row["coverage90_detail"] = metrics["sr_coverage"]["detail"]["0.9"]
+        if getattr(model, "z_prior_rank", 0):
+            row["z_prior_factor_share"] = factor_share(model, full.images[-VALIDATION:])
         row["coverage90_edges"] = metrics["sr_coverage"]["edges"]["0.9"]
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "a") as f:
