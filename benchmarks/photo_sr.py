@@ -193,9 +193,12 @@ def print_rows(scored_set, rows, sr_samples):
     mean = summary["mean"]
     print(f"{'mean':<12} {'':>9} {mean['sr_psnr']:8.2f} {mean['bicubic_psnr']:8.2f} {mean['consistent_bicubic_psnr']:8.2f} "
           f"{summary['gain_over_bicubic_db']:+6.2f}")
-    print(f"what z carries: latent share {summary['latent_share']:.3f} of the predictive variance "
-          f"({summary['latent_share_detail']:.3f} on detail pixels), best of {sr_samples} decoder means "
-          f"{summary['best_of_gain']:+.2f} dB over the mean (averages over the photographs)")
+    # Each draw comes from its own flipped or turned view (superresolve --views), so the spread of the draws'
+    # decoder means holds the views' disagreement beside what the latents carry; the run's metrics.json has
+    # the latents' share alone, on its held-out patches (one view).
+    print(f"the decoder means' share {summary['latent_share']:.3f} of the predictive variance "
+          f"({summary['latent_share_detail']:.3f} on detail pixels: the latents and the views' disagreement), "
+          f"best of {sr_samples} decoder means {summary['best_of_gain']:+.2f} dB over the mean (averages over the photographs)")
     print(f"gain over bicubic {summary['gain_over_bicubic_db']:+.2f} dB; beats consistent bicubic on every photo: "
           f"{summary['beats_consistent_bicubic_on_every_photo']}")
     print(f"90% coverage (pooled), as drawn: {summary['coverage90_detail_pooled']:.3f} of the detail pixels, "
