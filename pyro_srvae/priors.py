@@ -92,10 +92,9 @@ def kl_diagonal_lowrank(q, p):
         raise NotImplementedError
     q_scale, delta = q.base_dist.scale, q.base_dist.loc - p.loc
     factor, diag = p.cov_factor, p.cov_diag
-    batch = torch.broadcast_shapes(q_scale.shape[:-1], delta.shape[:-1], factor.shape[:-2])
-    scaled = (factor / diag.unsqueeze(-1)).expand(batch + factor.shape[-2:])  # D^-1 W, (..., D, R)
+    scaled = factor / diag.unsqueeze(-1)  # D^-1 W, (..., D, R): p's batch shape; q's broadcasts below
     eye = torch.eye(factor.shape[-1], dtype=factor.dtype, device=factor.device)
-    capacitance_tril = torch.linalg.cholesky(eye + factor.transpose(-1, -2) @ scaled)
+    capacitance_tril = torch.linalg.cholesky(eye + factor.transpose(-1, -2) @ scaled)  # once per p, not per q
 
     def woodbury_term(rows):  # ||L^-1 rows||_F^2 = tr(C^-1 rows rows^T), rows (..., R, k)
         return torch.linalg.solve_triangular(capacitance_tril, rows, upper=False).square().sum((-1, -2))
