@@ -26,6 +26,7 @@ from .priors import PRIORS
 from .training import (
     DEVICES,
     FOLDER_STEP_BUDGET,
+    LR_SCHEDULES,
     MODEL_DEFAULTS,
     MODELS,
     RECIPES,
@@ -96,6 +97,8 @@ def build_train_parser(prog=None):
     add("--max-steps", type=int, default=None, metavar="N", help="stop after N optimizer steps (smoke runs)")
     add("--batch-size", type=int, default=defaults.batch_size)
     add("--lr", type=float, default=None, help=f"Adam's learning rate {recipe_default('lr')}")
+    add("--lr-schedule", choices=LR_SCHEDULES, default=None,
+        help=f"constant, or cosine: from --lr down to 0 over the run's steps {recipe_default('lr_schedule')}")
     add("--kl-warmup", type=float, default=defaults.kl_warmup, metavar="EPOCHS", help="linear KL warm-up length")
     add("--free-bits", type=float, default=defaults.free_bits, metavar="NATS",
         help=f"free bits on z: nats per dimension below which its batch-averaged KL costs nothing [{defaults.free_bits}]")
@@ -181,7 +184,7 @@ def config_from_args(parser, args):
         name: getattr(args, name)
         for name in (
             "model", "prior", "mog_components", "elbo", "num_particles", "dataset", "data_dir", "download",
-            "max_steps", "batch_size", "lr", "kl_warmup", "free_bits", "clip_norm", "clip_factor", "seed", "sr_samples", "eval_limit", "train_limit", "out",
+            "max_steps", "batch_size", "lr", "lr_schedule", "kl_warmup", "free_bits", "clip_norm", "clip_factor", "seed", "sr_samples", "eval_limit", "train_limit", "out",
             "checkpoint_every", "factor", "downscale_mode", "u_dim", "z_dim", "hidden",
             "arch", "likelihood", "likelihood_components", "faithful_scale_weight", "pixel_scale_floor", "pixel_scale_from", "x_given_y", "sr_base", "sr_arch", "sr_hidden", "z_injection", "z_channels", "z_posterior", "z_scale_floor", "z_prior_rank", "precision", "compile",
             "patch_size", "patch_stride", "test_fraction", "channels", "augment", "cache_dir", "tensorboard",

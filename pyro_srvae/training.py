@@ -123,6 +123,8 @@ class TrainConfig:
     max_steps: Optional[int] = None
     batch_size: int = 32
     lr: Optional[float] = None
+    # How the learning rate moves over the run's steps (LR_SCHEDULES, learning_rate); None: the recipe's.
+    lr_schedule: Optional[str] = None
     kl_warmup: float = 0.0
     # Free bits on z (nats per dimension, batch-averaged; 0 = the plain ELBO): elbo.FreeBits_ELBO.
     free_bits: float = 0.0
@@ -235,6 +237,7 @@ class TrainConfig:
             "arch": ARCHS,
             "precision": PRECISIONS,
             "x_given_y": X_GIVEN_Y,
+            "lr_schedule": LR_SCHEDULES,
             "sr_base": SR_BASES,
             "z_injection": Z_INJECTIONS,
             "pixel_scale_from": PIXEL_SCALE_SOURCES,
@@ -371,6 +374,8 @@ class TrainConfig:
         values.setdefault("skip_factor", 10.0)  # ... and those from before the update guard resume with it on
         values.setdefault("z_posterior", "direct")  # ... and those from before the residual q(z|x,y,u) had the direct one
         values.setdefault("z_scale_floor", 0.0)  # ... and no floor on p(z|y,u)'s scale
+        if values.get("lr_schedule") is None and values["recipe"] is not None:
+            values["lr_schedule"] = "constant"  # ... and those from before the schedules kept lr fixed
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(values) - known
         if unknown:
@@ -386,14 +391,14 @@ class TrainConfig:
 #: 32x32 patches with flips and turns, and a budget of FOLDER_STEP_BUDGET update steps (resolve_epochs).
 RECIPES = {
     "named": {
-        "all": dict(epochs=2, lr=4e-3, hidden=16, likelihood="gaussian", augment=False, skip_factor=10.0, clip_factor=0.0,
+        "all": dict(epochs=2, lr=4e-3, lr_schedule="constant", hidden=16, likelihood="gaussian", augment=False, skip_factor=10.0, clip_factor=0.0,
                     sr_base="bilinear"),  # the VAE has no SR decoder; its configuration carries the field all the same
         "faithful_scale_weight": 1.0,
         "z_posterior": "direct",
         "z_scale_floor": 0.0,
     },
     FOLDER: {
-        "all": dict(lr=2e-3, hidden=32, likelihood="gaussian-pixel-faithful", augment=True, patch_size=32,
+        "all": dict(lr=2e-3, lr_schedule="constant", hidden=32, likelihood="gaussian-pixel-faithful", augment=True, patch_size=32,
                     skip_factor=10.0, clip_factor=0.0, sr_base="bicubic"),  # the fourteenth run's guard (training-faults.md)
         "srvae": dict(sr_arch="densenet", sr_hidden=16, z_channels=0, z_injection="input"),
         "faithful_scale_weight": 0.01,
@@ -533,6 +538,32 @@ def training_mode(model, elbo):
             yield model
     finally:
         model.validate_inputs, model.pyro_registration = saved
+
+
+#: --lr-schedule: "constant" keeps --lr for every step; "cosine" decays it from --lr to 0 along half a
+#: cosine over the run's steps (Loshchilov & Hutter 2017, without restarts), so that the last updates are
+#: small and the weights settle instead of ending on a full-size step's noise.
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def total_steps(config, batches_per_epoch):
+    """The update steps a run's schedule spans: ``--epochs`` of batches. ``--max-steps`` stops a run
+    early, as a signal does, without moving the schedule's end, so that a run stopped and resumed takes
+    the updates of one that was not; a run resumed with more epochs stretches its schedule to the new end."""
+    return config.epochs * batches_per_epoch
+
+
+def learning_rate(config, step, planned_steps):
+    """The learning rate of the update after ``step`` steps taken, of ``planned_steps`` (:data:`LR_SCHEDULES`)."""
+    if config.lr_schedule == "constant" or planned_steps <= 0:
+        return config.lr
+    progress = min(step, planned_steps) / planned_steps
+    return config.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_learning_rate(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
 def kl_scale(config, epoch, batch, batches_per_epoch):
@@ -1264,6 +1295,8 @@ def _run_epoch(run, train_images, objective, batches_per_epoch, num_dims, signal
         if config.augment:
             x = augment_dihedral(x)
         beta = kl_scale(config, epoch, batch, batches_per_epoch)
+        if config.lr_schedule != "constant":
+            set_learning_rate(run.optimizer, learning_rate(config, run.step, total_steps(config, batches_per_epoch)))
         loss = training_step(model, run.optimizer, objective, x, beta, config.clip_norm, guard, run.step + 1)
         tally.add(loss, x.shape[0], guard.taken if guard is not None else None)
         unchecked += 1

@@ -345,6 +345,22 @@ def test_ssim_identical_noisy_and_kernel_size():
     torch.testing.assert_close(ssim(dim_p, dim_t), fixed)
 
 
+@pytest.mark.parametrize("shape", [(3, 1, 28, 28), (5, 3, 14, 14), (2, 4, 8, 8), (2, 1, 32, 20)])
+def test_ssim_is_torchmetrics_ssim_with_the_window_of_the_image(shape):
+    """The separable SSIM equals torchmetrics' 2-D one with sigma = 1.5 k / 11 for every window size the
+    images get (11, 7, 3, 9), any channel count and a non-square image, at data ranges 1 and 255."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    g = torch.Generator().manual_seed(1)
+    target = torch.rand(shape, generator=g)
+    pred = (target + 0.15 * torch.randn(shape, generator=g)).clamp(0, 1)
+    k = ssim_kernel_size(shape[-2], shape[-1])
+    for scale in (1.0, 255.0):
+        ref = structural_similarity_index_measure(pred * scale, target * scale, gaussian_kernel=True, sigma=1.5 * k / 11,
+                                                  kernel_size=k, data_range=scale, reduction="none")  # fmt: skip
+        torch.testing.assert_close(ssim(pred * scale, target * scale, data_range=scale), ref, atol=1e-6, rtol=0)
+
+
 def test_bicubic_upsample_shape_range_and_constants():
     y = torch.rand(2, 3, 7, 7)
     up = bicubic_upsample(y, 2)
