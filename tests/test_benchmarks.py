@@ -227,3 +227,12 @@ def test_elu_benchmark_compares_the_same_model_with_torch_s_elu(capsys):
     elu_time.main(["--steps", "1", "--hidden", "4", "--sr-hidden", "4", "--shape", "1,8,8", "--batch-size", "2"])
     lines = capsys.readouterr().out.splitlines()
     assert sum("ratio" in line for line in lines) == 2, lines
+
+
+def test_the_ssim_benchmark_times_two_equal_ssims(capsys):
+    import ssim_time
+
+    ssim_time.main(["--shape", "4,3,14,14", "--pairs", "2"])
+    out = capsys.readouterr().out
+    assert "window 7" in out and "ratio" in out
+    assert float(out.rsplit("largest difference", 1)[1]) < 1e-6
