@@ -1295,8 +1295,7 @@ def _run_epoch(run, train_images, objective, batches_per_epoch, num_dims, signal
         if config.augment:
             x = augment_dihedral(x)
         beta = kl_scale(config, epoch, batch, batches_per_epoch)
-        if config.lr_schedule != "constant":
-            set_learning_rate(run.optimizer, learning_rate(config, run.step, total_steps(config, batches_per_epoch)))
+        set_learning_rate(run.optimizer, learning_rate(config, run.step, total_steps(config, batches_per_epoch)))
         loss = training_step(model, run.optimizer, objective, x, beta, config.clip_norm, guard, run.step + 1)
         tally.add(loss, x.shape[0], guard.taken if guard is not None else None)
         unchecked += 1
