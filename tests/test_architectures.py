@@ -210,6 +210,25 @@ def test_the_package_elu_is_torch_elu_to_float_rounding():
     assert torch.autograd.gradcheck(networks.ELU(), (x,))
 
 
+def test_the_package_elu_keeps_its_bits_from_one_allocation_and_aten_s_backward():
+    """The forward taken into one tensor and aten's elu_backward give the bits of the plain formulas
+    max(x, exp(clamp(x, -30, 0)) - 1) and g * (min(out, 0) + 1), on channels-last activations too:
+    every stored number of the photograph recipes was trained with those."""
+    generator = torch.Generator().manual_seed(2)
+    special = torch.tensor([0.0, -0.0, 1e-45, -1e-45, -1e-10, 1e-10, -2.98e-8, -30.0, -31.0, -104.0, -1e30, 1e30,
+                            float("inf"), float("-inf")])  # fmt: skip
+    scales = 10.0 ** torch.randint(-9, 3, (8 * 16 * 8 * 8 - special.numel(),), generator=generator)
+    points = torch.cat([special, torch.randn(scales.shape, generator=generator) * scales])
+    for x in (points, points.reshape(8, 16, 8, 8).contiguous(memory_format=torch.channels_last)):
+        grad = torch.empty_like(x).normal_(generator=generator)
+        ours = x.clone().requires_grad_()
+        out = networks.ELU()(ours)
+        out.backward(grad)
+        expected = torch.maximum(x, torch.clamp(x, min=-30.0, max=0).exp_().sub_(1))
+        assert torch.equal(out, expected) and out.stride() == x.stride()
+        assert torch.equal(ours.grad, grad * torch.clamp(expected, max=0).add_(1))
+
+
 def test_the_densenet_networks_use_the_package_elu():
     model = SRVAE((1, 8, 8), arch="densenet", hidden=4)
     activations = [m for m in model.modules() if isinstance(m, torch.nn.ELU)]

@@ -224,9 +224,11 @@ def test_elu_benchmark_compares_the_same_model_with_torch_s_elu(capsys):
             pyro.set_rng_seed(1)
             losses.append(elbo.differentiable_loss(each.model, each.guide, x).item())
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
-    elu_time.main(["--steps", "1", "--hidden", "4", "--sr-hidden", "4", "--shape", "1,8,8", "--batch-size", "2"])
+    elu_time.main(["--steps", "1", "--hidden", "4", "--sr-hidden", "4", "--shape", "1,8,8", "--batch-size", "2", "--eval-batch", "2"])
     lines = capsys.readouterr().out.splitlines()
-    assert sum("ratio" in line for line in lines) == 2, lines
+    assert sum("ratio" in line for line in lines) == 4, lines
+    x = torch.randn(2, 64, 32, 32)
+    assert torch.equal(elu_time.PreviousExpELU.apply(x), networks._ExpELU.apply(x))
 
 
 def test_the_ssim_benchmark_times_two_equal_ssims(capsys):
