@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from pyro_srvae.cli import build_train_parser, config_from_args
+from pyro_srvae.data import dequantize
 from pyro_srvae.training import evaluate_images, load_split, train
 
 VALIDATION = 1000
@@ -33,8 +34,9 @@ KEYS = (
 @torch.no_grad()
 def factor_share(model, images, limit=256):
     """tr(W W^T) / tr(W W^T + diag(sigma^2)) of p(z|y,u) at q(u|y)'s mean, over ``limit`` images: the
-    part of z's prior variance that varies together over the map (``--z-prior-rank``)."""
-    x = model.to_network_units(images[:limit].float().div(255))
+    part of z's prior variance that varies together over the map (``--z-prior-rank``). The images are
+    dequantized as the model saw them in training, (k + u) / 256 (rows before stop 33 read k / 255)."""
+    x = model.to_network_units(dequantize(images[:limit], generator=torch.Generator().manual_seed(0)))
     y = model.downscale(x)
     _, scale, factor = model.z_prior_parameters(y, model.encoder_u(y)[0])
     coherent = factor.square().sum((-1, -2))
