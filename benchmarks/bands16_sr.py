@@ -32,8 +32,8 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-from pyro_srvae.checkpoint import atomic_write_text
-from pyro_srvae.training import train
+from pyro_srvae.utils.io import atomic_write_text
+from pyro_srvae.training.loop import train
 
 from common import package_photographs, readme_training_config
 

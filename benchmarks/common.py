@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from pyro_srvae.cli import build_train_parser, config_from_args
-from pyro_srvae.data import load_dataset
+from pyro_srvae.data.datasets import load_dataset
 
 
 def image_shape(text):

@@ -1,4 +1,4 @@
-"""The package's CPU ELU (:class:`pyro_srvae.networks.ELU`) against ``torch.nn.ELU``, one run.
+"""The package's CPU ELU (:class:`pyro_srvae.model.networks.ELU`) against ``torch.nn.ELU``, one run.
 
     python benchmarks/elu_time.py                 # the photograph benchmark's model, 1 channel 32x32
     python benchmarks/elu_time.py --shape 3,32,32 --arch densenet --sr-arch densenet --hidden 32
@@ -27,9 +27,12 @@ import pyro
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import benchmark_images, image_shape  # noqa: E402
 
-from pyro_srvae import make_elbo, networks  # noqa: E402
-from pyro_srvae.data import dequantize  # noqa: E402
-from pyro_srvae.training import TrainConfig, build_model, training_mode  # noqa: E402
+from pyro_srvae import make_elbo  # noqa: E402
+from pyro_srvae.model import networks  # noqa: E402
+from pyro_srvae.data.batching import dequantize  # noqa: E402
+from pyro_srvae.training.config import TrainConfig  # noqa: E402
+from pyro_srvae.training.factory import build_model  # noqa: E402
+from pyro_srvae.training.objective import training_mode  # noqa: E402
 
 
 def with_torch_elu(model):

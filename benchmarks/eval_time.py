@@ -23,8 +23,11 @@ import pyro
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import benchmark_images, image_shape, peak_memory_mb  # noqa: E402
 
-from pyro_srvae import evaluate_model, networks  # noqa: E402
-from pyro_srvae.training import TrainConfig, build_model, resolve_device  # noqa: E402
+from pyro_srvae import evaluate_model  # noqa: E402
+from pyro_srvae.model import networks  # noqa: E402
+from pyro_srvae.training.config import TrainConfig  # noqa: E402
+from pyro_srvae.training.factory import build_model  # noqa: E402
+from pyro_srvae.utils.devices import resolve_device  # noqa: E402
 
 VARIANTS = [("vae", "simple"), ("srvae", "simple"), ("srvae", "full")]
 
@@ -54,7 +57,7 @@ def main(argv=None):
     parser.add_argument("--num-images", type=int, default=None, help="test images [256, quick: 32]")
     parser.add_argument("--samples", type=int, default=1000, help="importance samples K per image")
     parser.add_argument("--batch-size", type=int, default=None, help="images per batch [chosen from K]")
-    parser.add_argument("--hidden", type=int, default=None, help="[the main job's, training.RECIPES]")
+    parser.add_argument("--hidden", type=int, default=None, help="[the main job's, training.config.RECIPES]")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--arch", default="small", choices=networks.ARCHS)
     parser.add_argument("--shape", type=image_shape, default=None, metavar="C,H,W", help="random images of this shape")

@@ -4,7 +4,7 @@
     python benchmarks/optimizer_time.py --device cuda --arch densenet --hidden 32 --shape 3,32,32
 
 The three optimizers step the same parameters with the same gradients, in turns, so
-machine noise hits all alike; the figures are medians. ``pyro_srvae.training.make_optimizer``
+machine noise hits all alike; the figures are medians. ``pyro_srvae.training.objective.make_optimizer``
 picks the fused one.
 """
 
@@ -22,8 +22,10 @@ import pyro
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import image_shape  # noqa: E402
 
-from pyro_srvae.networks import ARCHS  # noqa: E402
-from pyro_srvae.training import TrainConfig, build_model, resolve_device  # noqa: E402
+from pyro_srvae.model.networks import ARCHS  # noqa: E402
+from pyro_srvae.training.config import TrainConfig  # noqa: E402
+from pyro_srvae.training.factory import build_model  # noqa: E402
+from pyro_srvae.utils.devices import resolve_device  # noqa: E402
 
 VARIANTS = {"loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
 
@@ -32,7 +34,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--model", default="srvae", choices=["vae", "srvae"])
-    parser.add_argument("--hidden", type=int, default=None, help="[the main job's, training.RECIPES]")
+    parser.add_argument("--hidden", type=int, default=None, help="[the main job's, training.config.RECIPES]")
     parser.add_argument("--arch", default="small", choices=ARCHS)
     parser.add_argument("--shape", type=image_shape, default=(1, 28, 28), metavar="C,H,W")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

@@ -14,7 +14,7 @@ never share a photograph (docs/results.md, "Your own images", says which set cho
   which ``pyro-srvae calibrate`` fits the SR spread before scoring.
 
 The model is trained by the README's command, word for word (:data:`README_COMMAND`: the folder's
-recipe, ``pyro_srvae.training.RECIPES``), plus the benchmark's bookkeeping (``--out``, ``--seed``,
+recipe, ``pyro_srvae.training.config.RECIPES``), plus the benchmark's bookkeeping (``--out``, ``--seed``,
 no figures, and its own evaluation cut to 1,024 patches); extra training flags after ``--`` try
 another recipe. Each scored photograph is downscaled 2x by block averaging (y = A x) and
 super-resolved whole (tiled, :func:`pyro_srvae.superresolve_image`; moon's file is a 256x256
@@ -44,15 +44,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pyro_srvae.calibration import CALIBRATION_PIXELS, calibrate_checkpoint, model_spread
-from pyro_srvae.checkpoint import atomic_write_text, derive_seed
-from pyro_srvae.evaluation import bicubic_upsample, detail_mask, edge_mask, interval_coverages, make_consistent, psnr
-from pyro_srvae.images import match_channels, read_image
-from pyro_srvae.likelihoods import block_mean, nearest_upsample
-from pyro_srvae.models import downscale
-from pyro_srvae.latents import latent_share
-from pyro_srvae.superresolve import default_views, load_model, superresolve_image
-from pyro_srvae.training import train
+from pyro_srvae.sr.calibrate import calibrate_checkpoint
+from pyro_srvae.sr.calibration import CALIBRATION_PIXELS, model_spread
+from pyro_srvae.utils.io import atomic_write_text
+from pyro_srvae.utils.seeds import derive_seed
+from pyro_srvae.metrics.sr_scores import (
+    bicubic_upsample,
+    detail_mask,
+    edge_mask,
+    interval_coverages,
+    make_consistent,
+    psnr,
+)
+from pyro_srvae.data.channels import match_channels
+from pyro_srvae.data.images import read_image
+from pyro_srvae.model.distributions import block_mean, nearest_upsample
+from pyro_srvae.model.image_model import downscale
+from pyro_srvae.metrics.latents import latent_share
+from pyro_srvae.sr.loading import load_model
+from pyro_srvae.sr.tiling import default_views, superresolve_image
+from pyro_srvae.training.loop import train
 
 from common import package_photographs, readme_training_config
 
@@ -63,7 +74,7 @@ TRAIN_PHOTOS = (
 VALIDATION_PHOTOS = ("camera.png", "coins.png", "moon.png", "page.png", "text.png")
 TEST_PHOTOS = ("chelsea.png", "coffee.png", "rocket.jpg")
 SCORED_SETS = {"validation": VALIDATION_PHOTOS, "test": TEST_PHOTOS}
-#: Photographs in neither folder that calibrate the SR spread (pyro_srvae.calibration): the
+#: Photographs in neither folder that calibrate the SR spread (pyro_srvae.sr.calibration): the
 #: package files (scikit-image's and matplotlib's wheels) they come from.
 CALIBRATION_PHOTOS = (("skimage", "clock_motion.png"), ("skimage", "microaneurysms.png"), ("matplotlib", "grace_hopper.jpg"))
 FACTOR = 2
@@ -152,7 +163,7 @@ def score(model, path, num_samples, seed):
     for suffix, samples in draws.items():
         for name, pixels in (("detail", mask), ("edges", edges), ("all", None)):
             coverages[f"coverage90_{name}{suffix}"] = float(interval_coverages(samples[:, None], x, pixels, levels=(0.9,))["0.9"])
-    # What z carries (pyro_srvae.latents): the latents' share of the model's own predictive variance,
+    # What z carries (pyro_srvae.metrics.latents): the latents' share of the model's own predictive variance,
     # and the best of the draws' decoder means against the mean.
     latent, noise = sr.std_latent.square(), sr.std_noise.square()
     best_of = max(float(psnr(m.clamp(0, 1)[None], x)) for m in sr.means)

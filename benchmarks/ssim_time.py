@@ -13,7 +13,7 @@ import time
 import torch
 from torchmetrics.functional.image import structural_similarity_index_measure
 
-from pyro_srvae.evaluation import ssim, ssim_kernel_size
+from pyro_srvae.metrics.sr_scores import ssim, ssim_kernel_size
 
 
 def main(argv=None):

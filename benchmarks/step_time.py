@@ -44,7 +44,7 @@ and 221), about twice that.
 
 ``--shape C,H,W`` times random uint8 images of that shape (no download) instead of the
 embedded Fashion-MNIST. ``--precision``, ``--compile`` and the optimizer (fused Adam on a
-GPU, ``pyro_srvae.training.make_optimizer``) apply to both steps alike, so the ratio
+GPU, ``pyro_srvae.training.objective.make_optimizer``) apply to both steps alike, so the ratio
 measures Pyro's share and the absolute times what the options buy.
 """
 
@@ -66,20 +66,19 @@ from common import benchmark_images, image_shape, peak_memory_mb  # noqa: E402
 from torch_reference import reference_loss  # noqa: E402
 
 from pyro_srvae import make_elbo  # noqa: E402
-from pyro_srvae.networks import ARCHS  # noqa: E402
-from pyro_srvae.data import dequantize  # noqa: E402
-from pyro_srvae.distributed import DistributedContext  # noqa: E402
-from pyro_srvae.training import (  # noqa: E402
-    PRECISIONS,
+from pyro_srvae.model.networks import ARCHS  # noqa: E402
+from pyro_srvae.data.batching import dequantize  # noqa: E402
+from pyro_srvae.training.distributed import DistributedContext  # noqa: E402
+from pyro_srvae.training.config import PRECISIONS, TrainConfig  # noqa: E402
+from pyro_srvae.training.factory import build_model  # noqa: E402
+from pyro_srvae.training.objective import (  # noqa: E402
     DataParallelElbo,
-    TrainConfig,
-    build_model,
     make_optimizer,
     network_precision,
-    resolve_device,
     training_mode,
     training_step,
 )
+from pyro_srvae.utils.devices import resolve_device  # noqa: E402
 
 VARIANTS = [("vae", None), ("srvae", "simple"), ("srvae", "full")]
 PRIORS = ["gaussian", "mog"]
@@ -253,7 +252,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="fewer pairs (200): about 3 minutes on a 2-core CPU")
     parser.add_argument("--json", action="store_true", help="print the records as a JSON list on the last line")
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
-    parser.add_argument("--hidden", type=int, default=None, help="[the main job's, training.RECIPES]")
+    parser.add_argument("--hidden", type=int, default=None, help="[the main job's, training.config.RECIPES]")
     parser.add_argument("--steps", type=int, default=None, help="timed (pyro, torch) pairs per record [400, quick: 200]")
     parser.add_argument("--warmup", type=int, default=None, help="untimed pairs first [10]")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

@@ -5,7 +5,7 @@
     python examples/compare.py --dataset fashion-mnist --data-dir ../shared/data/fashion-mnist --jobs 2
 
 Writes OUT/results.json, OUT/results.md and OUT/samples.png (see docs/results.md);
-``--help`` lists the flags. From Python: ``pyro_srvae.comparison.run_comparison``.
+``--help`` lists the flags. From Python: ``pyro_srvae.experiments.comparison.run_comparison``.
 """
 
 import sys

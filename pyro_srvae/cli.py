@@ -2,200 +2,131 @@
 
 * :func:`main` -- ``examples/train_srvae.py`` and ``pyro-srvae train``: flags -> :func:`pyro_srvae.train`.
 * :func:`console_main` -- the ``pyro-srvae`` console command, with the subcommands
-  ``train``, ``evaluate`` (:func:`pyro_srvae.superresolve.evaluate_checkpoint`) and
-  ``superresolve`` (:func:`pyro_srvae.superresolve.superresolve`) and ``calibrate``
-  (:func:`pyro_srvae.calibration.calibrate_checkpoint`).
+  ``train``, ``evaluate`` (:func:`pyro_srvae.sr.evaluate.evaluate_checkpoint`) and
+  ``superresolve`` (:func:`pyro_srvae.sr.superresolve.superresolve`) and ``calibrate``
+  (:func:`pyro_srvae.sr.calibrate.calibrate_checkpoint`).
 
 Exit codes: 0 done, 1 a bad input, checkpoint or dataset (one line on stderr, no
 traceback), 2 bad flags, 130 / 143 interrupted.
 """
 
 import argparse
+import dataclasses
 import os
 import sys
+import typing
 
-from .calibration import SpreadCalibration
-from .checkpoint import CheckpointError
-from .data import DATASET_NAMES, DATASETS, DatasetNotFoundError
-from .folder import FolderDatasetError
-from .elbo import ELBO_NAMES
-from .likelihoods import LIKELIHOODS
-from .models import DOWNSCALE_FACTORS, DOWNSCALE_MODES, GUIDES, PIXEL_SCALE_SOURCES, X_GIVEN_Y, Z_POSTERIORS
-from .networks import ARCHS, SR_BASES, Z_INJECTIONS
-from .priors import PRIORS
-from .training import (
+from .data.datasets import DATASETS
+from .data.folder import FolderDatasetError
+from .data.image_dataset import DatasetNotFoundError
+from .experiments.comparison import BUDGETS, CELL_NAMES, ComparisonSettings, results_markdown, run_comparison
+from .model.image_model import (
+    X_GIVEN_Y,
+)
+from .model.likelihoods import LIKELIHOODS
+from .model.networks import ARCHS
+from .sr.calibrate import calibrate_checkpoint, read_calibration_images
+from .sr.calibration import (
+    CALIBRATION_METHODS,
+    CALIBRATION_PIXELS,
+    DEFAULT_ALPHA,
+    DEFAULT_DELTA,
+    DEFAULT_LEVEL,
+    PIXEL_WORDS,
+    CalibrationError,
+    IntervalCalibration,
+    SpreadCalibration,
+)
+from .sr.evaluate import evaluate_checkpoint
+from .sr.files import DEFAULT_OUT_DIR
+from .sr.loading import load_model
+from .sr.superresolve import superresolve
+from .sr.tiling import DEFAULT_SAMPLES, SuperResolveError
+from .training.checkpoint import CheckpointError
+from .training.config import (
     DEVICES,
     FOLDER_STEP_BUDGET,
-    LR_SCHEDULES,
     MODEL_DEFAULTS,
-    MODELS,
     RECIPES,
-    PRECISIONS,
-    STANDARDIZE,
+    UNSET_MEANS,
     ConfigError,
     TrainConfig,
-    TrainingDiverged,
-    TrainingInterrupted,
-    evaluation_rows,
-    format_rows,
-    model_label,
-    train,
 )
+from .training.guard import TrainingDiverged
+from .training.loop import TrainingInterrupted, train
+from .training.report import evaluation_rows, format_rows, model_label
+from .utils.devices import resolve_device
+from .utils.version import __version__
 
 EXIT_INTERRUPTED = {2: 130, 15: 143}  # the shell's 128 + signal number
+
 SPREADS = ("calibrated", "model")
 
 
 def recipe_default(name):
-    """A field's default in each recipe (training.RECIPES), for the flags' help: ``[X; folder: Y]``."""
-    unset = {"sr_arch": "--arch", "sr_hidden": "--hidden"}  # what None means for these two
+    """A field's default in each recipe (RECIPES, MODEL_DEFAULTS), for the flags' help: ``[X; --dataset folder: Y]``."""
+    if name == "epochs":  # a folder's epochs are counted from its patches (resolve_epochs)
+        return f"[{RECIPES['named']['all']['epochs']}; --dataset folder: as many as make about {FOLDER_STEP_BUDGET:,} update steps]"
     values = []
     for recipe in RECIPES.values():
         value = recipe["all"].get(name, recipe.get("srvae", {}).get(name, recipe.get(name)))
-        values.append(unset.get(name) if value is None else value)
+        value = MODEL_DEFAULTS["srvae"].get(name) if value is None else value
+        values.append(UNSET_MEANS.get(name) if value is None else value)
     named, folder = values
-    return f"[{named}; --dataset folder: {folder}]"
+    return f"[--dataset folder: {folder}]" if named is None else f"[{named}; --dataset folder: {folder}]"
+
+
+def _recipe_fields():
+    names = {"epochs", *MODEL_DEFAULTS["srvae"]}
+    for recipe in RECIPES.values():
+        names |= set(recipe["all"]) | set(recipe.get("srvae", {})) | {key for key in recipe if key not in ("all", "srvae")}
+    return names
+
+
+def _flag_arguments(field, annotation, recipe_fields):
+    """(flag, options) of ``parser.add_argument`` for a TrainConfig field, from its type and metadata."""
+    spec = field.metadata["flag"]
+    note = spec.get("note")
+    if note is None:
+        if field.name in recipe_fields:
+            note = recipe_default(field.name)
+        elif field.default is not None and annotation is not bool:
+            note = f"[{field.default}]"
+    options = dict(dest=field.name, default=None, help=" ".join(filter(None, (spec.get("help", ""), note))) or None)
+    value_type = next((t for t in typing.get_args(annotation) if t is not type(None)), annotation)
+    if value_type is bool:
+        if "flag" in spec:  # a flag that turns a true default off
+            options["action"] = "store_false"
+        else:
+            options["action"] = argparse.BooleanOptionalAction if field.default is None else "store_true"
+        return spec.get("flag", "--" + field.name.replace("_", "-")), options
+    options.update(type=value_type, choices=spec.get("choices"), metavar=spec.get("metavar"))
+    return "--" + field.name.replace("_", "-"), options
 
 
 def build_train_parser(prog=None):
-    defaults = TrainConfig()
+    """The training flags: one per TrainConfig field with flag metadata, plus --resume and --quiet."""
     parser = argparse.ArgumentParser(
-        prog=prog,
-        description="Train and evaluate a VAE or srVAE (Pyro), write metrics, checkpoints and figures.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog=prog, description="Train and evaluate a VAE or srVAE (Pyro), write metrics, checkpoints and figures."
     )
-    add = parser.add_argument
-    add("--model", choices=MODELS, default=defaults.model, help="plain VAE (sec. 2) or two-stage srVAE (sec. 3-4)")
-    add("--guide", choices=GUIDES, default=None, help="srVAE guide: simple q(u|y)q(z|x) or full q(u|y)q(z|x,y,u) [simple]")
-    add("--prior", choices=PRIORS, default=defaults.prior, help="prior on u (srVAE) or z (VAE)")
-    add("--mog-components", type=int, default=defaults.mog_components, metavar="K")
-    add("--elbo", choices=ELBO_NAMES, default=defaults.elbo, help="Pyro ELBO estimator (pyro_srvae.make_elbo)")
-    add("--num-particles", type=int, default=defaults.num_particles, metavar="N")
-    add("--dataset", choices=DATASET_NAMES, default=defaults.dataset,
-        help="a named set, or folder: your own PNG/JPEG/TIFF/.npy images under --data-dir (8- or 16-bit)")
-    add("--data-dir", default=defaults.data_dir, metavar="DIR",
-        help="root of torchvision-layout data [./data]; for --dataset folder, the folder of images "
-        "(DIR/train and DIR/test when both exist, else a seeded split by image)")
-    add("--patch-size", type=int, default=None, metavar="P",
-        help=f"folder: train on P x P patches (a multiple of --factor); also superresolve's tile [{RECIPES['folder']['all']['patch_size']}]")
-    add("--patch-stride", type=int, default=None, metavar="S", help="folder: step of the patch grid [P/2]")
-    add("--test-fraction", type=float, default=defaults.test_fraction, metavar="F",
-        help="folder without DIR/train and DIR/test: the share of images (at least one) held out for testing")
-    add("--channels", type=int, default=None, metavar="C",
-        help="folder: convert every image to C channels (grey <-> RGB) [the images' own count]")
-    add("--augment", action=argparse.BooleanOptionalAction, default=None,
-        help=f"random flips and quarter turns of each training image, on the fly {recipe_default('augment')}")
-    add("--cache-dir", default=None, metavar="DIR",
-        help="folder: where the patch cache (.npy memmap) is kept [a folder-cache/ beside the run]")
-    add("--standardize", choices=STANDARDIZE, default=defaults.standardize,
-        help="scale each band by the training set's mean and std for the networks (stored in the checkpoint; "
-        "bits/dim and outputs stay in the data's units): auto = on for a --dataset folder of 16-bit images, off for 8-bit ones and the named sets")
-    add("--download", action="store_true", help="download the dataset if missing (needs internet)")
-    add("--epochs", type=int, default=None, metavar="N",
-        help=f"total epochs; a resumed run continues up to it [{RECIPES['named']['all']['epochs']}; --dataset folder: "
-        f"as many as make about {FOLDER_STEP_BUDGET:,} update steps]")
-    add("--max-steps", type=int, default=None, metavar="N", help="stop after N optimizer steps (smoke runs)")
-    add("--batch-size", type=int, default=defaults.batch_size)
-    add("--lr", type=float, default=None, help=f"Adam's learning rate {recipe_default('lr')}")
-    add("--lr-schedule", choices=LR_SCHEDULES, default=None,
-        help=f"constant, or cosine: from --lr down to 0 over the run's steps {recipe_default('lr_schedule')}")
-    add("--kl-warmup", type=float, default=defaults.kl_warmup, metavar="EPOCHS", help="linear KL warm-up length")
-    add("--free-bits", type=float, default=defaults.free_bits, metavar="NATS",
-        help=f"free bits on z: nats per dimension below which its batch-averaged KL costs nothing [{defaults.free_bits}]")
-    add("--clip-norm", type=float, default=defaults.clip_norm,
-        help="clip the global gradient norm at this fixed value (the update guard skips spikes and --clip-factor clips adaptively)")
-    add("--skip-factor", type=float, default=None, metavar="F",
-        help="skip an update whose gradient norm is not finite or above F x the median of the last steps taken; "
-        f"0: off (docs/training-faults.md) {recipe_default('skip_factor')}")
-    add("--clip-factor", type=float, default=None, metavar="F",
-        help="scale a step's gradient down to F x the median norm of the last steps taken where it is above it "
-        f"(adaptive clipping, no norm to pick; 0: off) {recipe_default('clip_factor')}")
-    add("--max-consecutive-skips", type=int, default=None, metavar="N",
-        help=f"stop with an error after N updates in a row skipped [{defaults.max_consecutive_skips}]")
-    add("--device", choices=DEVICES, default=None, help="[auto]")
-    add("--seed", type=int, default=defaults.seed)
-    add("--eval-samples", type=int, default=None, metavar="K", help=f"importance samples per test image [{defaults.eval_samples}]")
-    add("--eval-limit", type=int, default=None, metavar="N", help="evaluate on the first N test images only")
-    add("--train-limit", type=int, default=None, metavar="N", help="train on the first N training images only")
-    add("--sr-samples", type=int, default=defaults.sr_samples, metavar="S", help="super-resolution draws per image")
-    add("--out", default=None, metavar="DIR", help="output directory [runs/<date>-<model>-<guide>]")
-    add("--resume", default=None, metavar="CHECKPOINT", help="continue the run saved in CHECKPOINT")
-    add("--checkpoint-every", type=int, default=None, metavar="STEPS", help="also checkpoint every STEPS steps")
-    add("--factor", type=int, choices=DOWNSCALE_FACTORS, default=defaults.factor, help="srVAE downscaling factor")
-    add("--downscale-mode", choices=DOWNSCALE_MODES, default=defaults.downscale_mode)
-    add("--u-dim", type=int, default=defaults.u_dim)
-    add("--z-dim", type=int, default=defaults.z_dim)
-    add("--hidden", type=int, default=None, help=f"width of the convolutional networks {recipe_default('hidden')}")
-    add("--arch", choices=ARCHS, default=defaults.arch, help="small conv nets (CPU) or the paper's DenseNet blocks (GPU)")
-    add("--likelihood", choices=LIKELIHOODS, default=None,
-        help="p(x|.) and p(y|u): the spec's Gaussian with learned scalar gamma, a per-pixel Gaussian, "
-        f"or a discretized mixture of logistics {recipe_default('likelihood')}")
-    add("--likelihood-components", type=int, default=defaults.likelihood_components, metavar="K",
-        help="logistic components per pixel for --likelihood dlogistic-mix")
-    add("--faithful-scale-weight", type=float, default=None, metavar="W",
-        help="--likelihood gaussian-pixel-faithful: the weight of the sigmas' gradient "
-        f"{recipe_default('faithful_scale_weight')}")
-    add("--pixel-scale-floor", type=float, default=defaults.pixel_scale_floor, metavar="SIGMA",
-        help="--likelihood gaussian-pixel*: the least per-pixel sigma, in p(y|u) and p(x|y,z,u) (data on [0, 1])")
-    add("--pixel-scale-from", choices=PIXEL_SCALE_SOURCES, default=defaults.pixel_scale_from,
-        help="--likelihood gaussian-pixel*: the srVAE's p(x|y,z,u) computes its per-pixel sigmas with its "
-        "locations (decoder) or from y alone (y)")
-    add("--x-given-y", choices=X_GIVEN_Y, default=defaults.x_given_y,
-        help="srVAE p(x|y,.): consistent (a normalized density of x: the Gaussian given its block means, "
-        "or y on the 8-bit grid where no closed form exists), quantized (the paper's 8-bit y), "
-        "or spec (the literal eq. 15: a joint of x and y, not a density of x)")
-    add("--sr-base", choices=SR_BASES, default=None,
-        help=f"the upsampling of y the srVAE's SR decoder adds its residual to {recipe_default('sr_base')}")
-    add("--sr-arch", choices=ARCHS, default=None,
-        help=f"the srVAE's SR decoder alone in this architecture {recipe_default('sr_arch')}")
-    add("--sr-hidden", type=int, default=None, metavar="WIDTH", help=f"width of the SR decoder alone {recipe_default('sr_hidden')}")
-    srvae = MODEL_DEFAULTS["srvae"]
-    add("--z-channels", type=int, default=None, metavar="C",
-        help="srVAE: z as a map of C channels at the low resolution (z-dim C*h*w, convolutional p(z|y,u) "
-        f"and q(z|x,y,u), as the srVAE paper's latents); 0: a vector of --z-dim [{srvae['z_channels']}; "
-        f"--dataset folder: {RECIPES['folder']['srvae']['z_channels']}]")
-    add("--z-injection", choices=Z_INJECTIONS, default=None,
-        help=f"where the srVAE's SR decoder reads z and u: its first layer (input) or every layer [{srvae['z_injection']}; "
-        f"--dataset folder: {RECIPES['folder']['srvae']['z_injection']}]")
-    add("--z-posterior", choices=Z_POSTERIORS, default=None,
-        help="the full guide's q(z|x,y,u): its own location and scale (direct), or a residual normal around "
-        f"p(z|y,u) (residual: NVAE's; its KL stays finite when the prior's scale shrinks) {recipe_default('z_posterior')}")
-    add("--z-scale-floor", type=float, default=None, metavar="S",
-        help="srVAE: added to the scale of p(z|y,u), which else drifts towards 0 with the SR decoder's weights "
-        f"growing in turn {recipe_default('z_scale_floor')}")
-    add("--z-prior-rank", type=int, default=defaults.z_prior_rank, metavar="R",
-        help="srVAE with a z map: p(z|y,u) with covariance W W^T + diag(sigma^2), W of rank R, so that its draws "
-        "vary together over the image in R directions; 0: diagonal, as eq. (16)")
-    add("--precision", choices=PRECISIONS, default=defaults.precision,
-        help="bf16: the networks train under torch.autocast in bfloat16 (log-densities and loss stay float32)")
-    add("--compile", action="store_true", help="torch.compile the networks (not Pyro's tracing)")
-    add("--no-figures", action="store_true", help="skip the PNG figures")
-    add("--tensorboard", action="store_true",
-        help="also write TensorBoard event files under OUT/tensorboard (needs the tensorboard extra)")
-    add("--quiet", action="store_true", help="no progress bar")
+    annotations, recipe_fields = typing.get_type_hints(TrainConfig), _recipe_fields()
+    for field in _flag_fields():
+        name, options = _flag_arguments(field, annotations[field.name], recipe_fields)
+        parser.add_argument(name, **options)
+    parser.add_argument("--resume", default=None, metavar="CHECKPOINT", help="continue the run saved in CHECKPOINT")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
+def _flag_fields():
+    return [field for field in dataclasses.fields(TrainConfig) if "flag" in field.metadata]
+
+
 def config_from_args(parser, args):
-    """A validated TrainConfig (or the resume overrides); impossible combinations exit 2."""
+    """A validated TrainConfig from the flags given (None with --resume); impossible combinations exit 2."""
     if args.resume is not None:
         return None
-    values = {
-        name: getattr(args, name)
-        for name in (
-            "model", "prior", "mog_components", "elbo", "num_particles", "dataset", "data_dir", "download",
-            "max_steps", "batch_size", "lr", "lr_schedule", "kl_warmup", "free_bits", "clip_norm", "clip_factor", "seed", "sr_samples", "eval_limit", "train_limit", "out",
-            "checkpoint_every", "factor", "downscale_mode", "u_dim", "z_dim", "hidden",
-            "arch", "likelihood", "likelihood_components", "faithful_scale_weight", "pixel_scale_floor", "pixel_scale_from", "x_given_y", "sr_base", "sr_arch", "sr_hidden", "z_injection", "z_channels", "z_posterior", "z_scale_floor", "z_prior_rank", "precision", "compile",
-            "patch_size", "patch_stride", "test_fraction", "channels", "augment", "cache_dir", "tensorboard",
-            "standardize",
-        )
-    }
-    values["guide"] = args.guide or "simple"
-    for name in ("epochs", "device", "eval_samples", "skip_factor", "max_consecutive_skips"):
-        if getattr(args, name) is not None:
-            values[name] = getattr(args, name)
-    values["figures"] = not args.no_figures
+    values = {field.name: getattr(args, field.name) for field in _flag_fields() if getattr(args, field.name) is not None}
     try:
         return TrainConfig(**values).validate()
     except ConfigError as error:
@@ -203,28 +134,8 @@ def config_from_args(parser, args):
 
 
 def resume_overrides(args):
-    overrides = {
-        "epochs": args.epochs,
-        "max_steps": args.max_steps,
-        "device": args.device,
-        "out": args.out,
-        "checkpoint_every": args.checkpoint_every,
-        "eval_samples": args.eval_samples,
-        "eval_limit": args.eval_limit,
-        "skip_factor": args.skip_factor,
-        "max_consecutive_skips": args.max_consecutive_skips,
-        # Where a folder run's patch cache lives is no part of the run's identity (TrainConfig.RESUMABLE).
-        "cache_dir": args.cache_dir,
-    }
-    if args.no_figures:
-        overrides["figures"] = False
-    if args.compile:
-        overrides["compile"] = True
-    if args.tensorboard:
-        overrides["tensorboard"] = True
-    if args.precision != TrainConfig.precision:
-        overrides["precision"] = args.precision
-    return overrides
+    """The flags given that a resumed run may change (TrainConfig.RESUMABLE)."""
+    return {name: getattr(args, name) for name in TrainConfig.RESUMABLE if getattr(args, name) is not None}
 
 
 def main(argv=None, prog=None):
@@ -282,7 +193,9 @@ def _int_at_least(minimum, description, maximum=None):
 
 
 _positive_int = _int_at_least(1, "a positive integer")
+
 _views = _int_at_least(1, "an integer from 1 to 8", maximum=8)
+
 _non_negative_int = _int_at_least(0, "an integer >= 0")
 
 
@@ -291,9 +204,9 @@ def _limit(text):
 
 
 def _check_device(parser, name):
-    import torch
-
-    if name == "cuda" and not torch.cuda.is_available():
+    try:
+        resolve_device(name)
+    except ValueError:
         parser.error("--device cuda: no CUDA GPU is available (use --device auto or cpu)")
     return name
 
@@ -308,7 +221,6 @@ class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_superresolve_parser(prog=None):
-    from .superresolve import DEFAULT_OUT_DIR, DEFAULT_SAMPLES
 
     parser = argparse.ArgumentParser(
         prog=prog,
@@ -355,7 +267,6 @@ def _spread_note(model):
 
 def superresolve_main(argv=None, prog=None):
     """``pyro-srvae superresolve``: returns the exit code."""
-    from .superresolve import SuperResolveError, load_model, superresolve
 
     parser = build_superresolve_parser(prog)
     args = parser.parse_args(argv)
@@ -444,7 +355,6 @@ def evaluation_summary(report):
 
 def evaluate_main(argv=None, prog=None):
     """``pyro-srvae evaluate``: returns the exit code."""
-    from .superresolve import evaluate_checkpoint
 
     parser = build_evaluate_parser(prog)
     args = parser.parse_args(argv)
@@ -478,7 +388,6 @@ def evaluate_main(argv=None, prog=None):
 # compare: examples/compare.py and pyro-srvae compare
 # --------------------------------------------------------------------------- #
 def build_compare_parser(prog=None):
-    from .comparison import BUDGETS, CELL_NAMES
 
     default, quick = BUDGETS["default"], BUDGETS["quick"]
     parser = argparse.ArgumentParser(
@@ -520,10 +429,7 @@ def build_compare_parser(prog=None):
 
 
 def compare_settings_from_args(args):
-    """The :class:`~pyro_srvae.comparison.ComparisonSettings` the flags describe."""
-    import dataclasses
-
-    from .comparison import BUDGETS, ComparisonSettings
+    """The :class:`~pyro_srvae.experiments.comparison.ComparisonSettings` the flags describe."""
 
     budget = BUDGETS["quick" if args.quick else "default"]
     overrides = {
@@ -542,7 +448,6 @@ def compare_settings_from_args(args):
 
 
 def compare_main(argv=None, prog=None):
-    from .comparison import results_markdown, run_comparison
 
     parser = build_compare_parser(prog)
     args = parser.parse_args(argv)
@@ -571,7 +476,6 @@ def compare_main(argv=None, prog=None):
 # calibrate: the SR predictive's spread on held-out images
 # --------------------------------------------------------------------------- #
 def build_calibrate_parser(prog=None):
-    from .calibration import CALIBRATION_METHODS, CALIBRATION_PIXELS, DEFAULT_ALPHA, DEFAULT_DELTA, DEFAULT_LEVEL, DEFAULT_SAMPLES
 
     parser = argparse.ArgumentParser(
         prog=prog,
@@ -626,7 +530,6 @@ def _unit_fraction(text):
 
 def _calibration_options(parser, args):
     """The fit's method-specific options; a flag of the other method exits 2."""
-    from .calibration import DEFAULT_ALPHA, DEFAULT_DELTA, DEFAULT_LEVEL
 
     if args.method == "rcps":
         if args.level is not None:
@@ -643,7 +546,6 @@ def _calibration_options(parser, args):
 
 def _calibration_report(calibration, had_interval):
     """The lines calibrate prints: each number named for what it is."""
-    from .calibration import PIXEL_WORDS, IntervalCalibration
 
     if not isinstance(calibration, IntervalCalibration):
         lines = [calibration.describe(), *calibration.coverage_lines()]
@@ -665,8 +567,6 @@ def _calibration_report(calibration, had_interval):
 
 def calibrate_main(argv=None, prog=None):
     """``pyro-srvae calibrate``: returns the exit code."""
-    from .calibration import CalibrationError, calibrate_checkpoint, read_calibration_images
-    from .superresolve import load_model
 
     parser = build_calibrate_parser(prog)
     args = parser.parse_args(argv)
@@ -708,7 +608,6 @@ def build_console_parser():
 
 
 def _version():
-    from . import __version__
 
     return __version__
 

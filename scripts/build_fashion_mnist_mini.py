@@ -18,7 +18,7 @@ Usage, from the repository root::
 
     python scripts/build_fashion_mnist_mini.py \
         --source ../shared/data/fashion-mnist \
-        --out pyro_srvae/datasets/fashion_mnist_mini.npz
+        --out pyro_srvae/data/embedded/fashion_mnist_mini.npz
 
 The arrays are identical on every rebuild; in practice so is the .npz file,
 since ``savez_compressed`` writes fixed zip timestamps (the compressed bytes
@@ -36,7 +36,7 @@ import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SOURCE = REPO_ROOT.parent / "shared" / "data" / "fashion-mnist"
-DEFAULT_OUT = REPO_ROOT / "pyro_srvae" / "datasets" / "fashion_mnist_mini.npz"
+DEFAULT_OUT = REPO_ROOT / "pyro_srvae" / "data" / "embedded" / "fashion_mnist_mini.npz"
 
 PER_CLASS = {"train": 1000, "test": 200}
 NUM_CLASSES = 10
@@ -48,10 +48,10 @@ SOURCE_FILES = {
 # Reuse the package's IDX reader (one implementation to test); the fallback on
 # sys.path lets the script run from a checkout without installing the package.
 try:
-    from pyro_srvae.data import read_idx
+    from pyro_srvae.data.datasets import read_idx
 except ImportError:  # pragma: no cover - only without an installed package
     sys.path.insert(0, str(REPO_ROOT))
-    from pyro_srvae.data import read_idx
+    from pyro_srvae.data.datasets import read_idx
 
 
 def _source_file(source: Path, name: str) -> Path:
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
         "--out",
         type=Path,
         default=DEFAULT_OUT,
-        help="output .npz (default: pyro_srvae/datasets/fashion_mnist_mini.npz)",
+        help="output .npz (default: pyro_srvae/data/embedded/fashion_mnist_mini.npz)",
     )
     args = parser.parse_args(argv)
 

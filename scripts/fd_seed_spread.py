@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pyro
 
-from pyro_srvae import frechet
-from pyro_srvae.comparison import CELL_NAMES, ComparisonSettings, comparison_test_images, fd_classifier
-from pyro_srvae.superresolve import load_model
+from pyro_srvae.metrics import frechet
+from pyro_srvae.experiments.comparison import CELL_NAMES, ComparisonSettings, comparison_test_images, fd_classifier
+from pyro_srvae.sr.loading import load_model
 
 
 def main(argv=None):

@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 
 from pyro_srvae.cli import build_train_parser, config_from_args
-from pyro_srvae.data import dequantize
-from pyro_srvae.training import evaluate_images, load_split, train
+from pyro_srvae.data.batching import dequantize
+from pyro_srvae.training.factory import load_split
+from pyro_srvae.training.loop import evaluate_images, train
 
 VALIDATION = 1000
 KEYS = (
@@ -67,7 +68,7 @@ def main(argv=None):
             seconds = time.time() - started
             metrics = evaluate_images(model, config, full.images[:-VALIDATION], full.images[-VALIDATION:], "cpu")
         row = {"name": args.name, "flags": flags, "seed": seed, "train_seconds": round(seconds, 1),
-               "skipped_updates": result.metrics.get("skipped_updates")}  # by the update guard (training.UpdateGuard)
+               "skipped_updates": result.metrics.get("skipped_updates")}  # by the update guard (training.guard.UpdateGuard)
         row.update({key: metrics.get(key) for key in KEYS})
         row["coverage90_detail"] = metrics["sr_coverage"]["detail"]["0.9"]
         if getattr(model, "z_prior_rank", 0):

@@ -13,7 +13,7 @@ optimiser and start:
 The bound is linear in w, so its minimiser puts all the weight on the component with the
 smallest sum_n KL(q_n || p_i): one Gaussian stretched over both clusters. The script prints the
 fitted weights, their effective number of components exp(H(w)) and the exact mean KL of each
-fit (Monte Carlo, 4096 draws per q_n). The fit is :mod:`pyro_srvae.mixture_fit`; this script runs it::
+fit (Monte Carlo, 4096 draws per q_n). The fit is :mod:`pyro_srvae.model.mixture_fit`; this script runs it::
 
     python scripts/mixture_bound_collapse.py
 """
@@ -21,10 +21,10 @@ fit (Monte Carlo, 4096 draws per q_n). The fit is :mod:`pyro_srvae.mixture_fit`;
 import argparse
 import json
 
-# The fit lives in the package (pyro_srvae.mixture_fit) so that the tutorial and the tests import it
+# The fit lives in the package (pyro_srvae.model.mixture_fit) so that the tutorial and the tests import it
 # from any working directory; these names stay here for callers of the script's functions.
-from pyro_srvae.mixture_fit import effective_components, mean_kl, posterior_clusters  # noqa: F401
-from pyro_srvae.mixture_fit import fit_mixture_prior as fit
+from pyro_srvae.model.mixture_fit import effective_components, mean_kl, posterior_clusters  # noqa: F401
+from pyro_srvae.model.mixture_fit import fit_mixture_prior as fit
 
 
 def main(argv=None):

@@ -10,9 +10,9 @@ from pyro.infer import SVI
 from pyro.optim import Adam
 
 from pyro_srvae import SRVAE, VAE, make_elbo
-from pyro_srvae.models import downscale
-from pyro_srvae import networks
-from pyro_srvae.networks import (
+from pyro_srvae.model.image_model import downscale
+from pyro_srvae.model import networks
+from pyro_srvae.model.networks import (
     ARCHS,
     DenseFeatures,
     DenseImageDecoder,
@@ -177,7 +177,7 @@ def test_sr_arch_and_sr_hidden_change_the_sr_decoder_alone():
 def test_a_zero_residual_over_the_bicubic_base_is_the_consistent_bicubic_baseline(arch):
     """``sr_base="bicubic"``: the SR decoder's base is the bicubic upsampling of y, so with its
     last layer zeroed the consistent model's SR mean is ``bicubic + nearest_up(y - A bicubic)``."""
-    from pyro_srvae.evaluation import bicubic_upsample, bilinear_upsample, make_consistent
+    from pyro_srvae.metrics.sr_scores import bicubic_upsample, bilinear_upsample, make_consistent
 
     torch.manual_seed(0)
     model = SRVAE((1, 12, 12), guide="full", arch=arch, hidden=4, sr_base="bicubic")

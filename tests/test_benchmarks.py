@@ -25,7 +25,8 @@ import step_time  # noqa: E402
 from common import benchmark_images  # noqa: E402
 
 from pyro_srvae import evaluate_model  # noqa: E402
-from pyro_srvae.training import TrainConfig, build_model  # noqa: E402
+from pyro_srvae.training.config import TrainConfig  # noqa: E402
+from pyro_srvae.training.factory import build_model  # noqa: E402
 
 
 def _json_records(capsys):
@@ -208,9 +209,12 @@ def test_a_photograph_stored_nearest_upsampled_is_scored_at_its_own_resolution(t
 def test_elu_benchmark_compares_the_same_model_with_torch_s_elu(capsys):
     import elu_time
 
-    from pyro_srvae import make_elbo, networks
-    from pyro_srvae.data import dequantize
-    from pyro_srvae.training import TrainConfig, build_model, training_mode
+    from pyro_srvae import make_elbo
+    from pyro_srvae.model import networks
+    from pyro_srvae.data.batching import dequantize
+    from pyro_srvae.training.config import TrainConfig
+    from pyro_srvae.training.factory import build_model
+    from pyro_srvae.training.objective import training_mode
 
     torch.manual_seed(0)
     model = build_model(TrainConfig(guide="full", sr_arch="densenet", hidden=4, sr_hidden=4), (1, 8, 8))

@@ -1,4 +1,4 @@
-"""The SR spread calibrated on calibration images (pyro_srvae.calibration, pyro-srvae calibrate)."""
+"""The SR spread calibrated on calibration images (pyro_srvae.sr.calibration, pyro-srvae calibrate)."""
 
 import hashlib
 import json
@@ -8,14 +8,17 @@ import pytest
 import torch
 from PIL import Image
 
-from pyro_srvae.calibration import CalibrationError, fit_spread_scale, model_spread
-from pyro_srvae.checkpoint import load_checkpoint, save_checkpoint
+from pyro_srvae.sr.calibrate import fit_spread_scale
+from pyro_srvae.sr.calibration import CalibrationError, model_spread
+from pyro_srvae.training.checkpoint import load_checkpoint, save_checkpoint
 from pyro_srvae.cli import console_main
-from pyro_srvae.data import load_dataset
-from pyro_srvae.evaluation import expected_interval_coverage, interval_coverages
-from pyro_srvae.likelihoods import block_mean
-from pyro_srvae.superresolve import load_model, superresolve_image
-from pyro_srvae.training import TrainConfig, build_model
+from pyro_srvae.data.datasets import load_dataset
+from pyro_srvae.metrics.sr_scores import expected_interval_coverage, interval_coverages
+from pyro_srvae.model.distributions import block_mean
+from pyro_srvae.sr.loading import load_model
+from pyro_srvae.sr.tiling import superresolve_image
+from pyro_srvae.training.config import TrainConfig
+from pyro_srvae.training.factory import build_model
 from conftest import hold_latents_fixed
 
 # The calibration scales the likelihood's noise. The vector z of a 2-step model leaves the spread to the

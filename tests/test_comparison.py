@@ -9,9 +9,9 @@ import torch
 
 import pyro
 
-from pyro_srvae import comparison
+from pyro_srvae.experiments import comparison
 from pyro_srvae.cli import build_compare_parser, compare_main, compare_settings_from_args
-from pyro_srvae.comparison import (
+from pyro_srvae.experiments.comparison import (
     BUDGETS,
     CELL_NAMES,
     ROW_KEYS,
@@ -23,9 +23,11 @@ from pyro_srvae.comparison import (
     results_markdown,
     run_comparison,
 )
-from pyro_srvae.plots import plot_model_samples
-from pyro_srvae.superresolve import load_model
-from pyro_srvae.training import ConfigError, build_model, evaluate_images, load_split
+from pyro_srvae.plots.training import plot_model_samples
+from pyro_srvae.sr.loading import load_model
+from pyro_srvae.training.config import ConfigError
+from pyro_srvae.training.factory import build_model, load_split
+from pyro_srvae.training.loop import evaluate_images
 
 TINY = Budget(
     epochs=1, hidden=4, iw_samples=4, batch_size=32, train_limit=128, eval_limit=16, sr_samples=2,

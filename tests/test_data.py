@@ -16,19 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from pyro_srvae import data
-from pyro_srvae.data import (
-    DATASETS,
-    DatasetNotFoundError,
-    ImageDataset,
-    dequantize,
-    epoch_permutation,
-    iterate_batches,
-    load_dataset,
-    num_batches,
-    read_idx,
-    validate_images,
-)
+from pyro_srvae.data import datasets as data
+from pyro_srvae.data.batching import dequantize, epoch_permutation, iterate_batches, num_batches
+from pyro_srvae.data.datasets import DATASETS, load_dataset, read_idx
+from pyro_srvae.data.image_dataset import DatasetNotFoundError, ImageDataset, validate_images
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # In CI the shared data sits beside the repository clone (../shared).
@@ -38,7 +29,7 @@ needs_fashion_mnist_source = pytest.mark.skipif(
     reason=f"original Fashion-MNIST files not found in {FASHION_MNIST_SOURCE}",
 )
 
-# SHA-256 of the packaged arrays' bytes (also listed in pyro_srvae/datasets/README.md).
+# SHA-256 of the packaged arrays' bytes (also listed in pyro_srvae/data/embedded/README.md).
 MINI_ARRAY_SHA256 = {
     "train_images": "e1427044c614fabc29feeff0f27e6b68f88a9ee2f2cfe7d783b9157159864883",
     "train_labels": "2c02745d4ad8b4511333d0eca662ac5664a371860abaa4588b1670e7be59fbdf",
@@ -85,7 +76,7 @@ def test_mini_is_deterministic_and_matches_recorded_hashes():
     assert torch.equal(first.images, second.images)
     assert torch.equal(first.labels, second.labels)
 
-    package_file = Path(data.__file__).parent / "datasets" / "fashion_mnist_mini.npz"
+    package_file = Path(data.__file__).parent / "embedded" / "fashion_mnist_mini.npz"
     with np.load(package_file) as archive:
         assert sorted(archive.files) == sorted(MINI_ARRAY_SHA256)
         for key, expected in MINI_ARRAY_SHA256.items():
@@ -104,7 +95,7 @@ def _load_build_script():
 @needs_fashion_mnist_source
 def test_packaged_mini_equals_a_rebuild_from_the_source():
     rebuilt = _load_build_script().build_arrays(FASHION_MNIST_SOURCE)
-    package_file = Path(data.__file__).parent / "datasets" / "fashion_mnist_mini.npz"
+    package_file = Path(data.__file__).parent / "embedded" / "fashion_mnist_mini.npz"
     with np.load(package_file) as archive:
         assert sorted(archive.files) == sorted(rebuilt)
         for key, array in rebuilt.items():

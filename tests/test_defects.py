@@ -16,20 +16,27 @@ import tifffile
 import torch
 from PIL import Image
 
-from pyro_srvae import evaluation, superresolve as superresolve_function, training
-from pyro_srvae.checkpoint import StagedFiles, atomic_path, atomic_write_bytes
+from pyro_srvae import superresolve as superresolve_function
+from pyro_srvae.metrics import likelihood
+from pyro_srvae.sr import evaluate as sr_evaluate
+from pyro_srvae.training import loop
+from pyro_srvae.utils.io import StagedFiles, atomic_path, atomic_write_bytes
 from pyro_srvae.cli import console_main
-from pyro_srvae.data import load_dataset
-from pyro_srvae.frechet import classifier_path, load_or_train_classifier
-from pyro_srvae.likelihoods import ConsistentGaussian, block_mean, nearest_upsample
-from pyro_srvae.models import downscale
-from pyro_srvae.superresolve import evaluate_checkpoint, load_model
-from pyro_srvae.training import TrainConfig, evaluate_images, evaluation_rows, resolve_device, train
+from pyro_srvae.data.datasets import load_dataset
+from pyro_srvae.metrics.frechet import classifier_path, load_or_train_classifier
+from pyro_srvae.model.distributions import ConsistentGaussian, block_mean, nearest_upsample
+from pyro_srvae.model.image_model import downscale
+from pyro_srvae.sr.evaluate import evaluate_checkpoint
+from pyro_srvae.sr.loading import load_model
+from pyro_srvae.training.config import TrainConfig
+from pyro_srvae.training.loop import evaluate_images, train
+from pyro_srvae.training.report import evaluation_rows
+from pyro_srvae.utils.devices import resolve_device
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import photo_sr  # noqa: E402
 
-PACKAGE = Path(evaluation.__file__).parent
+PACKAGE = Path(likelihood.__file__).parents[1]
 QUIET = dict(progress=False, log=lambda *_: None)
 TINY_RUN = dict(guide="full", max_steps=2, train_limit=64, eval_limit=8, batch_size=32, hidden=4, eval_samples=2,
                 sr_samples=2, figures=False, device="cpu")  # fmt: skip
@@ -56,7 +63,7 @@ def small_budget_run(tmp_path_factory):
     """A tiny srVAE run trained and evaluated with a particle budget other than 1024."""
     out = tmp_path_factory.mktemp("run")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(evaluation, "DEFAULT_PARTICLE_BUDGET", SMALL_BUDGET)
+        patch.setattr(likelihood, "DEFAULT_PARTICLE_BUDGET", SMALL_BUDGET)
         result = train(TrainConfig(**TINY_RUN), out=str(out), **QUIET)
     return out, result
 
@@ -67,7 +74,7 @@ def small_budget_run(tmp_path_factory):
 def test_evaluate_reproduces_metrics_json_under_another_particle_budget(small_budget_run, monkeypatch, tmp_path):
     out, _ = small_budget_run
     metrics = json.loads((out / "metrics.json").read_text())
-    monkeypatch.setattr(evaluation, "DEFAULT_PARTICLE_BUDGET", SMALL_BUDGET)
+    monkeypatch.setattr(likelihood, "DEFAULT_PARTICLE_BUDGET", SMALL_BUDGET)
     report = evaluate_checkpoint(out / "checkpoint.pt", out_dir=tmp_path)
     assert report["test"]["iw_bpd"] == metrics["test"]["iw_bpd"]  # the same batches, the same per-batch seeds
     assert report["test"]["elbo_bpd"] == metrics["test"]["elbo_bpd"]
@@ -90,9 +97,9 @@ def test_both_evaluations_batch_alike_on_a_gpu(small_budget_run, monkeypatch, tm
 
         return evaluate_model
 
-    monkeypatch.setattr(training, "evaluate_model", spy("train"))
-    monkeypatch.setattr(sys.modules["pyro_srvae.superresolve"], "evaluate_model", spy("evaluate"))
-    monkeypatch.setattr(sys.modules["pyro_srvae.superresolve"], "model_device", lambda model: torch.device("cuda"))
+    monkeypatch.setattr(loop, "evaluate_model", spy("train"))
+    monkeypatch.setattr(sr_evaluate, "evaluate_model", spy("evaluate"))
+    monkeypatch.setattr(sr_evaluate, "model_device", lambda model: torch.device("cuda"))
     model = load_model(out / "checkpoint.pt", device="cpu")
     config = TrainConfig(**TINY_RUN)
     images = load_dataset("fashion-mnist-mini", "test").images[:8]
@@ -100,7 +107,7 @@ def test_both_evaluations_batch_alike_on_a_gpu(small_budget_run, monkeypatch, tm
         evaluate_images(model, config, images, images, "cuda")
     with pytest.raises(Stop):
         evaluate_checkpoint(out / "checkpoint.pt", out_dir=tmp_path)
-    gpu_batch = 2 * evaluation.GPU_PARTICLE_BUDGET // config.eval_samples
+    gpu_batch = 2 * likelihood.GPU_PARTICLE_BUDGET // config.eval_samples
     assert seen["train"] == seen["evaluate"] == (gpu_batch, "cuda")
 
 
@@ -234,8 +241,8 @@ def test_a_mean_outside_the_unit_range_is_clipped_in_png_and_tiff_kept_in_npy(sm
 # 7. Smaller
 # --------------------------------------------------------------------------- #
 def package_trees():
-    for path in sorted(PACKAGE.glob("*.py")):
-        yield path.name, ast.parse(path.read_text())
+    for path in sorted(PACKAGE.rglob("*.py")):
+        yield path.relative_to(PACKAGE).as_posix(), ast.parse(path.read_text())
 
 
 def test_no_module_reaches_into_another_modules_private_names():
@@ -266,7 +273,9 @@ def test_the_one_device_resolver():
     assert resolve_device("auto") == torch.device("cpu")
     with pytest.raises(ValueError, match="no CUDA GPU"):
         resolve_device("cuda")
-    assert not hasattr(sys.modules["pyro_srvae.superresolve"], "_resolve_device")
+    resolvers = [name for name, tree in package_trees() for node in tree.body
+                 if isinstance(node, ast.FunctionDef) and "resolve_device" in node.name]  # fmt: skip
+    assert resolvers == ["utils/devices.py"]
 
 
 def test_photo_sr_calibrates_and_scores_with_different_seeds():

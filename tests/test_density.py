@@ -17,18 +17,20 @@ import pyro.distributions as dist
 import pyro.poutine as poutine
 
 from pyro_srvae import SRVAE, VAE
-from pyro_srvae.checkpoint import load_checkpoint, save_checkpoint
+from pyro_srvae.training.checkpoint import load_checkpoint, save_checkpoint
 from pyro_srvae.cli import console_main
-from pyro_srvae.likelihoods import (
+from pyro_srvae.model.distributions import (
     ConsistentGaussian,
     DiscretizedGaussian,
     DiscretizedLogisticMixture,
     block_mean,
     nearest_upsample,
 )
-from pyro_srvae.models import downscale, quantized_downscale
-from pyro_srvae.superresolve import evaluate_checkpoint
-from pyro_srvae.training import TrainConfig, summary_table, train
+from pyro_srvae.model.image_model import downscale, quantized_downscale
+from pyro_srvae.sr.evaluate import evaluate_checkpoint
+from pyro_srvae.training.config import TrainConfig
+from pyro_srvae.training.loop import train
+from pyro_srvae.training.report import summary_table
 from conftest import tiny_images
 
 SMALL = dict(hidden=4, u_dim=3, z_dim=3)

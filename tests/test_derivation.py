@@ -15,7 +15,7 @@ import pyro.poutine as poutine
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
 from pyro_srvae import SRVAE, VAE, make_elbo, mixture_kl_upper_bound
-from pyro_srvae.likelihoods import GaussianLikelihood
+from pyro_srvae.model.likelihoods import GaussianLikelihood
 from conftest import tiny_images
 
 SMALL = dict(hidden=8)

@@ -25,17 +25,12 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
 from pyro_srvae import SRVAE, TrainConfig, evaluate_model, make_elbo, train
-from pyro_srvae import distributed
-from pyro_srvae.checkpoint import (
-    CheckpointError,
-    atomic_write_bytes,
-    derive_seed,
-    load_checkpoint,
-    remove_stale_temporaries,
-    save_checkpoint,
-)
-from pyro_srvae.distributed import DistributedContext, ProcessGroupLost, state_digest
-from pyro_srvae.training import DataParallelElbo
+from pyro_srvae.training import distributed
+from pyro_srvae.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from pyro_srvae.utils.io import atomic_write_bytes, remove_stale_temporaries
+from pyro_srvae.utils.seeds import derive_seed
+from pyro_srvae.training.distributed import DistributedContext, ProcessGroupLost, state_digest
+from pyro_srvae.training.objective import DataParallelElbo
 from conftest import tiny_images
 
 REPO = Path(__file__).resolve().parents[1]

@@ -46,3 +46,17 @@ def test_a_named_link_starts_at_its_definition(doc, label, path, first, last):
     if enclosing.startswith((f"class {name}(", f"class {name}:")):
         return
     pytest.fail(f"{doc}: [{label}] -> {path}#L{first} is {lines[first - 1].strip()!r}, not the definition of {name}")
+
+
+LINE_LABEL = re.compile(r"\[[^\]]*?\bL(\d+)(?:–(\d+))?[^\]]*\]\(\.\./pyro_srvae/([\w/]+\.py)#L(\d+)(?:-L(\d+))?\)")
+
+
+def test_a_label_that_names_lines_names_the_link_s_lines():
+    """``[L42–44](file.py#L42-L44)``: a reader who reads the label goes to the lines the link opens."""
+    stale = []
+    for doc in DOCS:
+        for match in LINE_LABEL.finditer(doc.read_text()):
+            first, last, path, link_first, link_last = match.groups()
+            if (first, last or first) != (link_first, link_last or link_first):
+                stale.append(f"{doc.name}: {match.group(0)}")
+    assert stale == []

@@ -1,4 +1,4 @@
-"""Tests for pyro_srvae.evaluation.
+"""Tests for pyro_srvae.metrics.
 
 The likelihood tests use a linear-Gaussian latent variable model, the one
 model whose marginal likelihood and posterior are available in closed form:
@@ -23,20 +23,22 @@ import pyro.poutine as poutine
 from pyro.infer import Trace_ELBO
 from conftest import hold_latents_fixed, tiny_images
 
-from pyro_srvae.evaluation import (
+from pyro_srvae.metrics.evaluate import evaluate_model
+from pyro_srvae.metrics.likelihood import (
     DEFAULT_PARTICLE_BUDGET,
     LikelihoodEstimates,
-    bicubic_upsample,
     bits_per_dim,
-    detail_mask,
-    edge_mask,
-    interval_coverages,
-    evaluate_model,
-    expected_interval_coverage,
-    interval_coverage,
     iw_and_elbo,
     iw_log_likelihood,
     log_importance_weights,
+)
+from pyro_srvae.metrics.sr_scores import (
+    bicubic_upsample,
+    detail_mask,
+    edge_mask,
+    interval_coverages,
+    expected_interval_coverage,
+    interval_coverage,
     psnr,
     ssim,
     ssim_kernel_size,
@@ -184,7 +186,7 @@ def test_chunk_size_does_not_change_result_and_bounds_batch():
 
 
 def test_a_gpu_pushes_more_particles_per_pass():
-    from pyro_srvae.evaluation import GPU_PARTICLE_BUDGET, particle_budget
+    from pyro_srvae.metrics.likelihood import GPU_PARTICLE_BUDGET, particle_budget
 
     assert particle_budget("cpu") == DEFAULT_PARTICLE_BUDGET
     assert particle_budget("cuda") == particle_budget(torch.device("cuda", 0)) == GPU_PARTICLE_BUDGET
@@ -481,7 +483,7 @@ class ImageLinearGaussian(torch.nn.Module):
 
 
 def test_evaluate_model_exact_and_deterministic():
-    from pyro_srvae.data import dequantize
+    from pyro_srvae.data.batching import dequantize
 
     g = torch.Generator().manual_seed(5)
     images = torch.randint(0, 256, (7, 1, 2, 2), dtype=torch.uint8, generator=g)
@@ -516,7 +518,7 @@ def test_evaluate_model_meets_the_closed_forms_when_the_weights_vary():
     within a few hundredths of a nat of log p(x) when each image is weighed with its own K weights.
     One logsumexp over a batch of 32 images' summed weights (a bound on their joint log-likelihood,
     divided by 32) lies about 0.5 nats per image below: the product's KL exceeds log K."""
-    from pyro_srvae.data import dequantize
+    from pyro_srvae.data.batching import dequantize
 
     images = torch.randint(0, 256, (64, 1, 2, 2), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
     model = ImageLinearGaussian(guide="shifted")
@@ -532,12 +534,12 @@ def test_evaluate_model_meets_the_closed_forms_when_the_weights_vary():
 
 
 # ---------------------------------------------------------------------------
-# the package's models (skipped while pyro_srvae.models is not importable)
+# the package's models (skipped while pyro_srvae.model is not importable)
 # ---------------------------------------------------------------------------
 
 
 def test_evaluate_model_on_untrained_package_models():
-    models = pytest.importorskip("pyro_srvae.models")
+    models = pytest.importorskip("pyro_srvae")
     pyro.clear_param_store()
     torch.manual_seed(0)
     images = torch.randint(0, 256, (8, 1, 8, 8), dtype=torch.uint8)
@@ -608,7 +610,7 @@ def test_sr_metrics_of_a_package_srvae_on_truths_drawn_from_its_own_predictive(g
 
 def test_elbo_terms_name_every_site_and_sum_to_the_elbo():
     from pyro_srvae import SRVAE
-    from pyro_srvae.evaluation import elbo_terms
+    from pyro_srvae.metrics.likelihood import elbo_terms
 
     pyro.clear_param_store()
     torch.manual_seed(0)

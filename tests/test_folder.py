@@ -10,20 +10,13 @@ import tifffile
 import torch
 from PIL import Image
 
-from pyro_srvae import folder as folder_module
-from pyro_srvae.data import (
-    DATASET_NAMES,
-    DATASETS,
-    FOLDER,
-    DatasetNotFoundError,
-    DeviceImages,
-    _file_backed,
-    bit_depth,
-    dequantize,
-    load_dataset,
-)
-from pyro_srvae.folder import FolderDatasetError, load_folder, patch_positions, split_files, split_score
-from pyro_srvae.images import RawImage, match_channels, read_image, read_image_header, read_integer_image
+from pyro_srvae.data import folder as folder_module
+from pyro_srvae.data.batching import DeviceImages, _file_backed, dequantize
+from pyro_srvae.data.datasets import DATASET_NAMES, DATASETS, FOLDER, load_dataset
+from pyro_srvae.data.image_dataset import DatasetNotFoundError, bit_depth
+from pyro_srvae.data.folder import FolderDatasetError, load_folder, patch_positions, split_files, split_score
+from pyro_srvae.data.channels import match_channels
+from pyro_srvae.data.images import RawImage, read_image, read_image_header, read_integer_image
 
 RNG = np.random.default_rng(1234)
 
@@ -122,7 +115,7 @@ def test_patch_positions_cover_every_pixel_and_match_the_closed_form():
 
 
 def test_patch_count_contents_and_skipped_images(mixed8, caplog):
-    with caplog.at_level(logging.WARNING, logger="pyro_srvae.folder"):
+    with caplog.at_level(logging.WARNING, logger="pyro_srvae.data.folder"):
         sets = {s: load_folder(mixed8, s, patch_size=8, patch_stride=3, test_fraction=0.3) for s in ("train", "test")}
     seen = set()
     for split, dataset in sets.items():

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from pyro_srvae import SRVAE, VAE
-from pyro_srvae import frechet
-from pyro_srvae.data import load_dataset
-from pyro_srvae.frechet import (
+from pyro_srvae.metrics import frechet
+from pyro_srvae.data.datasets import load_dataset
+from pyro_srvae.metrics.frechet import (
     FeatureClassifier,
     classifier_accuracy,
     classifier_path,

@@ -17,8 +17,8 @@ from pyro.infer import SVI, Trace_ELBO
 from pyro.optim import Adam
 
 from pyro_srvae import SRVAE, iw_log_likelihood, make_elbo
-from pyro_srvae.elbo import IWAE_DReG
-from pyro_srvae.training import scale_latents
+from pyro_srvae.model.elbo import IWAE_DReG
+from pyro_srvae.training.objective import scale_latents
 
 DT = torch.float64
 

@@ -1,4 +1,4 @@
-"""What the latents carry (pyro_srvae.latents, the SR metrics' latent share and best of S), against
+"""What the latents carry (pyro_srvae.metrics.latents, the SR metrics' latent share and best of S), against
 closed forms; free bits; and a toy whose y -> x is two-to-one, which z must carry."""
 
 import math
@@ -11,12 +11,14 @@ import pyro.distributions as dist
 
 from pyro_srvae import SRVAE, make_elbo
 from pyro_srvae.cli import main
-from pyro_srvae.elbo import FreeBits_ELBO
-from pyro_srvae.evaluation import evaluate_model, psnr, super_resolution_metrics
-from pyro_srvae.latents import ACTIVE_UNIT_THRESHOLD, kl_per_image, latent_metrics_from_sums, latent_sums
-from pyro_srvae.likelihoods import block_mean, nearest_upsample
-from pyro_srvae.models import SuperResolution
-from pyro_srvae.training import MODEL_DEFAULTS, ConfigError, TrainConfig, build_model
+from pyro_srvae.model.elbo import FreeBits_ELBO
+from pyro_srvae.metrics.evaluate import evaluate_model
+from pyro_srvae.metrics.sr_scores import psnr, super_resolution_metrics
+from pyro_srvae.metrics.latents import ACTIVE_UNIT_THRESHOLD, kl_per_image, latent_metrics_from_sums, latent_sums
+from pyro_srvae.model.distributions import block_mean, nearest_upsample
+from pyro_srvae.model.image_model import SuperResolution
+from pyro_srvae.training.config import MODEL_DEFAULTS, ConfigError, TrainConfig
+from pyro_srvae.training.factory import build_model
 from conftest import tiny_images
 
 

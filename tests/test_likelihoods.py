@@ -17,14 +17,16 @@ from pyro.infer import SVI
 from pyro.optim import Adam
 
 from pyro_srvae import SRVAE, VAE, make_elbo
-from pyro_srvae.data import dequantize
-from pyro_srvae.evaluation import bits_per_dim, iw_and_elbo
-from pyro_srvae.likelihoods import (
+from pyro_srvae.data.batching import dequantize
+from pyro_srvae.metrics.likelihood import bits_per_dim, iw_and_elbo
+from pyro_srvae.model.distributions import (
     block_mean,
     nearest_upsample,
-    LIKELIHOODS,
     DiscretizedLogisticMixture,
     ConsistentGaussian,
+)
+from pyro_srvae.model.likelihoods import (
+    LIKELIHOODS,
     FaithfulGaussianPixelLikelihood,
     GaussianPixelLikelihood,
     make_likelihood,
@@ -369,8 +371,9 @@ def test_iw_estimate_of_the_dlogistic_vae_is_a_discrete_bound():
 
 
 def test_faithful_scale_weight_from_the_configuration_scales_the_sigmas_gradient_only():
-    from pyro_srvae.likelihoods import FaithfulGaussianPixelLikelihood
-    from pyro_srvae.training import ConfigError, TrainConfig, build_model
+    from pyro_srvae.model.likelihoods import FaithfulGaussianPixelLikelihood
+    from pyro_srvae.training.config import ConfigError, TrainConfig
+    from pyro_srvae.training.factory import build_model
 
     config = TrainConfig(likelihood="gaussian-pixel-faithful", faithful_scale_weight=0.01, hidden=4).validate()
     damped = build_model(config, (1, 8, 8)).likelihood

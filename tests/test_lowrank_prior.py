@@ -1,6 +1,6 @@
 """p(z|y,u) over a z map with a low-rank covariance (``SRVAE(z_prior_rank=R)``): N(mu, W W^T +
 diag(sigma^2)), whose draws vary together over the map in R directions, and eq. (21)'s KL of a
-diagonal q(z|x,y,u) from it in closed form (:func:`pyro_srvae.priors.kl_diagonal_lowrank`)."""
+diagonal q(z|x,y,u) from it in closed form (:func:`pyro_srvae.model.priors.kl_diagonal_lowrank`)."""
 
 import pytest
 import torch
@@ -12,10 +12,10 @@ import pyro.distributions as dist
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
 from pyro_srvae.cli import main as cli_main
-from pyro_srvae.latents import kl_per_image, posterior_means
-from pyro_srvae.models import SRVAE
-from pyro_srvae.priors import kl_diagonal_lowrank
-from pyro_srvae.training import ConfigError, TrainConfig
+from pyro_srvae.metrics.latents import kl_per_image, posterior_means
+from pyro_srvae.model.srvae import SRVAE
+from pyro_srvae.model.priors import kl_diagonal_lowrank
+from pyro_srvae.training.config import ConfigError, TrainConfig
 
 
 def dense_kl(q, p):

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from pyro_srvae import TrainConfig, train
-from pyro_srvae.checkpoint import load_checkpoint
+from pyro_srvae.training.checkpoint import load_checkpoint
 from pyro_srvae.cli import main
-from pyro_srvae.training import learning_rate, total_steps
+from pyro_srvae.training.objective import learning_rate, total_steps
 
 FAST = dict(train_limit=128, eval_limit=16, batch_size=32, hidden=4, eval_samples=4, sr_samples=4, figures=False)
 QUIET = dict(progress=False, log=lambda *_: None)

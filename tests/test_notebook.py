@@ -17,7 +17,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from pyro_srvae.mixture_fit import fit_mixture_prior, posterior_clusters
+from pyro_srvae.model.mixture_fit import fit_mixture_prior, posterior_clusters
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -156,7 +156,7 @@ def _documented_mean_kls():
 
 
 def test_the_packaged_mixture_fit_reproduces_the_documented_collapse():
-    """pyro_srvae.mixture_fit on the documented case at a shorter budget: the bound's fit drifts to
+    """pyro_srvae.model.mixture_fit on the documented case at a shorter budget: the bound's fit drifts to
     one component and pays the documented exact KL; the sampled KL keeps both clusters and reaches
     its documented KL (the KLs have settled by these budgets; the weights still move)."""
     documented = _documented_mean_kls()

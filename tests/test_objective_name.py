@@ -8,8 +8,9 @@ import json
 import pytest
 
 from pyro_srvae import TrainConfig, plots, train
-from pyro_srvae.checkpoint import load_checkpoint, save_checkpoint
-from pyro_srvae.training import objective_name, summary_table
+from pyro_srvae.training.checkpoint import load_checkpoint, save_checkpoint
+from pyro_srvae.training.objective import objective_name
+from pyro_srvae.training.report import summary_table
 
 # Tiny runs: 64 training images, 2 steps an epoch, narrow VAEs, no figures.
 FAST = dict(model="vae", train_limit=64, eval_limit=8, batch_size=32, hidden=4, eval_samples=2, figures=False)
@@ -86,8 +87,9 @@ def test_a_checkpoint_holding_train_elbo_bpd_resumes_with_the_value_renamed(tmp_
 
 def test_an_old_metrics_history_plots_its_training_curve(tmp_path, monkeypatch):
     figures = []
-    save = plots._save_figure
-    monkeypatch.setattr(plots, "_save_figure", lambda fig, path: figures.append(fig) or save(fig, path))
+    save = plots.common.save_figure
+    for module in (plots.common, plots.training, plots.uncertainty):
+        monkeypatch.setattr(module, "save_figure", lambda fig, path: figures.append(fig) or save(fig, path))
     old = [{"epoch": 1, "train_elbo_bpd": 3.0, "test_elbo_bpd": 3.1}, {"epoch": 2, "train_elbo_bpd": 2.5}]
     plots.plot_loss_curves(old, tmp_path / "old.png")
     [line, _] = figures[0].axes[0].get_lines()

@@ -13,11 +13,15 @@ import torch
 from PIL import Image
 
 from pyro_srvae.cli import main as train_main
-from pyro_srvae.data import augment_dihedral
-from pyro_srvae.evaluation import bits_per_dim
-from pyro_srvae.likelihoods import block_mean
-from pyro_srvae.superresolve import SuperResolveError, load_model, superresolve
-from pyro_srvae.training import ConfigError, TrainConfig, build_model, check_bit_depth, train
+from pyro_srvae.data.batching import augment_dihedral
+from pyro_srvae.metrics.likelihood import bits_per_dim
+from pyro_srvae.model.distributions import block_mean
+from pyro_srvae.sr.loading import load_model
+from pyro_srvae.sr.superresolve import superresolve
+from pyro_srvae.sr.tiling import SuperResolveError
+from pyro_srvae.training.config import ConfigError, TrainConfig
+from pyro_srvae.training.factory import build_model, check_bit_depth
+from pyro_srvae.training.loop import train
 from conftest import write_scene_folder, write_tiff
 
 QUIET = dict(progress=False, log=lambda *_: None)
@@ -90,7 +94,7 @@ def test_bit_depths_that_differ_from_the_model_are_refused(sixteen_bit_run, tmp_
 
 
 def test_a_16_bit_input_to_an_8_bit_model_is_refused(tmp_path):
-    from pyro_srvae.models import SRVAE
+    from pyro_srvae.model.srvae import SRVAE
 
     path = tmp_path / "sixteen.png"
     Image.fromarray(np.full((8, 8), 40000, dtype=np.uint16)).save(path)
@@ -100,7 +104,7 @@ def test_a_16_bit_input_to_an_8_bit_model_is_refused(tmp_path):
 
 
 def test_an_8_bit_input_is_written_back_in_8_bits(tmp_path):
-    from pyro_srvae.models import SRVAE
+    from pyro_srvae.model.srvae import SRVAE
 
     path = tmp_path / "grey.png"
     Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8) * 3).save(path)

@@ -6,10 +6,14 @@ import torch
 
 import pyro
 
-from pyro_srvae import make_elbo, networks
+from pyro_srvae import make_elbo
+from pyro_srvae.model import networks
 from pyro_srvae.cli import build_train_parser, config_from_args, resume_overrides
-from pyro_srvae.data import DeviceImages, dequantize
-from pyro_srvae.training import ElboObjective, TrainConfig, build_model, make_optimizer, train, training_mode
+from pyro_srvae.data.batching import DeviceImages, dequantize
+from pyro_srvae.training.config import TrainConfig
+from pyro_srvae.training.factory import build_model
+from pyro_srvae.training.loop import train
+from pyro_srvae.training.objective import ElboObjective, make_optimizer, training_mode
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -6,7 +6,8 @@ from conftest import tiny_images
 
 from pyro_srvae import SRVAE
 from pyro_srvae.cli import build_train_parser, config_from_args
-from pyro_srvae.training import ConfigError, TrainConfig, build_model
+from pyro_srvae.training.config import ConfigError, TrainConfig
+from pyro_srvae.training.factory import build_model
 
 
 def _srvae(**options):

@@ -57,13 +57,15 @@ def _frac(mask):
 def figs(monkeypatch):
     """Record every Figure that the plotting functions save."""
     captured = []
-    orig = plots._save_figure
+    orig = plots.common.save_figure
 
     def spy(fig, path):
         captured.append(fig)
         return orig(fig, path)
 
-    monkeypatch.setattr(plots, "_save_figure", spy)
+    for module in (plots.common, plots.training, plots.uncertainty):
+
+        monkeypatch.setattr(module, "save_figure", spy)
     return captured
 
 

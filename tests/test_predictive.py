@@ -14,24 +14,24 @@ import pyro
 import pyro.distributions as dist
 
 from pyro_srvae import SRVAE, SuperResolution, TrainConfig, train
-from pyro_srvae.data import dequantize
-from pyro_srvae.evaluation import (
+from pyro_srvae.data.batching import dequantize
+from pyro_srvae.metrics.evaluate import evaluate_model
+from pyro_srvae.metrics.likelihood import iw_conditional_log_likelihood
+from pyro_srvae.metrics.sr_scores import (
     COVERAGE_LEVELS,
     baseline_log_likelihood,
     crps_samples,
     expected_interval_coverage,
     fit_baseline_scale,
     coverage_levels,
-    evaluate_model,
     interval_coverages,
-    iw_conditional_log_likelihood,
     make_consistent,
     bicubic_upsample,
     detail_mask,
     edge_mask,
 )
-from pyro_srvae.likelihoods import block_mean
-from pyro_srvae.training import load_split
+from pyro_srvae.model.distributions import block_mean
+from pyro_srvae.training.factory import load_split
 from conftest import hold_latents_fixed, tiny_images
 
 DTYPE = torch.float64
@@ -166,7 +166,7 @@ def test_a_calibrated_predictive_covers_the_edge_pixels_as_its_level_says_but_no
 def test_the_baseline_scale_is_the_maximum_likelihood_one():
     images = (torch.rand(64, 1, 8, 8) * 256).to(torch.uint8)
     scale = fit_baseline_scale(images, 2, seed=0)
-    from pyro_srvae.data import dequantize
+    from pyro_srvae.data.batching import dequantize
 
     x = dequantize(images, generator=torch.Generator().manual_seed(0)).double()
     fitted = baseline_log_likelihood(x, 2, scale).sum()

@@ -1,4 +1,4 @@
-"""Risk-controlling intervals (pyro_srvae.calibration's RCPS, pyro-srvae calibrate --method rcps)."""
+"""Risk-controlling intervals (pyro_srvae.sr.calibration's RCPS, pyro-srvae calibrate --method rcps)."""
 
 import hashlib
 import importlib
@@ -10,23 +10,22 @@ import pytest
 import torch
 from PIL import Image
 
-from pyro_srvae.calibration import (
+from pyro_srvae.sr.calibrate import fit_interval_scale, fit_spread_scale, read_calibration_images
+from pyro_srvae.sr.calibration import (
     LAMBDA_GRID,
     CalibrationError,
     batch_interval_losses,
     choose_lambda,
-    fit_interval_scale,
-    fit_spread_scale,
     hoeffding_bentkus_p_value,
     hoeffding_bentkus_upper_bound,
     interval_losses,
     minimum_images,
-    read_calibration_images,
 )
-from pyro_srvae.checkpoint import load_checkpoint, save_checkpoint
+from pyro_srvae.training.checkpoint import load_checkpoint, save_checkpoint
 from pyro_srvae.cli import console_main
-from pyro_srvae.data import load_dataset
-from pyro_srvae.superresolve import load_model, superresolve_image
+from pyro_srvae.data.datasets import load_dataset
+from pyro_srvae.sr.loading import load_model
+from pyro_srvae.sr.tiling import superresolve_image
 
 ALPHA, DELTA = 0.1, 0.1
 
@@ -214,7 +213,7 @@ def calibration_pngs(checkpoint, tmp_path_factory):
 
 def test_each_calibration_image_is_drawn_with_its_own_seed(checkpoint, calibration_pngs, monkeypatch):
     # The guarantee treats the calibration images' draws as independent, as a new image's are of theirs.
-    superresolve_module = importlib.import_module("pyro_srvae.superresolve")  # the package's name is a function
+    superresolve_module = importlib.import_module("pyro_srvae.sr.calibrate")  # where calibration draws
     model = load_model(checkpoint, device="cpu")
     images, names = read_calibration_images(model, [calibration_pngs])
     seeds, draw = [], superresolve_module.superresolve_image
@@ -339,7 +338,7 @@ def valid_record():
 
 def test_the_spread_fit_draws_each_calibration_image_with_its_own_seed(checkpoint, calibration_pngs, monkeypatch):
     # Images of one size drawn with one seed would share their noise: the fit would see one image's intervals.
-    superresolve_module = importlib.import_module("pyro_srvae.superresolve")
+    superresolve_module = importlib.import_module("pyro_srvae.sr.calibrate")
     model = load_model(checkpoint, device="cpu")
     images, names = read_calibration_images(model, [calibration_pngs])
     seeds, draw = [], superresolve_module.superresolve_image

@@ -1,5 +1,5 @@
 """What a run's unset flags become: the main job's recipe for the named datasets, the photographs'
-recipe and an adaptive step budget for --dataset folder (training.RECIPES, issue #24 item 1)."""
+recipe and an adaptive step budget for --dataset folder (training.config.RECIPES, issue #24 item 1)."""
 
 import shlex
 import sys
@@ -11,8 +11,10 @@ import torch
 from PIL import Image
 
 from pyro_srvae.cli import build_train_parser, config_from_args
-from pyro_srvae.networks import DenseFeatures, DenseSuperResolutionDecoder
-from pyro_srvae.training import FOLDER_STEP_BUDGET, TrainConfig, build_model, resolve_epochs, train
+from pyro_srvae.model.networks import DenseFeatures, DenseSuperResolutionDecoder
+from pyro_srvae.training.config import FOLDER_STEP_BUDGET, TrainConfig, resolve_epochs
+from pyro_srvae.training.factory import build_model
+from pyro_srvae.training.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))

@@ -7,8 +7,8 @@ import torch
 from pyro import poutine
 from torch.distributions import kl_divergence
 
-from pyro_srvae.models import SRVAE
-from pyro_srvae.training import ConfigError, TrainConfig
+from pyro_srvae.model.srvae import SRVAE
+from pyro_srvae.training.config import ConfigError, TrainConfig
 
 
 def z_sites(model, x):

@@ -1,6 +1,8 @@
 """A run whose --epochs give too few update steps to learn says so (issue #24)."""
 
-from pyro_srvae.training import MIN_STEPS_TO_LEARN, TrainConfig, summary_table, train
+from pyro_srvae.training.config import MIN_STEPS_TO_LEARN, TrainConfig
+from pyro_srvae.training.loop import train
+from pyro_srvae.training.report import summary_table
 
 TINY = dict(hidden=4, u_dim=2, z_dim=2, batch_size=8, eval_samples=2, sr_samples=2, eval_limit=4, figures=False,
             device="cpu", train_limit=32)  # fmt: skip

@@ -16,15 +16,19 @@ import torch
 import pyro
 import pyro.poutine as poutine
 
-from pyro_srvae.checkpoint import load_checkpoint, save_checkpoint
+from pyro_srvae.training.checkpoint import load_checkpoint, save_checkpoint
 from pyro_srvae.cli import evaluate_main
-from pyro_srvae.data import band_statistics
-from pyro_srvae.elbo import ELBO_NAMES, make_elbo
-from pyro_srvae.evaluation import iw_conditional_log_likelihood, log_importance_weights
-from pyro_srvae.likelihoods import block_mean
-from pyro_srvae.models import SRVAE, VAE
-from pyro_srvae.superresolve import load_model, superresolve
-from pyro_srvae.training import ConfigError, TrainConfig, load_split, train
+from pyro_srvae.data.batching import band_statistics
+from pyro_srvae.model.elbo import ELBO_NAMES, make_elbo
+from pyro_srvae.metrics.likelihood import iw_conditional_log_likelihood, log_importance_weights
+from pyro_srvae.model.distributions import block_mean
+from pyro_srvae.model.srvae import SRVAE
+from pyro_srvae.model.vae import VAE
+from pyro_srvae.sr.loading import load_model
+from pyro_srvae.sr.superresolve import superresolve
+from pyro_srvae.training.config import ConfigError, TrainConfig
+from pyro_srvae.training.factory import load_split
+from pyro_srvae.training.loop import train
 from conftest import write_scene_folder, write_tiff
 
 QUIET = dict(progress=False, log=lambda *_: None)

@@ -14,10 +14,14 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pyro_srvae import SRVAE, SuperResolution, TrainConfig, load_model, superresolve, superresolve_image, train
-from pyro_srvae.checkpoint import derive_seed, load_checkpoint, save_checkpoint
+from pyro_srvae.training.checkpoint import load_checkpoint, save_checkpoint
+from pyro_srvae.utils.seeds import derive_seed
 from pyro_srvae.cli import console_main
-from pyro_srvae.images import load_image, read_image, to_uint8_image
-from pyro_srvae.superresolve import OUTPUT_SUFFIXES, SuperResolveError, _unview, _view, plan_axis, tile_window
+from pyro_srvae.data.channels import load_image, to_uint8_image
+from pyro_srvae.data.images import read_image
+from pyro_srvae.sr.files import OUTPUT_SUFFIXES
+from pyro_srvae.data.batching import dihedral_view, undo_dihedral_view
+from pyro_srvae.sr.tiling import SuperResolveError, plan_axis, tile_window
 
 # The vector z read by the SR decoder's first layer, through one linear projection: zeroing it gives the
 # deterministic decoder several tests below need. The z map, the main job's default, has its own test.
@@ -474,13 +478,15 @@ def test_rgb_for_a_four_band_model_is_refused(tmp_path):
 def test_superresolve_writes_every_output_and_returns_the_arrays(checkpoint, tmp_path, monkeypatch):
     from pyro_srvae import plots
 
-    figures, save = {}, plots._save_figure
+    figures, save = {}, plots.common.save_figure
 
     def spy(fig, path):
         figures[Path(path).name] = fig
         return save(fig, path)
 
-    monkeypatch.setattr(plots, "_save_figure", spy)
+    for module in (plots.common, plots.training, plots.uncertainty):
+
+        monkeypatch.setattr(module, "save_figure", spy)
     rng = np.random.default_rng(1)
     grey = write_png(tmp_path / "scene.png", rng.integers(0, 256, (23, 37), dtype=np.uint8))
     np.save(tmp_path / "scene.npy", rng.random((14, 14)).astype(np.float32))  # same stem as the PNG
@@ -726,8 +732,8 @@ def test_views_mix_the_predictives_of_the_flipped_and_turned_copies(checkpoint):
     per_view = []
     for k in range(8):
         seed = 4 if k == 0 else derive_seed(4, "view", k)
-        sr = superresolve_image(model, _view(y, k), 2, seed=seed, views=1)
-        per_view.append(SuperResolution(*(_unview(t, k) for t in sr)))
+        sr = superresolve_image(model, dihedral_view(y, k), 2, seed=seed, views=1)
+        per_view.append(SuperResolution(*(undo_dihedral_view(t, k) for t in sr)))
     torch.testing.assert_close(mixed.samples, torch.cat([sr.samples for sr in per_view]))
     torch.testing.assert_close(mixed.mean, torch.stack([sr.mean for sr in per_view]).mean(0), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(
@@ -770,9 +776,9 @@ def test_console_views_out_of_range_is_a_flag_error(checkpoint, tmp_path):
 
 def test_the_eight_views_are_the_dihedral_group_and_turn_back_exactly():
     image = torch.arange(2 * 3 * 5, dtype=torch.float32).reshape(2, 3, 5)
-    views = [_view(image, k) for k in range(8)]
+    views = [dihedral_view(image, k) for k in range(8)]
     assert len({tuple(v.flatten().tolist()) + tuple(v.shape) for v in views}) == 8  # all distinct
     for k, view in enumerate(views):
-        assert torch.equal(_unview(view, k), image)
+        assert torch.equal(undo_dihedral_view(view, k), image)
     assert torch.equal(views[4], torch.flip(image, dims=(-1,)))
     assert torch.equal(views[1], torch.rot90(image, 1, dims=(-2, -1)))

@@ -12,8 +12,9 @@ import torch
 
 from pyro_srvae import TrainConfig, train
 from pyro_srvae.cli import main
-from pyro_srvae.tensorboard import INSTALL_HINT, NullBoard, TrainingBoard
-from pyro_srvae.training import ConfigError, _open_board
+from pyro_srvae.training.tensorboard import INSTALL_HINT, NullBoard, TrainingBoard
+from pyro_srvae.training.config import ConfigError
+from pyro_srvae.training.loop import _open_board
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 plugin_data_pb2 = pytest.importorskip("tensorboard.plugins.hparams.plugin_data_pb2")
@@ -112,7 +113,7 @@ def test_a_mixture_prior_logs_its_weights(tmp_path):
 def _copy_checkpoint_at(monkeypatch, step, copy):
     """Keep the checkpoint written at ``step``: resuming from it is resuming a session
     killed after it, which logged later steps the resumed session logs again."""
-    import pyro_srvae.training as training
+    import pyro_srvae.training.loop as training
 
     real_save = training.save_checkpoint
 
@@ -246,7 +247,7 @@ def test_a_session_in_the_same_second_is_read_after_the_earlier_one(tmp_path, mo
 
 
 def test_the_wait_for_a_later_second_is_short_and_bounded(tmp_path):
-    from pyro_srvae.tensorboard import wait_for_a_later_second
+    from pyro_srvae.training.tensorboard import wait_for_a_later_second
 
     (tmp_path / "events.out.tfevents.0000000100.host.42.9").write_bytes(b"")
     (tmp_path / "events.out.tfevents.0000000099.host.42.10").write_bytes(b"")

@@ -16,9 +16,11 @@ import pyro
 import pyro.poutine as poutine
 
 from pyro_srvae import SRVAE, TrainConfig, evaluate_model, make_elbo, train
-from pyro_srvae.checkpoint import CheckpointError, load_checkpoint
+from pyro_srvae.training.checkpoint import CheckpointError, load_checkpoint
 from pyro_srvae.cli import main
-from pyro_srvae.training import TrainingDiverged, build_model, kl_scale, load_split, scale_latents, training_mode
+from pyro_srvae.training.factory import build_model, load_split
+from pyro_srvae.training.guard import TrainingDiverged
+from pyro_srvae.training.objective import kl_scale, scale_latents, training_mode
 from conftest import tiny_images
 
 REPO = Path(__file__).resolve().parents[1]
@@ -148,7 +150,7 @@ def test_corrupt_or_foreign_checkpoint_is_refused_and_changes_nothing(tmp_path, 
 
 
 def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    import pyro_srvae.training as training
+    import pyro_srvae.training.loop as training
 
     calls = {"n": 0}
     real_dequantize = training.dequantize
@@ -271,7 +273,7 @@ def test_other_likelihoods_and_the_densenet_train_from_the_command_line(tmp_path
 
 def test_the_sr_base_is_the_run_s_and_the_checkpoint_s(tmp_path):
     """--sr-base bicubic reaches the SR decoder, and superresolve rebuilds it from the checkpoint."""
-    from pyro_srvae.superresolve import load_model
+    from pyro_srvae.sr.loading import load_model
 
     flags = ["--guide", "full", "--sr-base", "bicubic", "--max-steps", "2"]
     assert main(flags + ["--out", str(tmp_path), "--no-figures"] + FAST_FLAGS) == 0
@@ -284,10 +286,14 @@ def test_the_sr_base_is_the_run_s_and_the_checkpoint_s(tmp_path):
 
 def test_the_sr_decoder_s_own_arch_and_width_are_the_run_s_and_the_checkpoint_s(tmp_path):
     """--sr-arch densenet --sr-hidden 6 builds only the SR decoder so; superresolve rebuilds it."""
-    from pyro_srvae.networks import (
-        ConvFeatures, DenseFeatures, DenseSuperResolutionDecoder, ImageDecoder, SpatialGaussianEncoder,
+    from pyro_srvae.model.networks import (
+        ConvFeatures,
+        DenseFeatures,
+        DenseSuperResolutionDecoder,
+        ImageDecoder,
+        SpatialGaussianEncoder,
     )
-    from pyro_srvae.superresolve import load_model
+    from pyro_srvae.sr.loading import load_model
 
     flags = ["--guide", "full", "--sr-arch", "densenet", "--sr-hidden", "6", "--max-steps", "2"]
     assert main(flags + ["--out", str(tmp_path), "--no-figures"] + FAST_FLAGS) == 0

@@ -1,4 +1,4 @@
-"""The update guard (training.UpdateGuard): a step whose gradient norm is not finite or far above
+"""The update guard (UpdateGuard): a step whose gradient norm is not finite or far above
 its recent history is skipped, counted and reported, and too many in a row stop the run."""
 
 import json
@@ -8,13 +8,12 @@ import pytest
 import torch
 
 from pyro_srvae import SRVAE, TrainConfig, make_elbo, train
-from pyro_srvae import training
-from pyro_srvae.checkpoint import load_checkpoint, save_checkpoint
+from pyro_srvae.training import loop, objective, report
+from pyro_srvae.training.checkpoint import load_checkpoint, save_checkpoint
 from pyro_srvae.cli import main
-from pyro_srvae.tensorboard import NullBoard, TrainingBoard, tensorboard_missing
-from pyro_srvae.training import (
-    GUARD_WARMUP, TrainingDiverged, UpdateGuard, make_optimizer, training_mode, training_step,
-)  # fmt: skip
+from pyro_srvae.training.tensorboard import NullBoard, TrainingBoard, tensorboard_missing
+from pyro_srvae.training.guard import GUARD_WARMUP, TrainingDiverged, UpdateGuard
+from pyro_srvae.training.objective import make_optimizer, training_mode, training_step  # fmt: skip
 from conftest import tiny_images
 
 # 12 steps an epoch of 8 images, narrow networks, a small evaluation: a run takes a second or two.
@@ -184,7 +183,7 @@ def test_a_non_finite_gradient_changes_neither_the_parameters_nor_adams_state(fu
 def inject_spikes(monkeypatch, steps, scale=1e6):
     """Scale the loss (so its gradients) by ``scale`` at the given steps of this process's training
     calls, and record the parameters at every step: ``record[step]`` is the state the step started from."""
-    real = training.DataParallelElbo.loss_and_backward
+    real = objective.DataParallelElbo.loss_and_backward
     record = {"calls": 0, "start": {}}
 
     def spiking(self, x, kl_scale=1.0):
@@ -197,7 +196,7 @@ def inject_spikes(monkeypatch, steps, scale=1e6):
             loss = loss * scale
         return loss
 
-    monkeypatch.setattr(training.DataParallelElbo, "loss_and_backward", spiking)
+    monkeypatch.setattr(objective.DataParallelElbo, "loss_and_backward", spiking)
     return record
 
 
@@ -231,14 +230,14 @@ def test_without_a_spike_the_guarded_run_is_the_unguarded_run(tmp_path):
 def poison_inputs(monkeypatch, from_call, to_call=math.inf):
     """NaN images in the training batches ``from_call`` to ``to_call`` (counted from 1)."""
     calls = {"n": 0}
-    real = training.dequantize
+    real = loop.dequantize
 
     def poisoned(images, *args, **kwargs):
         calls["n"] += 1
         x = real(images, *args, **kwargs)
         return torch.full_like(x, math.nan) if from_call <= calls["n"] <= to_call else x
 
-    monkeypatch.setattr(training, "dequantize", poisoned)
+    monkeypatch.setattr(loop, "dequantize", poisoned)
 
 
 def test_a_batch_with_a_non_finite_loss_is_skipped_and_the_run_goes_on(tmp_path, monkeypatch):
@@ -248,7 +247,7 @@ def test_a_batch_with_a_non_finite_loss_is_skipped_and_the_run_goes_on(tmp_path,
     assert metrics["skipped_updates"] == 1 and metrics["skipped_nonfinite_updates"] == 1
     assert all(math.isfinite(bpd) for _, bpd in metrics["steps"])  # the NaN loss is left out of the record
     assert all(torch.isfinite(v).all() for v in result.model.state_dict().values())
-    row = next(line for line in training.summary_table(metrics).splitlines() if "skipped updates" in line)
+    row = next(line for line in report.summary_table(metrics).splitlines() if "skipped updates" in line)
     assert "1 of 12 steps: 1 with a non-finite gradient, 0 with a gradient norm above 10 x the median" in row
 
 
@@ -289,7 +288,7 @@ class RecordingBoard(NullBoard):
 
 def test_the_counts_reach_metrics_json_and_the_board_and_survive_a_resume(tmp_path, monkeypatch):
     boards = []
-    monkeypatch.setattr(training, "open_board", lambda *args, **kwargs: boards.append(RecordingBoard()) or boards[-1])
+    monkeypatch.setattr(loop, "open_board", lambda *args, **kwargs: boards.append(RecordingBoard()) or boards[-1])
     inject_spikes(monkeypatch, steps={10})
     first = train(TrainConfig(max_steps=12, **TINY), out=str(tmp_path), **QUIET)
     assert first.metrics["skipped_updates"] == 1

@@ -1,0 +1,1 @@
+"""Experiments over many runs: the VAE vs srVAE comparison of the paper (``comparison``)."""
