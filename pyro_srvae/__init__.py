@@ -26,6 +26,7 @@ from .utils.version import __version__
 evaluate = evaluate_model
 
 __all__ = [
+    "__version__",
     "ConfigError",
     "TrainConfig",
     "TrainResult",

@@ -1,15 +1,9 @@
 """Batching: images on a device, dihedral augmentation, dequantization, per-band statistics and epoch permutations."""
 
 from __future__ import annotations
-import gzip
 import hashlib
-import importlib.resources
-import math
-import pickle
 import weakref
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Iterator, List, Optional, Tuple
 import numpy as np
 import torch
 

@@ -1,11 +1,6 @@
 """Fitting a read image to a model: its channels (luma, an opaque alpha dropped), its size, and back to 8-bit for display."""
 
 from __future__ import annotations
-import contextlib
-import logging
-import warnings
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional, Tuple
 import numpy as np
 

@@ -36,14 +36,12 @@ the same global batches.
 
 from __future__ import annotations
 import gzip
-import hashlib
+import inspect
 import importlib.resources
 import math
 import pickle
-import weakref
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple
 import numpy as np
 import torch
 
@@ -159,15 +157,7 @@ def load_dataset(
     split: str = "train",
     data_dir: Optional[PathLike] = None,
     download: bool = False,
-    *,
-    patch_size: Optional[int] = None,
-    patch_stride: Optional[int] = None,
-    test_fraction: float = 0.1,
-    seed: int = 0,
-    factor: int = 2,
-    channels: Optional[int] = None,
-    cache_dir: Optional[PathLike] = None,
-    progress: bool = False,
+    **folder_options,
 ) -> ImageDataset:
     """Load one split of a dataset.
 
@@ -179,9 +169,9 @@ def load_dataset(
             (required) for ``"folder"``.
         download: if the files are missing, fetch them with torchvision into
             ``data_dir`` (needs internet).  Never used for the embedded set or a folder.
-        patch_size, patch_stride, test_fraction, seed, factor, channels, cache_dir, progress:
-            options of the ``"folder"`` set, passed to :func:`pyro_srvae.data.folder.load_folder`
-            (see there); the named sets ignore them.
+        folder_options: keyword options of the ``"folder"`` set (``patch_size``, ``patch_stride``,
+            ``test_fraction``, ``seed``, ``factor``, ``channels``, ``cache_dir``, ``progress``), passed to
+            :func:`pyro_srvae.data.folder.load_folder` (see there); the named sets ignore them.
 
     Raises:
         ValueError: unknown name or split, or files that are not valid
@@ -191,25 +181,13 @@ def load_dataset(
     """
     check_choice(name, DATASET_NAMES, "dataset")
     check_choice(split, SPLITS, "split")
-
+    inspect.signature(load_folder).bind(data_dir, split, **folder_options)  # a TypeError names an unknown option
     if name == FOLDER:
-
         if data_dir is None:
             raise DatasetNotFoundError(
                 "the folder dataset needs data_dir (--data-dir DIR): the folder holding the images"
             )
-        return load_folder(
-            data_dir,
-            split,
-            patch_size=patch_size,
-            patch_stride=patch_stride,
-            test_fraction=test_fraction,
-            seed=seed,
-            factor=factor,
-            channels=channels,
-            cache_dir=cache_dir,
-            progress=progress,
-        )
+        return load_folder(data_dir, split, **folder_options)
 
     if name == "fashion-mnist-mini":
         images, labels = _load_embedded_mini(split)

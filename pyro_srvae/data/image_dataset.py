@@ -1,15 +1,9 @@
 """``ImageDataset``: integer images with their bit depth and labels, and the checks every source passes."""
 
 from __future__ import annotations
-import gzip
-import hashlib
-import importlib.resources
-import math
-import pickle
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
