@@ -60,32 +60,7 @@ def plot_loss_curves(
     if not epochs and not step_list:
         raise ValueError("nothing to plot: `epochs` is empty and no `steps` given")
 
-    ep, train, test_ep, test, names = [], [], [], [], []
-    for i, rec in enumerate(epochs):
-        if not isinstance(rec, Mapping):
-            raise ValueError(
-                f"`epochs[{i}]` must be a dict with keys 'epoch', 'train_objective_bpd' "
-                f"and optionally 'test_elbo_bpd', got {type(rec).__name__}"
-            )
-        if "train_elbo_bpd" in rec and "train_objective_bpd" not in rec:
-            rec = {**rec, "train_objective_bpd": rec["train_elbo_bpd"]}  # a record from before the rename
-        missing = [k for k in ("epoch", "train_objective_bpd") if k not in rec]
-        if missing:
-            raise ValueError(
-                f"`epochs[{i}]` is missing key(s) {missing}: expected keys "
-                f"'epoch', 'train_objective_bpd' (and optionally 'test_elbo_bpd'), "
-                f"got {sorted(rec.keys())}"
-            )
-        e = to_float(rec["epoch"])
-        ep.append(e)
-        train.append(to_float(rec["train_objective_bpd"]))
-        if rec.get("train_objective") and rec["train_objective"] not in names:
-            names.append(rec["train_objective"])
-        t = to_float(rec.get("test_elbo_bpd"))
-        if not math.isnan(t):
-            test_ep.append(e)
-            test.append(t)
-
+    ep, train, test_ep, test, names = _epoch_series(epochs)
     for i, pair in enumerate(step_list):
         if len(pair) != 2:
             raise ValueError(
@@ -123,6 +98,37 @@ def plot_loss_curves(
 
     fig.suptitle(title or "Training curves")
     return save_figure(fig, path)
+
+
+
+def _epoch_series(epochs):
+    """(epochs, training objective, test epochs, test -ELBO, objective names) from the records, checked."""
+    ep, train, test_ep, test, names = [], [], [], [], []
+    for i, rec in enumerate(epochs):
+        if not isinstance(rec, Mapping):
+            raise ValueError(
+                f"`epochs[{i}]` must be a dict with keys 'epoch', 'train_objective_bpd' "
+                f"and optionally 'test_elbo_bpd', got {type(rec).__name__}"
+            )
+        if "train_elbo_bpd" in rec and "train_objective_bpd" not in rec:
+            rec = {**rec, "train_objective_bpd": rec["train_elbo_bpd"]}  # a record from before the rename
+        missing = [k for k in ("epoch", "train_objective_bpd") if k not in rec]
+        if missing:
+            raise ValueError(
+                f"`epochs[{i}]` is missing key(s) {missing}: expected keys "
+                f"'epoch', 'train_objective_bpd' (and optionally 'test_elbo_bpd'), "
+                f"got {sorted(rec.keys())}"
+            )
+        e = to_float(rec["epoch"])
+        ep.append(e)
+        train.append(to_float(rec["train_objective_bpd"]))
+        if rec.get("train_objective") and rec["train_objective"] not in names:
+            names.append(rec["train_objective"])
+        t = to_float(rec.get("test_elbo_bpd"))
+        if not math.isnan(t):
+            test_ep.append(e)
+            test.append(t)
+    return ep, train, test_ep, test, names
 
 
 def plot_reconstructions(
@@ -245,9 +251,7 @@ def plot_super_resolution(
     lr_up = upsample_nearest(lr[:n], hw)
 
     # (header, kind, payload)
-    columns: List[Tuple[str, str, Optional[torch.Tensor]]] = [
-        (f"LR input ({lr.shape[-2]}x{lr.shape[-1]})", "img", lr_up)
-    ]
+    columns: List[Tuple[str, str, Optional[torch.Tensor]]] = [(f"LR input ({lr.shape[-2]}x{lr.shape[-1]})", "img", lr_up)]
     if bicubic is not None:
         columns.append(("bicubic", "img", bicubic))
     columns.append(("SR mean", "img", sr_mean))

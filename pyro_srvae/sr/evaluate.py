@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pyro
 
-from ..metrics.evaluate import evaluate_model
-from ..metrics.likelihood import evaluation_batch_size
-from ..metrics.sr_scores import fit_baseline_scale
 from ..training.factory import load_split
+from ..training.loop import evaluate_images
 from ..utils.devices import model_device
 from ..utils.io import atomic_write_text
 from .loading import load_run
@@ -34,8 +33,8 @@ def evaluate_checkpoint(
     progress=False,
     x_given_y=None,
 ):
-    """The end-of-training test-set evaluation (:func:`pyro_srvae.training.loop.evaluate_images`),
-    run on a saved checkpoint.
+    """The end-of-training test-set evaluation (:func:`pyro_srvae.training.loop.evaluate_images`, the
+    same function), run on a saved checkpoint.
 
     Defaults come from the checkpoint's configuration (``eval_samples``, ``sr_samples``,
     ``eval_limit``, ``data_dir``, ``seed``), and the images per batch follow the same rule
@@ -65,23 +64,11 @@ def evaluate_checkpoint(
     test_set = load_split(config, "test")
     images = test_set.images[:limit] if limit is not None else test_set.images
     device = model_device(model)
-    baseline_scale = None
-    if config.model == "srvae":  # the SR baseline's scale, fitted on the run's training images
-        train_images = load_split(config, "train").images
-        baseline_scale = fit_baseline_scale(train_images[: config.train_limit], config.factor, config.seed)
+    settings = dataclasses.replace(config, eval_samples=eval_samples, sr_samples=sr_samples)
+    # the SR baseline's scale is fitted on the run's training images, as at the end of training
+    train_images = load_split(config, "train").images[: config.train_limit] if config.model == "srvae" else None
     with pyro.get_param_store().scope():
-        test = evaluate_model(
-            model,
-            images,
-            elbo_samples=eval_samples,
-            iw_samples=eval_samples,
-            sr_samples=sr_samples,
-            batch_size=evaluation_batch_size(eval_samples, device),
-            device=device,
-            seed=seed,
-            progress=progress,
-            baseline_scale=baseline_scale,
-        )
+        test = evaluate_images(model, settings, train_images, images, device, progress=progress, seed=seed)
     report = {
         "checkpoint": str(checkpoint),
         "step": payload.get("step"),

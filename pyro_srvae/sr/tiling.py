@@ -268,16 +268,8 @@ def _superresolve_view(model, y, num_samples, *, overlap, seed, tile_batch, devi
     """:func:`superresolve_image` of one view: the tiled predictive itself."""
     channels, tile_h, tile_w = model.lr_shape
     factor = model.factor
-    y = _as_image_tensor(y, channels)
+    y, plan_h, plan_w = _tile_plans(model, y, overlap)
     _, height, width = y.shape
-    if height < factor or width < factor:
-        raise ValueError(
-            f"y is {height}x{width} pixels, smaller than one {factor}x{factor} low-resolution pixel block"
-        )
-    if overlap is None:
-        overlap = (tile_h // 2, tile_w // 2)
-    overlap_h, overlap_w = (overlap, overlap) if isinstance(overlap, int) else tuple(overlap)
-    plan_h, plan_w = plan_axis(height, tile_h, int(overlap_h)), plan_axis(width, tile_w, int(overlap_w))
     device = resolve_device(device) or model_device(model)
     if tile_batch is None:
         # About 256 tile draws per network call on a CPU (larger batches fall out of the
@@ -350,6 +342,23 @@ def _superresolve_view(model, y, num_samples, *, overlap, seed, tile_batch, devi
         std_noise=noise_variance[crop].sqrt().cpu(),
         means=means.cpu().contiguous(),
     )
+
+
+
+def _tile_plans(model, y, overlap):
+    """``y`` as a (C, h, w) tensor and the tiles' plans along its height and width."""
+    channels, tile_h, tile_w = model.lr_shape
+    factor = model.factor
+    y = _as_image_tensor(y, channels)
+    _, height, width = y.shape
+    if height < factor or width < factor:
+        raise ValueError(
+            f"y is {height}x{width} pixels, smaller than one {factor}x{factor} low-resolution pixel block"
+        )
+    if overlap is None:
+        overlap = (tile_h // 2, tile_w // 2)
+    overlap_h, overlap_w = (overlap, overlap) if isinstance(overlap, int) else tuple(overlap)
+    return y, plan_axis(height, tile_h, int(overlap_h)), plan_axis(width, tile_w, int(overlap_w))
 
 
 def check_sr_model(model):

@@ -585,12 +585,12 @@ def _evaluate(run, train_set, test_set, progress, log):
     )  # fmt: skip
 
 
-def evaluate_images(model, config, train_images, images, device, progress=False, rank=0, world_size=1):
+def evaluate_images(model, config, train_images, images, device, progress=False, rank=0, world_size=1, seed=None):
     """The end-of-training evaluation of ``model`` on the uint8 (or uint16) ``images``, with the
-    run's settings: K = ``eval_samples``, ``sr_samples`` draws, the run's seed, the batches of
-    :func:`~pyro_srvae.metrics.likelihood.evaluation_batch_size` (as ``pyro-srvae evaluate``'s, so it
-    reproduces these numbers), and for the srVAE the consistent-bicubic baseline of -log p(x|y)
-    fitted on ``train_images``."""
+    run's settings: K = ``eval_samples``, ``sr_samples`` draws, the run's seed (or ``seed``), the
+    batches of :func:`~pyro_srvae.metrics.likelihood.evaluation_batch_size`, and for the srVAE the
+    consistent-bicubic baseline of -log p(x|y) fitted on ``train_images`` with the run's seed.
+    ``pyro-srvae evaluate`` calls it too, so it reproduces these numbers."""
     baseline_scale = fit_baseline_scale(train_images, config.factor, config.seed) if isinstance(model, SRVAE) else None
     return evaluate_model(
         model,
@@ -600,7 +600,7 @@ def evaluate_images(model, config, train_images, images, device, progress=False,
         sr_samples=config.sr_samples,
         batch_size=evaluation_batch_size(config.eval_samples, device),
         device=device,
-        seed=config.seed,
+        seed=config.seed if seed is None else seed,
         progress=progress,
         rank=rank,
         world_size=world_size,
