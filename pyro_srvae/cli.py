@@ -20,9 +20,7 @@ from .data.datasets import DATASETS
 from .data.folder import FolderDatasetError
 from .data.image_dataset import DatasetNotFoundError
 from .experiments.comparison import BUDGETS, CELL_NAMES, ComparisonSettings, results_markdown, run_comparison
-from .model.image_model import (
-    X_GIVEN_Y,
-)
+from .model.image_model import X_GIVEN_Y
 from .model.likelihoods import LIKELIHOODS
 from .model.networks import ARCHS
 from .sr.calibrate import calibrate_checkpoint, read_calibration_images
@@ -92,6 +90,7 @@ def _flag_arguments(field, annotation, recipe_fields):
             note = recipe_default(field.name)
         elif field.default is not None and annotation is not bool:
             note = f"[{field.default}]"
+    name = spec.get("flag", "--" + field.name.replace("_", "-"))
     options = dict(dest=field.name, default=None, help=" ".join(filter(None, (spec.get("help", ""), note))) or None)
     value_type = next((t for t in typing.get_args(annotation) if t is not type(None)), annotation)
     if value_type is bool:
@@ -99,9 +98,9 @@ def _flag_arguments(field, annotation, recipe_fields):
             options["action"] = "store_false"
         else:
             options["action"] = argparse.BooleanOptionalAction if field.default is None else "store_true"
-        return spec.get("flag", "--" + field.name.replace("_", "-")), options
-    options.update(type=value_type, choices=spec.get("choices"), metavar=spec.get("metavar"))
-    return "--" + field.name.replace("_", "-"), options
+    else:
+        options.update(type=value_type, choices=spec.get("choices"), metavar=spec.get("metavar"))
+    return name, options
 
 
 def build_train_parser(prog=None):
